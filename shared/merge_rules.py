@@ -1,0 +1,103 @@
+"""Merge rules: how one round's masks become each participant's personalized merged mask.
+
+Each rule is one small class over packed bits; all of them call the same kernel
+(shared.aggregate.merge_masks). A rule never puts a 1 outside a device's structure.
+
+- paper:  the paper's Sec. 3.6. Every element inside 2+ participants' structures takes the
+          majority bit of those participants; ties keep the device's own bit.
+- body:   vote only outside the pruned last layers; the pruned (classifier) layers stay personal.
+          Motivation: pruning picks overlapping elements on devices with unrelated classes, so a
+          majority there overwrites personal decisions (see docs/merge-rules.md for measurements).
+- affinity: like paper in the body; in the pruned layers each device votes only with the
+          participants whose pruned structure overlaps its own at least `min_jaccard`.
+- local:  nothing is merged (each device keeps its own bits); a diagnostic floor, not a product rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from shared.aggregate import merge_masks
+from shared.bits import popcount
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    nbits: int
+    pruned_region: np.ndarray  # packed: 1 on the elements of the layers one-shot pruning prunes
+
+
+class MergeRule(Protocol):
+    name: str
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PaperRule:
+    name: str = "paper"
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        return merge_masks(structures, masks, ctx.nbits)
+
+
+@dataclass(frozen=True)
+class BodyRule:
+    name: str = "body"
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        return merge_masks(structures, masks, ctx.nbits, vote_region=_invert(ctx.pruned_region, ctx.nbits))
+
+
+@dataclass(frozen=True)
+class AffinityRule:
+    name: str = "affinity"
+    min_jaccard: float = 0.5
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        body = _invert(ctx.pruned_region, ctx.nbits)
+        out = merge_masks(structures, masks, ctx.nbits, vote_region=body)
+        pruned = structures & ctx.pruned_region
+        for i in range(len(structures)):
+            peers = [j for j in range(len(structures)) if _jaccard(pruned[i], pruned[j]) >= self.min_jaccard]
+            if len(peers) < 2:
+                continue
+            rows = [i, *(j for j in peers if j != i)]
+            merged_i = merge_masks(structures[rows], masks[rows], ctx.nbits, vote_region=ctx.pruned_region)[0]
+            out[i] = (out[i] & body) | (merged_i & ctx.pruned_region)
+        return out
+
+
+@dataclass(frozen=True)
+class LocalRule:
+    name: str = "local"
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        return masks.copy()
+
+
+RULES: dict[str, type] = {"paper": PaperRule, "body": BodyRule, "affinity": AffinityRule, "local": LocalRule}
+
+
+def get_rule(name: str) -> MergeRule:
+    try:
+        rule: MergeRule = RULES[name]()
+    except KeyError:
+        raise ValueError(f"unknown merge rule {name!r}; choose one of {sorted(RULES)}") from None
+    return rule
+
+
+def _invert(packed: np.ndarray, nbits: int) -> np.ndarray:
+    out = np.bitwise_not(packed)
+    tail = nbits % 8
+    if tail:  # keep padding bits zero
+        out[-1] &= np.uint8((0xFF << (8 - tail)) & 0xFF)
+    return out
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    union = popcount(a | b)
+    return popcount(a & b) / union if union else 0.0

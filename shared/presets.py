@@ -1,0 +1,44 @@
+"""Per-task defaults: model, federation shape and local-training hyper-parameters.
+
+Hyper-parameters were chosen on the devices' VALIDATION splits (never on test); the sweeps
+that chose them are recorded in docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    arch: str
+    width: int
+    devices: int | None
+    rounds: int
+    sample_rate: float
+    local_epochs: int
+    mask_train: TrainConfig
+    dense_train: TrainConfig
+    merge: str = "paper"
+    data_options: dict[str, object] = field(default_factory=dict)
+
+
+_MASK = TrainConfig(mask_mode="ste", optimizer="sgd", lr=1.0, batch_size=16, weight_lr=1e-3)
+_DENSE = TrainConfig(optimizer="adam", weight_optimizer="adam", weight_lr=1e-3, batch_size=16)
+
+PRESETS: dict[str, TaskPreset] = {
+    "activity": TaskPreset("mlp", 256, 10, 20, 1.0, 5, _MASK, _DENSE),
+    "mnist": TaskPreset("mlp", 256, 100, 50, 0.2, 5, _MASK, _DENSE),
+    "digits": TaskPreset("mlp", 128, 20, 10, 0.5, 5, _MASK, _DENSE),
+    "shakespeare": TaskPreset("char_lstm", 64, 20, 10, 0.5, 1, _MASK.with_(batch_size=32),
+                              _DENSE.with_(batch_size=32), data_options={"max_samples_per_device": 600}),
+}
+
+
+def preset(task: str) -> TaskPreset:
+    try:
+        return PRESETS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,109 @@
+"""Round logic, pure: sampling, update validation, quorum, merging, downlink messages.
+
+The simulator's RoundCoordinator keeps state in memory; the aggregator service keeps the same
+state in Redis and calls these same functions, so the same seeds give the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared import codec
+from shared.bits import popcount, scatter, select
+from shared.device import derive_seed
+from shared.errors import CodecError
+from shared.merge_rules import MergeContext, MergeRule
+from shared.transport import Envelope
+
+
+def sample_devices(candidates: list[str], count: int, *, seed: int, round_id: int) -> list[str]:
+    """Draw `count` distinct devices for a round; depends only on (seed, round, candidate set)."""
+    pool = sorted(candidates)
+    if not pool:
+        return []
+    count = max(1, min(count, len(pool)))
+    rng = np.random.Generator(np.random.PCG64(derive_seed(seed, "sample", round_id)))
+    chosen = rng.choice(len(pool), size=count, replace=False)
+    return sorted(pool[i] for i in chosen)
+
+
+def sample_count(population: int, *, rate: float | None = None, devices: int | None = None,
+                 over_select: float = 1.0) -> int:
+    """How many to ask: a rate of the population or an absolute count, times the over-selection."""
+    base = devices if devices is not None else math.ceil((rate if rate is not None else 1.0) * population)
+    return max(1, min(population, math.ceil(base * over_select)))
+
+
+def quorum_count(sampled: int, quorum: float) -> int:
+    return max(1, math.ceil(quorum * sampled - 1e-9))
+
+
+@dataclass
+class DeviceRecord:
+    structure: np.ndarray  # packed S_i
+    version: int = 0
+
+    @property
+    def inside(self) -> int:
+        return popcount(self.structure)
+
+
+@dataclass
+class RoundState:
+    round_id: int
+    sampled: list[str]
+    deadline: float
+    quorum: int
+    received: dict[str, np.ndarray] = field(default_factory=dict)  # device -> packed full mask
+    state: str = "open"
+
+
+def validate_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, nbits: int,
+                    rnd: RoundState | None, records: dict[str, DeviceRecord]) -> np.ndarray:
+    """Check an update against the round and the device's structure; return its packed full mask.
+
+    Raises CodecError with a stable reason; the pipeline dead-letters with that reason.
+    """
+    if env.user_id != msg.device:
+        raise CodecError("spoofed_device", f"user {env.user_id!r} sent an update naming {msg.device!r}")
+    if msg.model != fingerprint:
+        raise CodecError("wrong_model", f"fingerprint {msg.model} != {fingerprint}")
+    if msg.layout != layout:
+        raise CodecError("wrong_layout", f"layout {msg.layout} != {layout}")
+    rec = records.get(msg.device)
+    if rec is None:
+        raise CodecError("unknown_device", f"{msg.device} has not sent a hello")
+    if rnd is None or msg.round != rnd.round_id:
+        raise CodecError("unknown_round", f"round {msg.round} is not the open round")
+    if rnd.state != "open":
+        raise CodecError("round_closed", f"round {msg.round} is {rnd.state}")
+    if msg.device not in rnd.sampled:
+        raise CodecError("not_sampled", f"{msg.device} was not sampled for round {msg.round}")
+    if msg.device in rnd.received:
+        raise CodecError("duplicate", f"{msg.device} already delivered round {msg.round}")
+    if msg.enc != "structure" or msg.nbits != rec.inside or msg.bits is None:
+        raise CodecError("bad_length", f"expected {rec.inside} structure bits, got {msg.nbits} ({msg.enc})")
+    return scatter(np.frombuffer(msg.bits, dtype=np.uint8), rec.structure, nbits)
+
+
+def merge_round(rule: MergeRule, ctx: MergeContext, rnd: RoundState,
+                records: dict[str, DeviceRecord]) -> dict[str, np.ndarray]:
+    """Each participant's packed full merged mask (participants = devices whose update arrived)."""
+    devices = sorted(rnd.received)
+    if not devices:
+        return {}
+    structures = np.stack([records[d].structure for d in devices])
+    masks = np.stack([rnd.received[d] for d in devices])
+    merged = rule.merge(structures, masks, ctx)
+    return dict(zip(devices, merged, strict=True))
+
+
+def mask_message(device: str, merged: np.ndarray, rec: DeviceRecord, *, round_id: int,
+                 fingerprint: str, layout: str, nbits: int) -> codec.Message:
+    """Downlink: only the bits inside the device's structure, with the next version number."""
+    inside = select(merged, rec.structure, nbits)
+    return codec.make_mask(device=device, round=round_id, model=fingerprint, layout=layout,
+                           bits=inside.tobytes(), nbits=rec.inside, version=rec.version + 1)

@@ -1,0 +1,1 @@
+"""Broker-free simulation of FedMask and its baselines, on the same code the pipeline runs."""
