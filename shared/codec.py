@@ -1,0 +1,495 @@
+"""Wire codec for FedMask messages: one msgpack map per message, validated field by field both ways.
+
+`decode` treats its input as hostile: it bounds the size, lets msgpack allocate nothing a crafted
+header asks for, and then checks every field. Any failure is a `CodecError` whose `reason` is one of
+the stable codes below (the pipeline copies it into the dead-letter reason header); `detail` names the
+field. `encode` runs the same checks, so nothing this module emits is rejected by `decode`; before
+checking, it turns Python/NumPy numbers into their field's wire type (an int deadline becomes a float,
+np.int64 an int). `decode` is strict: the wire types below, exactly.
+
+Fields (a msgpack map with string keys)
+  v         int    PROTOCOL_VERSION; checked before anything else
+  type      str    "hello" | "update" | "task" | "mask" | "nack"
+  device    str    1..64 chars of [A-Za-z0-9_.-]
+  round     int    0 .. 2**63-1 (hello: the round the device joins at)
+  model     str    frozen-weights fingerprint, lowercase hex, 16..64 chars
+  layout    str    layout hash, lowercase hex, 16..64 chars
+  enc       str    "structure" (only the bits inside the device's structure, in order) | "full" (all bits)
+  bits      bin    np.packbits(..., bitorder="big"); len(bits) == ceil(nbits / 8); padding bits are 0
+  nbits     int    number of valid bits in `bits`
+  crc32     int    zlib.crc32(bits)
+  version   int    mask version: update = the version trained from; task/mask = the aggregator's version
+                   of the device's merged mask
+  stats     map    optional keys: samples (int >= 0), loss (finite float), accuracy (float 0..1),
+                   train_seconds (finite float >= 0)
+  deadline  float  unix seconds, finite, >= 0
+  reason    str    1..256 chars
+
+Fields per type (every type also has v, type, device, round, model, layout):
+  hello    enc bits nbits crc32                     enc must be "full": the bits are the device's structure
+  update   enc bits nbits crc32 version [stats]
+  task     enc bits nbits crc32 version deadline
+  mask     enc bits nbits crc32 version
+  nack     reason
+
+Reason codes
+  too_large        input longer than max_bytes
+  undecodable      not exactly one well-formed msgpack object within the limits: truncated, trailing
+                   bytes, invalid UTF-8, over-long or over-nested containers, ext types, non-bytes input
+  not_a_map        the top-level object is not a map
+  bad_version      v is not PROTOCOL_VERSION
+  missing_field    a field the type requires is absent
+  bad_type         a field has the wrong msgpack type (a bool is never an int, an int never a float)
+  bad_value        right type, but out of range or not an allowed value
+  unknown_field    a key that is not part of the protocol (also inside stats)
+  forbidden_field  a protocol field this message type must not carry
+  wrong_type       type is not the one decode(expect_type=...) was told to accept
+  bad_length       len(bits) != ceil(nbits / 8)
+  bad_padding      a padding bit after the last valid bit is set
+  bad_crc          crc32 does not match bits
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeAlias
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import CodecError
+
+PROTOCOL_VERSION: Final = 1
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a full mask of a 500M-parameter model is 62.5 MB
+
+MessageType = Literal["hello", "update", "task", "mask", "nack"]
+Encoding = Literal["structure", "full"]
+TYPES: Final = ("hello", "update", "task", "mask", "nack")
+ENCODINGS: Final = ("structure", "full")
+REASONS: Final = (
+    "too_large",
+    "undecodable",
+    "not_a_map",
+    "bad_version",
+    "missing_field",
+    "bad_type",
+    "bad_value",
+    "unknown_field",
+    "forbidden_field",
+    "wrong_type",
+    "bad_length",
+    "bad_padding",
+    "bad_crc",
+)
+
+_MAX_INT = 2**63 - 1
+_MAX_CRC = 2**32 - 1
+_MAX_REASON_CHARS = 256
+_MAX_STR_BYTES = 1024  # longest str msgpack may build; the longest legal one is a 256-char reason
+_MAX_CONTAINER = 32  # longest map/array msgpack may build; a message has at most 12 keys
+_DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEX_RE = re.compile(r"[0-9a-f]{16,64}")
+_REASON_RE = re.compile(f".{{1,{_MAX_REASON_CHARS}}}", re.DOTALL)
+
+_COMMON = ("v", "type", "device", "round", "model", "layout")
+_BITS_FIELDS = ("enc", "bits", "nbits", "crc32")
+_REQUIRED: Final[Mapping[str, frozenset[str]]] = {
+    "hello": frozenset(_COMMON + _BITS_FIELDS),
+    "update": frozenset((*_COMMON, *_BITS_FIELDS, "version")),
+    "task": frozenset((*_COMMON, *_BITS_FIELDS, "version", "deadline")),
+    "mask": frozenset((*_COMMON, *_BITS_FIELDS, "version")),
+    "nack": frozenset((*_COMMON, "reason")),
+}
+_OPTIONAL: Final[Mapping[str, frozenset[str]]] = {"update": frozenset({"stats"})}
+# Wire order of the keys; bits go last so a message's header is a readable prefix.
+_ORDER = (*_COMMON, "enc", "nbits", "crc32", "version", "stats", "deadline", "reason", "bits")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stats:
+    """Training statistics a device may attach to an update; None means "not reported"."""
+
+    samples: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    train_seconds: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """One protocol message; fields a type does not carry are None (see the module docstring)."""
+
+    type: MessageType
+    device: str
+    round: int
+    model: str
+    layout: str
+    enc: Encoding | None = None
+    bits: bytes | None = field(default=None, repr=False)
+    nbits: int | None = None
+    crc32: int | None = None
+    version: int | None = None
+    stats: Stats | None = None
+    deadline: float | None = None
+    reason: str | None = None
+
+    def unpack(self) -> npt.NDArray[np.bool_]:
+        """The `nbits` valid bits as a bool array."""
+        if self.bits is None or self.nbits is None:
+            raise CodecError("missing_field", f"{self.type} message carries no bits")
+        return unpack_bits(self.bits, self.nbits)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def encode(msg: Message) -> bytes:
+    """Validate `msg` and pack it; raises CodecError exactly where `decode` would."""
+    fields = _to_wire(msg)
+    _validate(fields)
+    packed: bytes = msgpack.packb(fields)
+    return packed
+
+
+def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect_type: str | None = None) -> Message:
+    """Parse and validate untrusted bytes; anything wrong raises CodecError (never a msgpack error)."""
+    if expect_type is not None and expect_type not in TYPES:
+        raise ValueError(f"expect_type must be one of {TYPES}, not {expect_type!r}")
+    if not isinstance(data, (bytes, bytearray)):
+        raise CodecError("undecodable", f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise CodecError("too_large", f"{len(data)} bytes > limit {max_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=False,
+            max_bin_len=max_bytes,
+            max_str_len=_MAX_STR_BYTES,
+            max_array_len=_MAX_CONTAINER,
+            max_map_len=_MAX_CONTAINER,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # ExtraData, FormatError, StackError, ValueError, ...: all mean the same here
+        raise CodecError("undecodable", f"{type(exc).__name__}: {str(exc)[:80]}") from exc
+    if type(obj) is not dict:
+        raise CodecError("not_a_map", f"top level is {type(obj).__name__}")
+    _validate(obj, expect_type)
+    return _from_wire(obj)
+
+
+def message_size(msg: Message) -> int:
+    """Exactly len(encode(msg)), without copying the bits; validates like `encode`."""
+    fields = _to_wire(msg)
+    _validate(fields)
+    bits = fields.pop("bits", None)
+    # Removing a key keeps the map header one byte (fixmap holds up to 15 keys; a message has <= 12).
+    size = len(msgpack.packb(fields))
+    if isinstance(bits, bytes):
+        n = len(bits)
+        size += len(msgpack.packb("bits")) + (2 if n < 2**8 else 3 if n < 2**16 else 5) + n
+    return size
+
+
+def pack_bits(values: npt.ArrayLike) -> tuple[bytes, int]:
+    """A 1-D array of 0/1 (or bool) as (packed bytes, nbits), big-endian bit order, zero padding."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise CodecError("bad_value", f"bits must be a 1-D array, got shape {arr.shape}")
+    if arr.dtype != np.bool_:
+        if not np.isin(arr, (0, 1)).all():
+            raise CodecError("bad_value", "bits must hold only 0 and 1")
+        arr = arr.astype(np.bool_)
+    return np.packbits(arr, bitorder="big").tobytes(), int(arr.size)
+
+
+def unpack_bits(bits: bytes, nbits: int) -> npt.NDArray[np.bool_]:
+    """Inverse of `pack_bits`."""
+    raw = np.frombuffer(bits, dtype=np.uint8)
+    return np.unpackbits(raw, count=nbits, bitorder="big").astype(np.bool_)
+
+
+Bits: TypeAlias = npt.ArrayLike | bytes
+"""What the make_* helpers take: a 1-D 0/1 array (packed for you) or already-packed bytes plus nbits."""
+
+
+def make_hello(
+    *, device: str, round: int, model: str, layout: str, structure: Bits, nbits: int | None = None
+) -> Message:
+    """A device joining at `round`, announcing its structure (all nbits of the model, enc "full")."""
+    packed, n, crc = _bits(structure, nbits)
+    head = _head(device, round, model, layout)
+    return _checked(Message(type="hello", **head, enc="full", bits=packed, nbits=n, crc32=crc))
+
+
+def make_update(
+    *,
+    device: str,
+    round: int,
+    model: str,
+    layout: str,
+    bits: Bits,
+    version: int,
+    nbits: int | None = None,
+    enc: Encoding = "structure",
+    stats: Stats | None = None,
+) -> Message:
+    """A device's trained mask for `round`, trained from mask `version`."""
+    packed, n, crc = _bits(bits, nbits)
+    head = _head(device, round, model, layout)
+    return _checked(
+        Message(type="update", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version, stats=stats)
+    )
+
+
+def make_task(
+    *,
+    device: str,
+    round: int,
+    model: str,
+    layout: str,
+    bits: Bits,
+    version: int,
+    deadline: float,
+    nbits: int | None = None,
+    enc: Encoding = "structure",
+) -> Message:
+    """The aggregator asking a device to train `round` from its merged mask `version` before `deadline`."""
+    packed, n, crc = _bits(bits, nbits)
+    head = _head(device, round, model, layout)
+    return _checked(
+        Message(
+            type="task", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version, deadline=deadline
+        )
+    )
+
+
+def make_mask(
+    *,
+    device: str,
+    round: int,
+    model: str,
+    layout: str,
+    bits: Bits,
+    version: int,
+    nbits: int | None = None,
+    enc: Encoding = "structure",
+) -> Message:
+    """The aggregator's merged mask `version` for a device."""
+    packed, n, crc = _bits(bits, nbits)
+    head = _head(device, round, model, layout)
+    return _checked(Message(type="mask", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version))
+
+
+def make_nack(*, device: str, round: int, model: str, layout: str, reason: str) -> Message:
+    """The aggregator refusing a device's message for `round`, with a short reason."""
+    return _checked(Message(type="nack", **_head(device, round, model, layout), reason=reason))
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _bits(bits: Bits, nbits: int | None) -> tuple[bytes, int, int]:
+    if isinstance(bits, (bytes, bytearray, memoryview)):
+        if nbits is None:
+            raise CodecError("missing_field", "nbits is required with packed bits")
+        packed = bytes(bits)
+    else:
+        packed, counted = pack_bits(bits)
+        if nbits is not None and nbits != counted:
+            raise CodecError("bad_value", f"nbits={nbits} but the array has {counted} bits")
+        nbits = counted
+    return packed, nbits, zlib.crc32(packed)
+
+
+def _head(device: str, round: int, model: str, layout: str) -> dict[str, Any]:
+    return {"device": device, "round": round, "model": model, "layout": layout}
+
+
+def _checked(msg: Message) -> Message:
+    _validate(_to_wire(msg))
+    return msg
+
+
+_FLOAT_FIELDS = frozenset({"deadline", "loss", "accuracy", "train_seconds"})
+
+
+def _wire_scalar(name: str, value: object) -> object:
+    """Python or NumPy numbers become their field's wire type; bools stay bools (and get rejected)."""
+    if isinstance(value, (bool, np.bool_)):
+        return value
+    if name in _FLOAT_FIELDS and isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _to_wire(msg: Message) -> dict[str, Any]:
+    fields: dict[str, Any] = {"v": PROTOCOL_VERSION}
+    for name in _ORDER[1:]:
+        value = getattr(msg, name)
+        if isinstance(value, Stats):
+            value = {k: _wire_scalar(k, x) for k, x in vars(value).items() if x is not None}
+        if value is not None:
+            fields[name] = _wire_scalar(name, value)
+    return fields
+
+
+def _from_wire(fields: Mapping[str, Any]) -> Message:
+    kwargs = {k: v for k, v in fields.items() if k != "v"}
+    if "stats" in kwargs:
+        kwargs["stats"] = Stats(**kwargs["stats"])
+    return Message(**kwargs)
+
+
+# ---------------------------------------------------------------- validation
+
+Check = Callable[[str, object], None]
+
+
+def _show(value: object) -> str:
+    """A short, safe rendering of a hostile value for an error detail."""
+    if isinstance(value, (bool, int, float)):
+        return repr(value)[:40]
+    if isinstance(value, str):
+        return repr(value[:32])
+    return type(value).__name__
+
+
+def _bad_type(name: str, value: object, want: str) -> CodecError:
+    return CodecError("bad_type", f"{name}: expected {want}, got {type(value).__name__}")
+
+
+def _uint(hi: int) -> Check:
+    def check(name: str, value: object) -> None:
+        if type(value) is not int:
+            raise _bad_type(name, value, "int")
+        if not 0 <= value <= hi:
+            raise CodecError("bad_value", f"{name}={_show(value)} not in 0..{hi}")
+
+    return check
+
+
+def _float(lo: float = -math.inf, hi: float = math.inf) -> Check:
+    def check(name: str, value: object) -> None:
+        if type(value) is not float:
+            raise _bad_type(name, value, "float")
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise CodecError("bad_value", f"{name}={_show(value)} not finite in [{lo}, {hi}]")
+
+    return check
+
+
+def _text(pattern: re.Pattern[str], what: str) -> Check:
+    def check(name: str, value: object) -> None:
+        if type(value) is not str:
+            raise _bad_type(name, value, "str")
+        if not pattern.fullmatch(value):
+            raise CodecError("bad_value", f"{name}={_show(value)} is not {what}")
+
+    return check
+
+
+def _choice(allowed: tuple[str, ...]) -> Check:
+    def check(name: str, value: object) -> None:
+        if type(value) is not str:
+            raise _bad_type(name, value, "str")
+        if value not in allowed:
+            raise CodecError("bad_value", f"{name}={_show(value)} not one of {allowed}")
+
+    return check
+
+
+def _bin(name: str, value: object) -> None:
+    if type(value) is not bytes:
+        raise _bad_type(name, value, "bin")
+
+
+_STATS_CHECKS: Final[Mapping[str, Check]] = {
+    "samples": _uint(_MAX_INT),
+    "loss": _float(),
+    "accuracy": _float(0.0, 1.0),
+    "train_seconds": _float(0.0),
+}
+
+
+def _stats(name: str, value: object) -> None:
+    if type(value) is not dict:
+        raise _bad_type(name, value, "map")
+    for key, item in value.items():
+        check = _STATS_CHECKS.get(key)
+        if check is None:
+            raise CodecError("unknown_field", f"{name}.{_show(key)}")
+        check(f"{name}.{key}", item)
+
+
+_CHECKS: Final[Mapping[str, Check]] = {
+    "device": _text(_DEVICE_RE, "1..64 chars of [A-Za-z0-9_.-]"),
+    "round": _uint(_MAX_INT),
+    "model": _text(_HEX_RE, "16..64 lowercase hex digits"),
+    "layout": _text(_HEX_RE, "16..64 lowercase hex digits"),
+    "enc": _choice(ENCODINGS),
+    "nbits": _uint(_MAX_INT),
+    "crc32": _uint(_MAX_CRC),
+    "version": _uint(_MAX_INT),
+    "stats": _stats,
+    "deadline": _float(0.0),
+    "reason": _text(_REASON_RE, f"1..{_MAX_REASON_CHARS} chars"),
+    "bits": _bin,
+}
+
+
+def _validate(fields: Mapping[Any, object], expect_type: str | None = None) -> None:
+    """Check a decoded (or about-to-be-encoded) map; cheap checks first, the crc last."""
+    if "v" not in fields:
+        raise CodecError("missing_field", "v")
+    if type(fields["v"]) is not int:
+        raise _bad_type("v", fields["v"], "int")
+    if fields["v"] != PROTOCOL_VERSION:
+        raise CodecError("bad_version", f"v={_show(fields['v'])}, this codec speaks {PROTOCOL_VERSION}")
+    if "type" not in fields:
+        raise CodecError("missing_field", "type")
+    mtype = fields["type"]
+    if type(mtype) is not str:
+        raise _bad_type("type", mtype, "str")
+    if mtype not in _REQUIRED:
+        raise CodecError("bad_value", f"type={_show(mtype)} not one of {TYPES}")
+    if expect_type is not None and mtype != expect_type:
+        raise CodecError("wrong_type", f"expected {expect_type}, got {mtype}")
+
+    keys = set(fields)
+    required = _REQUIRED[mtype]
+    allowed = required | _OPTIONAL.get(mtype, frozenset())
+    if unknown := [k for k in keys if k not in _ORDER]:
+        raise CodecError("unknown_field", min(_show(k) for k in unknown))
+    if forbidden := keys - allowed:
+        raise CodecError("forbidden_field", f"{min(forbidden)} in {mtype}")
+    if missing := required - keys:
+        raise CodecError("missing_field", f"{min(missing)} in {mtype}")
+
+    for name in _ORDER[2:]:
+        if name in fields:
+            _CHECKS[name](name, fields[name])
+    if mtype == "hello" and fields["enc"] != "full":
+        raise CodecError("bad_value", "hello must use enc 'full'")
+    if "bits" in fields:
+        _check_bits(fields["bits"], fields["nbits"], fields["crc32"])
+
+
+def _check_bits(bits: Any, nbits: Any, crc: Any) -> None:
+    """Length, padding and crc of already type-checked bits, nbits and crc32."""
+    if len(bits) != (nbits + 7) // 8:
+        raise CodecError("bad_length", f"len(bits)={len(bits)} but nbits={nbits} needs {(nbits + 7) // 8}")
+    tail = nbits % 8
+    if tail and bits[-1] & (0xFF >> tail):
+        raise CodecError("bad_padding", f"padding bits after bit {nbits} are not zero")
+    actual = zlib.crc32(bits)
+    if actual != crc:
+        raise CodecError("bad_crc", f"crc32={crc} but the bits hash to {actual}")
