@@ -3,8 +3,9 @@ merged masks, persist state. The simulator and the worker process both run this 
 
 from __future__ import annotations
 
+import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +95,11 @@ class DeviceRuntime:
         arrays = {f"param/{k}": v.detach().numpy() for k, v in self.model.state_dict().items()}
         meta = np.array([self.mask_version], dtype=np.int64)
         assert self.structure is not None
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, structure=self.structure, meta=meta,
+        spec = json.dumps(asdict(self.spec)).encode()
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, structure=self.structure, meta=meta, spec=np.frombuffer(spec, dtype=np.uint8),
                  fingerprint=np.frombuffer(self.fingerprint.encode(), dtype=np.uint8), **arrays)
-        tmp.replace(path)
+        tmp.replace(path)  # atomic: a crash mid-write never leaves a half-written state
 
     def load(self, path: Path) -> None:
         with np.load(path, allow_pickle=False) as z:
@@ -107,6 +109,13 @@ class DeviceRuntime:
             self.model.load_state_dict(state)
             self.structure = z["structure"].copy()
             self.mask_version = int(z["meta"][0])
+
+    @staticmethod
+    def read_spec(path: Path) -> ModelSpec:
+        with np.load(path, allow_pickle=False) as z:
+            raw = json.loads(bytes(z["spec"]).decode())
+        raw["input_shape"] = tuple(raw["input_shape"])
+        return ModelSpec(**raw)
 
     def _check_peer(self, msg: codec.Message) -> None:
         if msg.model != self.fingerprint or msg.layout != self.layout:

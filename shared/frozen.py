@@ -39,7 +39,8 @@ def frozen_weight(model_seed: int, name: str, shape: tuple[int, ...], fan_in: in
         out = (u * 2.0 - 1.0) * (np.sqrt(6.0 / fan_in) * scale)
     else:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-    return out.astype(np.float32)
+    result: np.ndarray = out.astype(np.float32)
+    return result
 
 
 def initial_scores(model_seed: int, name: str, shape: tuple[int, ...], spread: float) -> np.ndarray:

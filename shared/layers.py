@@ -8,6 +8,7 @@ A layer can also run "dense" (W trainable, no mask) so baselines use the very sa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,13 +22,13 @@ class _SigmoidSTE(torch.autograd.Function):
     """Forward: the hard 0.5 threshold used on the wire; backward: the sigmoid's derivative (Eq. 7-8)."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, scores: Tensor, temperature: float) -> Tensor:
         ctx.save_for_backward(scores)
         ctx.temperature = temperature
         return (scores >= 0).to(scores.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (scores,) = ctx.saved_tensors
         sig = torch.sigmoid(scores / ctx.temperature)
         return grad * sig * (1 - sig) / ctx.temperature, None
@@ -48,11 +49,13 @@ class MaskedTensor(nn.Module):
         self.kind = kind
         self.dense = dense
         w = torch.from_numpy(np.array(weight, dtype=np.float32))
+        self.weight: Tensor
         if dense:
             self.weight = nn.Parameter(w)
         else:
             self.register_buffer("weight", w)
         self.scores = nn.Parameter(torch.from_numpy(np.array(scores, dtype=np.float32)), requires_grad=not dense)
+        self.structure: Tensor
         self.register_buffer("structure", torch.ones_like(w, dtype=torch.bool))
         self.mode = "ste"
         self.temperature = 1.0
@@ -74,7 +77,7 @@ class MaskedTensor(nn.Module):
         if not self.training:
             return self.weight * self.binary_mask()
         if self.mode == "ste":
-            m = _SigmoidSTE.apply(self.scores, self.temperature)
+            m: Tensor = _SigmoidSTE.apply(self.scores, self.temperature)  # type: ignore[no-untyped-call]
         elif self.mode == "sigmoid":
             m = torch.sigmoid(self.scores / self.temperature)
         else:

@@ -91,7 +91,7 @@ def get_rule(name: str) -> MergeRule:
 
 
 def _invert(packed: np.ndarray, nbits: int) -> np.ndarray:
-    out = np.bitwise_not(packed)
+    out: np.ndarray = np.bitwise_not(packed)
     tail = nbits % 8
     if tail:  # keep padding bits zero
         out[-1] &= np.uint8((0xFF << (8 - tail)) & 0xFF)

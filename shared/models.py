@@ -214,7 +214,7 @@ def _image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(shape) == 3:
         return shape[0], shape[1], shape[2]
     n = int(np.prod(shape))
-    side = int(round(n ** 0.5))
+    side = round(n ** 0.5)
     if side * side != n:
         raise ValueError(f"cnn needs square images; cannot reshape {shape}")
     return 1, side, side

@@ -22,6 +22,7 @@ class TaskPreset:
     mask_train: TrainConfig
     dense_train: TrainConfig
     merge: str = "paper"
+    final_local_epochs: int = 0
     data_options: dict[str, object] = field(default_factory=dict)
 
 

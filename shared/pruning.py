@@ -37,7 +37,7 @@ def one_shot_prune(model: MaskedNet, x: np.ndarray, y: np.ndarray, cfg: TrainCon
             for i, t in zip(members, tensors, strict=True)
         ]
         flat = torch.cat([c.reshape(-1) for c in change]).numpy()
-        k = max(1, int(round(rho * flat.size)))
+        k = max(1, round(rho * flat.size))
         # Stable sort: equal importance keeps the lower index, so every platform agrees.
         order = np.argsort(-flat, kind="stable")
         chosen = np.zeros(flat.size, dtype=bool)

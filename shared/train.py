@@ -79,7 +79,7 @@ def local_train(model: MaskedNet, x: np.ndarray, y: np.ndarray, epochs: int, cfg
             if cfg.lam > 0 and not model.spec.dense:
                 loss = loss + cfg.lam * model.group_lasso()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())

@@ -7,6 +7,7 @@ so byte accounting is the same in both.
 
 from __future__ import annotations
 
+import builtins
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,7 +33,7 @@ class ByteCounter:
     messages: int = 0
     bytes: int = 0
 
-    def add(self, body: bytes) -> None:
+    def add(self, body: builtins.bytes) -> None:
         self.messages += 1
         self.bytes += len(body)
 

@@ -118,7 +118,8 @@ def _standalone(data: FederatedDataset, model: MaskedNet, init: np.ndarray, cfg:
     test_acc, val_acc, secs = {}, {}, 0.0
     for dev in data.devices:
         set_vector(model, init)
-        st = local_train(model, dev.train.x, dev.train.y, epochs, cfg, seed=derive_seed(seed, "standalone", dev.device_id))
+        st = local_train(model, dev.train.x, dev.train.y, epochs, cfg,
+                         seed=derive_seed(seed, "standalone", dev.device_id))
         secs += st.seconds
         test_acc[dev.device_id] = evaluate(model, dev.test.x, dev.test.y)[1]
         val_acc[dev.device_id] = evaluate(model, dev.val.x, dev.val.y)[1]

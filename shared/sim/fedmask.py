@@ -4,12 +4,13 @@ every message encoded and decoded by the real codec (so byte counts are the wire
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from shared import codec
 from shared.bits import pack
-from shared.data import FederatedDataset
+from shared.data import DeviceData, FederatedDataset
 from shared.device import DeviceRuntime, FedMaskConfig, derive_seed
 from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
@@ -29,7 +30,8 @@ from shared.transport import InMemoryTransport
 
 def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, rounds: int,
                 sample_rate: float, seed: int, merge: str = "paper", final_local_epochs: int = 0,
-                eval_every: int = 0, progress: Progress | None = None) -> SimResult:
+                eval_every: int = 0, progress: Progress | None = None,
+                save_dir: Path | None = None) -> SimResult:
     """Run FedMask for `rounds` rounds. With final_local_epochs > 0 every device adapts its last
     mask locally before evaluation, exactly as FedAvg-FT fine-tunes the global model."""
     start = time.perf_counter()
@@ -46,14 +48,14 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
     # Enrolment: every device prunes once and says hello with its structure.
     for dev in devices.values():
         bus.publish_uplink(dev.device_id, "hello", codec.encode(dev.hello()))
-        train_seconds += dev.last_stats.seconds if dev.last_stats else 0.0
+        train_seconds += _seconds(dev)
     records: dict[str, DeviceRecord] = {}
     for env in bus.take_uplink():
         hello = codec.decode(env.body, expect_type="hello")
         records[hello.device] = DeviceRecord(structure=np.frombuffer(hello.bits or b"", np.uint8).copy())
     hello_bytes = bus.up.bytes
 
-    update_bytes, updates, history = 0, 0, []
+    update_bytes, updates, payload_bits, history = 0, 0, 0, []
     pre_merge: dict[str, float] = {}
     for r in range(1, rounds + 1):
         sampled = sample_devices(list(devices), sample_count(len(devices), rate=sample_rate), seed=seed, round_id=r)
@@ -65,9 +67,10 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
         for d in sampled:
             for body in bus.take_downlink(d):
                 update = devices[d].handle_task(codec.decode(body, expect_type="task"))
-                train_seconds += devices[d].last_stats.seconds if devices[d].last_stats else 0.0
+                train_seconds += _seconds(devices[d])
                 body_up = codec.encode(update)
                 update_bytes += len(body_up)
+                payload_bits += 8 * len(update.bits or b"")
                 updates += 1
                 bus.publish_uplink(d, "update", body_up)
             pre_merge[d] = devices[d].evaluate(by_id[d].test.x, by_id[d].test.y)[1]
@@ -97,6 +100,10 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
             st = local_train(dev.model, dev.x, dev.y, final_local_epochs, cfg.train, seed=derive_seed(seed, "final", d))
             train_seconds += st.seconds
     test_acc = _accuracies(devices, by_id, "test")
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for d, dev in devices.items():
+            dev.save(save_dir / f"{d}.npz")
     return SimResult(
         method="fedmask", task=data.task, devices=len(devices), rounds=rounds,
         personalized_accuracy=mean_accuracy(test_acc), per_device_accuracy=test_acc,
@@ -105,6 +112,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
         train_seconds=train_seconds, wall_seconds=time.perf_counter() - start, params=nbits, merge=merge,
         validation_accuracy=mean_accuracy(_accuracies(devices, by_id, "val")), history=history,
         extra={"hello_bytes": hello_bytes, "updates": updates, "update_bytes": update_bytes,
+               "uplink_payload_bits_per_param": payload_bits / (nbits * updates) if updates else float("nan"),
                "structure_density": float(np.mean([r.inside / nbits for r in records.values()])),
                "pre_merge_accuracy": mean_accuracy(pre_merge),
                "final_local_epochs": final_local_epochs, "accuracy_before_final_adaptation": before_final,
@@ -112,9 +120,13 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
     )
 
 
-def _accuracies(devices: dict[str, DeviceRuntime], by_id: dict, split: str) -> dict[str, float]:
+def _accuracies(devices: dict[str, DeviceRuntime], by_id: dict[str, DeviceData], split: str) -> dict[str, float]:
     out = {}
     for d, dev in devices.items():
         s = getattr(by_id[d], split)
         out[d] = dev.evaluate(s.x, s.y)[1]
     return out
+
+
+def _seconds(dev: DeviceRuntime) -> float:
+    return dev.last_stats.seconds if dev.last_stats is not None else 0.0

@@ -32,7 +32,8 @@ class SimResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        cleaned: dict[str, Any] = _clean(asdict(self))
+        return cleaned
 
 
 def mean_accuracy(accs: dict[str, float]) -> float:

@@ -1,0 +1,1 @@
+"""How FedMask is run: the operator CLI and (later) deployment files."""

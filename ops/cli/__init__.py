@@ -1,0 +1,22 @@
+"""`fedmask`: one console entry point. Commands only parse flags, build settings and call shared/."""
+
+from __future__ import annotations
+
+import click
+
+from ops.cli.bench import bench
+from ops.cli.experiment import experiment
+from ops.cli.export import export
+from ops.cli.simulate import simulate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fedmask")
+def main() -> None:
+    """Personalized federated learning with binary masks (FedMask) for edge boards."""
+
+
+main.add_command(simulate)
+main.add_command(experiment)
+main.add_command(bench)
+main.add_command(export)

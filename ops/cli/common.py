@@ -1,0 +1,63 @@
+"""Shared CLI plumbing: progress bars, JSON output, building a run from flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from shared.data import FederatedDataset, load_task
+from shared.errors import FedMaskError
+from shared.models import ModelSpec
+from shared.presets import TaskPreset, preset
+
+
+class Bar:
+    """A tqdm bar fed by shared/'s progress callbacks (stderr, so --json on stdout stays clean)."""
+
+    def __init__(self, desc: str, total: int, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="round", file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=True, leave=False)
+
+    def __call__(self, done: int, total: int, info: dict[str, Any]) -> None:
+        self.bar.n = done
+        post = {k: f"{v:.3f}" for k, v in info.items() if k in ("accuracy", "uplink_mb")}
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def write_json(path: Path | None, payload: Any) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    data: FederatedDataset
+    spec: ModelSpec
+    preset: TaskPreset
+
+
+def build_run(task: str, devices: int | None, width: int | None, seed: int, arch: str | None = None,
+              partition: str = "shards", alpha: float = 0.5) -> RunSetup:
+    try:
+        p = preset(task)
+        opts: dict[str, Any] = dict(p.data_options)
+        click.echo(f"loading {task} data (first run builds a cache under .data/) ...", err=True)
+        data = load_task(task, num_devices=devices or p.devices, seed=seed, partition=partition,
+                         alpha=alpha, **opts)
+    except (FedMaskError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(data.summary(), err=True)
+    spec = ModelSpec(arch or p.arch, data.input_shape, data.num_classes, width=width or p.width, seed=seed)
+    return RunSetup(data, spec, p)
