@@ -8,8 +8,10 @@ Each rule is one small class over packed bits; all of them call the same kernel
 - body:   vote only outside the pruned last layers; the pruned (classifier) layers stay personal.
           Motivation: pruning picks overlapping elements on devices with unrelated classes, so a
           majority there overwrites personal decisions (see docs/merge-rules.md for measurements).
+- head:   the mirror of body: vote only inside the pruned layers; the body stays personal.
 - affinity: like paper in the body; in the pruned layers each device votes only with the
           participants whose pruned structure overlaps its own at least `min_jaccard`.
+- consensus: a device's bit changes only under a supermajority (>= q of the overlapping voters).
 - local:  nothing is merged (each device keeps its own bits); a diagnostic floor, not a product rule.
 """
 
@@ -20,8 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.aggregate import merge_masks
-from shared.bits import popcount
+from shared.aggregate import merge_masks, vote_counts
+from shared.bits import pack, popcount, unpack
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,18 @@ class BodyRule:
 
 
 @dataclass(frozen=True)
+class HeadRule:
+    """Vote only inside the pruned layers; the unpruned body stays personal. Devices that share a
+    class share that class's rows of the pruned head, so the vote there pools related devices,
+    while a body majority of unrelated devices overwrites features each device relies on."""
+
+    name: str = "head"
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        return merge_masks(structures, masks, ctx.nbits, vote_region=ctx.pruned_region)
+
+
+@dataclass(frozen=True)
 class AffinityRule:
     name: str = "affinity"
     min_jaccard: float = 0.5
@@ -72,6 +86,30 @@ class AffinityRule:
 
 
 @dataclass(frozen=True)
+class ConsensusRule:
+    """Supermajority: a device's bit changes only when at least `q` of the voters whose structures
+    contain the element hold the other bit (q = 0.5 is close to the paper's rule; ties aside).
+    Weak majorities of unrelated devices no longer overwrite personal bits."""
+
+    name: str = "consensus"
+    q: float = 0.8
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        voters, ones = vote_counts(structures, masks, ctx.nbits)
+        v = voters.astype(np.int32)
+        o = ones.astype(np.int32)
+        strong_one = (v >= 2) & (o >= self.q * v)
+        strong_zero = (v >= 2) & ((v - o) >= self.q * v)
+        out = np.empty_like(masks)
+        for i in range(len(masks)):
+            own = unpack(masks[i], ctx.nbits)
+            inside = unpack(structures[i], ctx.nbits)
+            merged = np.where(strong_one, True, np.where(strong_zero, False, own)) & inside
+            out[i] = pack(merged)
+        return out
+
+
+@dataclass(frozen=True)
 class LocalRule:
     name: str = "local"
 
@@ -79,7 +117,8 @@ class LocalRule:
         return masks.copy()
 
 
-RULES: dict[str, type] = {"paper": PaperRule, "body": BodyRule, "affinity": AffinityRule, "local": LocalRule}
+RULES: dict[str, type] = {"paper": PaperRule, "body": BodyRule, "head": HeadRule, "affinity": AffinityRule,
+                          "consensus": ConsensusRule, "local": LocalRule}
 
 
 def get_rule(name: str) -> MergeRule:

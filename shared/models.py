@@ -170,12 +170,13 @@ class MaskedNet(nn.Module):
     def apply_mask_bits(self, bits: np.ndarray, floor: float = 1e-3) -> None:
         """Adopt received bits: keep each score's magnitude, take its sign from the bit.
 
-        The floor keeps an adopted bit from sitting exactly on the threshold, where one tiny
-        step would flip it back.
+        The floor keeps an adopted bit off the threshold, where one tiny step would flip it back.
+        (Blending received signs into the scores instead was tried and rejected: magnitudes grow
+        round after round, the sigmoid's gradient vanishes and local training stalls; docs/results.md.)
         """
         scores = self.scores_flat()
-        mag = np.maximum(np.abs(scores), floor)
-        self.set_scores(np.where(bits.astype(bool), mag, -mag))
+        sign = np.where(bits.astype(bool), 1.0, -1.0).astype(np.float32)
+        self.set_scores(np.maximum(np.abs(scores), floor) * sign)
 
     def _split(self, flat: np.ndarray) -> list[np.ndarray]:
         if flat.shape != (self.nbits,):

@@ -28,6 +28,7 @@ __all__ = [
 
 TASKS = ("activity", "mnist", "digits", "shakespeare")
 PARTITIONS = ("shards", "dirichlet")
+HOLDOUTS = ("recording", "time")
 _SPLITS = ("train", "val", "test")
 
 
@@ -88,6 +89,7 @@ def load_task(
     alpha: float = 0.5,
     max_samples_per_device: int | None = None,
     cache_dir: Path | None = None,
+    holdout: str = "recording",
 ) -> FederatedDataset:
     """Build (or reload from cache) the federated split of `task`; deterministic given the arguments.
 
@@ -95,8 +97,10 @@ def load_task(
     subject) and "shakespeare" (one device per role) are naturally partitioned.
     `max_samples_per_device` caps each device's training split (deterministic subsample) and
     shrinks its val/test splits by the same factor.
+    `holdout` applies to "activity" only: "recording" tests each class on an unseen recording
+    (in this data, always the other arm), "time" cuts every recording 60/20/20 in time.
     """
-    params = _Params.validated(task, num_devices, seed, partition, alpha, max_samples_per_device)
+    params = _Params.validated(task, num_devices, seed, partition, alpha, max_samples_per_device, holdout)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     arrays = load_or_build(cache_path(root, task, params.cache_key()), lambda: _pack(_build(params)))
     return _unpack(arrays)
@@ -110,10 +114,12 @@ class _Params:
     partition: str
     alpha: float
     cap: int | None
+    holdout: str = "recording"
 
     @classmethod
     def validated(
-        cls, task: str, num_devices: int | None, seed: int, partition: str, alpha: float, cap: int | None
+        cls, task: str, num_devices: int | None, seed: int, partition: str, alpha: float, cap: int | None,
+        holdout: str = "recording",
     ) -> _Params:
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -127,7 +133,9 @@ class _Params:
             raise ConfigError(f"max_samples_per_device must be at least 1, got {cap}")
         if seed < 0:
             raise ConfigError(f"seed must be non-negative, got {seed}")
-        return cls(task, num_devices, int(seed), partition, float(alpha), cap)
+        if holdout not in HOLDOUTS:
+            raise ConfigError(f"unknown holdout {holdout!r}; expected one of {', '.join(HOLDOUTS)}")
+        return cls(task, num_devices, int(seed), partition, float(alpha), cap, holdout)
 
     def cache_key(self) -> dict[str, object]:
         """Only the arguments that change the output, so equivalent calls share one cache file."""
@@ -136,6 +144,8 @@ class _Params:
             key["partition"] = self.partition
             if self.partition == "dirichlet":
                 key["alpha"] = self.alpha
+        if self.task == "activity" and self.holdout != "recording":
+            key["holdout"] = self.holdout
         return key
 
 
@@ -144,7 +154,7 @@ def _build(p: _Params) -> FederatedDataset:
     if p.task == "activity":
         from shared.data import activity
 
-        return activity.build(num_devices=p.num_devices, cap=p.cap, rng=rng)
+        return activity.build(num_devices=p.num_devices, cap=p.cap, rng=rng, holdout=p.holdout)
     if p.task == "shakespeare":
         from shared.data import shakespeare
 

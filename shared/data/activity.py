@@ -10,6 +10,11 @@ that is always the *other arm* from the class's training recording. The last 20%
 remaining recording is validation. The raw signal is cut first and each piece windowed
 separately, so no window straddles a split boundary. (A class with a single recording would go
 to train; the shipped data has none.)
+
+Because that makes test an arm-transfer problem that validation (same arm as train) cannot see,
+`holdout="time"` is offered too: every recording is cut in time into train/val/test 60/20/20, so
+all three splits hold both arms and are drawn from the device's own distribution, still with no
+window straddling a cut.
 """
 
 from __future__ import annotations
@@ -60,12 +65,22 @@ def load_recordings() -> list[Recording]:
     ]
 
 
-def plan_segments(recordings: list[Recording], rng: np.random.Generator) -> list[Segment]:
-    """Assign whole recordings to test and the head/tail of the rest to train/val.
+TIME_SPLIT = (0.6, 0.8)  # train | val | test boundaries as fractions of each recording
+
+
+def plan_segments(recordings: list[Recording], rng: np.random.Generator, holdout: str = "recording") -> list[Segment]:
+    """Assign whole recordings to test and the head/tail of the rest to train/val (holdout "recording"),
+    or cut every recording in time (holdout "time").
 
     `recordings` are one subject's; segment indices refer to positions in that list.
     """
     segments: list[Segment] = []
+    if holdout == "time":
+        for i, r in enumerate(recordings):
+            n = len(r.signal)
+            a, b = round(n * TIME_SPLIT[0]), round(n * TIME_SPLIT[1])
+            segments += [Segment(i, "train", 0, a), Segment(i, "val", a, b), Segment(i, "test", b, n)]
+        return segments
     for label in sorted({r.label for r in recordings}):
         members = [i for i, r in enumerate(recordings) if r.label == label]
         test = members[int(rng.integers(len(members)))] if len(members) > 1 else None
@@ -84,24 +99,25 @@ def window_starts(start: int, stop: int) -> np.ndarray:
     return np.arange(start, stop - WINDOW + 1, STRIDE, dtype=np.int64)
 
 
-def build(*, num_devices: int | None, cap: int | None, rng: np.random.Generator) -> FederatedDataset:
+def build(*, num_devices: int | None, cap: int | None, rng: np.random.Generator,
+          holdout: str = "recording") -> FederatedDataset:
     n_dev = NUM_SUBJECTS if num_devices is None else num_devices
     if n_dev > NUM_SUBJECTS:
         raise ConfigError(f"activity has {NUM_SUBJECTS} subjects (one device each); got num_devices={n_dev}")
     recordings = load_recordings()
     subjects = sorted({r.subject for r in recordings})[:n_dev]
-    devices = [_device(s, [r for r in recordings if r.subject == s], cap, rng) for s in subjects]
+    devices = [_device(s, [r for r in recordings if r.subject == s], cap, rng, holdout) for s in subjects]
     return FederatedDataset(
         task="activity", devices=devices, num_classes=NUM_CLASSES, input_shape=(NUM_CHANNELS, WINDOW)
     )
 
 
 def _device(
-    subject: int, recordings: list[Recording], cap: int | None, rng: np.random.Generator
+    subject: int, recordings: list[Recording], cap: int | None, rng: np.random.Generator, holdout: str
 ) -> DeviceData:
     xs: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     ys: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for seg in plan_segments(recordings, rng):
+    for seg in plan_segments(recordings, rng, holdout):
         rec = recordings[seg.recording]
         for s in window_starts(seg.start, seg.stop):
             xs[seg.split].append(rec.signal[s : s + WINDOW].T)
