@@ -49,10 +49,12 @@ class RunSetup:
 
 
 def build_run(task: str, devices: int | None, width: int | None, seed: int, arch: str | None = None,
-              partition: str = "shards", alpha: float = 0.5) -> RunSetup:
+              partition: str = "shards", alpha: float = 0.5, holdout: str | None = None) -> RunSetup:
     try:
         p = preset(task)
         opts: dict[str, Any] = dict(p.data_options)
+        if holdout is not None:
+            opts["holdout"] = holdout
         click.echo(f"loading {task} data (first run builds a cache under .data/) ...", err=True)
         data = load_task(task, num_devices=devices or p.devices, seed=seed, partition=partition,
                          alpha=alpha, **opts)

@@ -18,20 +18,23 @@ from shared.sim.runner import run_method
 @click.command()
 @click.option("--task", type=click.Choice(["activity", "mnist", "shakespeare", "digits"]), required=True)
 @click.option("--methods", default="fedmask,fedavg,fedavg-ft,standalone,topk", show_default=True)
-@click.option("--merges", default="paper,body", show_default=True, help="FedMask merge rules to run (one row each)")
+@click.option("--merges", default="head,paper", show_default=True, help="FedMask merge rules to run (one row each)")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--devices", type=int, default=None)
 @click.option("--rounds", type=int, default=None)
 @click.option("--width", type=int, default=None)
 @click.option("--final-local-epochs", type=int, default=None)
 @click.option("--eval-every", type=int, default=None, help="default: about 10 points per curve")
+@click.option("--holdout", type=click.Choice(["recording", "time"]), default=None, help="activity only")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-devices", type=click.Path(path_type=Path), default=None,
+              help="save the first FedMask run's device states here (input to `fedmask export`)")
 @click.option("--quiet", is_flag=True)
 def experiment(task: str, methods: str, merges: str, out: Path, devices: int | None, rounds: int | None,
-               width: int | None, final_local_epochs: int | None, eval_every: int | None, seed: int,
-               quiet: bool) -> None:
+               width: int | None, final_local_epochs: int | None, eval_every: int | None, holdout: str | None,
+               seed: int, save_devices: Path | None, quiet: bool) -> None:
     """Run METHODS on TASK; write results.csv, results.md, results.json, accuracy_vs_communication.png."""
-    setup = build_run(task, devices, width, seed)
+    setup = build_run(task, devices, width, seed, holdout=holdout)
     p = setup.preset
     rounds = rounds or p.rounds
     every = eval_every or max(1, rounds // 10)
@@ -40,6 +43,7 @@ def experiment(task: str, methods: str, merges: str, out: Path, devices: int | N
     for m in [m.strip() for m in methods.split(",") if m.strip()]:
         runs += [(m, rule.strip()) for rule in merges.split(",")] if m == "fedmask" else [(m, None)]
     results: list[SimResult] = []
+    saved = False
     for method, rule in runs:
         label = f"{method}[{rule}]" if rule else method
         bar = Bar(label, rounds, enabled=not quiet)
@@ -47,12 +51,14 @@ def experiment(task: str, methods: str, merges: str, out: Path, devices: int | N
             r = run_method(method, setup.data, setup.spec, p, rounds=rounds, sample_rate=p.sample_rate,
                            local_epochs=p.local_epochs, seed=seed, merge=rule or p.merge,
                            final_local_epochs=final, eval_every=every, progress=bar,
+                           save_devices=save_devices if method == "fedmask" and not saved else None,
                            fedmask_cfg=FedMaskConfig(train=p.mask_train, local_epochs=p.local_epochs))
         finally:
             bar.close()
         click.echo(f"{label:22s} accuracy {r.personalized_accuracy:.4f}  "
                    f"comm {(r.uplink_bytes + r.downlink_bytes) / 1e6:10.3f} MB", err=True)
         results.append(r)
+        saved = saved or method == "fedmask"
     out.mkdir(parents=True, exist_ok=True)
     rows = [_row(r) for r in results]
     _write_csv(out / "results.csv", rows)

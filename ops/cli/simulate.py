@@ -31,6 +31,8 @@ METHODS = ("fedmask", *BASELINES)
               help="local adaptation before evaluation (FedMask and FedAvg-FT alike)")
 @click.option("--partition", type=click.Choice(["shards", "dirichlet"]), default="shards", show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration")
+@click.option("--holdout", type=click.Choice(["recording", "time"]), default=None,
+              help="activity only: test on an unseen recording (the other arm) or on a later time slice")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=int, default=0, help="evaluate every N rounds (for curves)")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
@@ -40,10 +42,11 @@ METHODS = ("fedmask", *BASELINES)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def simulate(task: str, method: str, merge: str | None, arch: str | None, width: int | None,
              devices: int | None, rounds: int | None, sample_rate: float | None, local_epochs: int | None,
-             final_local_epochs: int | None, partition: str, alpha: float, seed: int, eval_every: int,
+             final_local_epochs: int | None, partition: str, alpha: float, holdout: str | None, seed: int,
+             eval_every: int,
              json_out: Path | None, save_devices: Path | None, as_json: bool, quiet: bool) -> None:
     """Simulate federated training of METHOD on TASK over the in-memory transport."""
-    setup = build_run(task, devices, width, seed, arch, partition, alpha)
+    setup = build_run(task, devices, width, seed, arch, partition, alpha, holdout)
     p = setup.preset
     rounds = rounds or p.rounds
     bar = Bar(f"{method} {task}", rounds, enabled=not quiet)

@@ -68,7 +68,9 @@ def load_recordings() -> list[Recording]:
 TIME_SPLIT = (0.6, 0.8)  # train | val | test boundaries as fractions of each recording
 
 
-def plan_segments(recordings: list[Recording], rng: np.random.Generator, holdout: str = "recording") -> list[Segment]:
+def plan_segments(
+    recordings: list[Recording], rng: np.random.Generator, holdout: str = "recording"
+) -> list[Segment]:
     """Assign whole recordings to test and the head/tail of the rest to train/val (holdout "recording"),
     or cut every recording in time (holdout "time").
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -401,3 +402,33 @@ def test_bad_arguments_are_config_errors(kwargs: dict[str, object], tmp_path: Pa
 def test_split_rejects_mismatched_lengths() -> None:
     with pytest.raises(ValueError):
         Split(np.zeros((3, 2), np.float32), np.zeros(2, np.int64))
+
+
+def test_activity_time_holdout_cuts_every_recording_in_order() -> None:
+    needs("seglearn")
+    from shared.data.activity import WINDOW, load_recordings, plan_segments, window_starts
+
+    recordings = load_recordings()
+    recs = [r for r in recordings if r.subject == recordings[0].subject]
+    segments = plan_segments(recs, rng(0), holdout="time")
+    for i, rec in enumerate(recs):
+        mine = sorted((s for s in segments if s.recording == i), key=lambda s: s.start)
+        assert [s.split for s in mine] == ["train", "val", "test"]
+        assert mine[0].start == 0 and mine[-1].stop == len(rec.signal)
+        for a, b in itertools.pairwise(mine):
+            assert a.stop == b.start  # contiguous cuts ...
+            last = window_starts(a.start, a.stop).max()
+            assert last + WINDOW <= b.start  # ... and no window crosses one
+    # both arms appear in every split, so validation sees what test sees
+    splits = ("train", "val", "test")
+    sides = {split: {recs[s.recording].side for s in segments if s.split == split} for split in splits}
+    assert all(v == {0, 1} for v in sides.values())
+
+
+def test_activity_time_holdout_is_its_own_cache_entry(tmp_path: Path) -> None:
+    needs("seglearn")
+    a = load_task("activity", num_devices=2, cache_dir=tmp_path)
+    b = load_task("activity", num_devices=2, cache_dir=tmp_path, holdout="time")
+    assert len(a.devices[0].test) != len(b.devices[0].test)
+    with pytest.raises(ConfigError):
+        load_task("activity", num_devices=2, cache_dir=tmp_path, holdout="nope")
