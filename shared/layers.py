@@ -89,13 +89,15 @@ class MaskedTensor(nn.Module):
         if self.kind == "none" or self.dense:
             return self.scores.new_zeros(())
         m = self.soft_mask()
+        # eps inside the root: a group the structure empties has norm 0, where sqrt's gradient is NaN.
+        eps = 1e-12
         if self.kind == "conv":
             m = m.flatten(2)  # (out, in, k*k): filters over dims (1,2), channels over dims (0,2)
-            filters = m.pow(2).sum(dim=(1, 2)).sqrt().sum() * math.sqrt(m.shape[1] * m.shape[2])
-            channels = m.pow(2).sum(dim=(0, 2)).sqrt().sum() * math.sqrt(m.shape[0] * m.shape[2])
+            filters = (m.pow(2).sum(dim=(1, 2)) + eps).sqrt().sum() * math.sqrt(m.shape[1] * m.shape[2])
+            channels = (m.pow(2).sum(dim=(0, 2)) + eps).sqrt().sum() * math.sqrt(m.shape[0] * m.shape[2])
             return filters + channels
-        rows = m.pow(2).sum(dim=1).sqrt().sum() * math.sqrt(m.shape[1])
-        cols = m.pow(2).sum(dim=0).sqrt().sum() * math.sqrt(m.shape[0])
+        rows = (m.pow(2).sum(dim=1) + eps).sqrt().sum() * math.sqrt(m.shape[1])
+        cols = (m.pow(2).sum(dim=0) + eps).sqrt().sum() * math.sqrt(m.shape[0])
         return rows + cols
 
 

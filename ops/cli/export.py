@@ -44,7 +44,7 @@ def export(state: Path, device_id: str | None, out: Path | None, repeats: int, j
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"device {path.stem}: {report['dense_params']:,} -> {report['compact_params']:,} params "
-               f"({report['param_ratio']:.2f}x smaller), FLOPs {report['flops_ratio']:.2f}x fewer")
+               f"({1 / report['param_ratio']:.2f}x smaller), FLOPs {1 / report['flops_ratio']:.2f}x fewer")
     for b in ("1", "64"):
         click.echo(f"  latency batch {b:>2}: dense {report[f'dense_latency_b{b}_ms']:.3f} ms, "
                    f"compact {report[f'compact_latency_b{b}_ms']:.3f} ms -> {report[f'speedup_b{b}']:.2f}x")

@@ -107,3 +107,13 @@ def test_group_lasso_pushes_masks_sparse() -> None:
         local_train(net, x, y, 10, TrainConfig(mask_mode="ste", optimizer="sgd", lr=1.0, lam=lam), seed=0)
         dens.append(net.mask_bits().mean())
     assert dens[1] < dens[0] - 0.05
+
+
+def test_group_lasso_gradient_is_finite_when_structure_empties_a_group() -> None:
+    net = build_model(SPEC)
+    structure = np.ones(net.nbits, dtype=bool)
+    first = net.masked()[0]
+    structure[: first.shape[1]] = False  # the whole first row of fc1 pruned away
+    net.set_structure(structure)
+    net.group_lasso().backward()
+    assert all(torch.isfinite(t.scores.grad).all() for t in net.masked())
