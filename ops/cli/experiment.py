@@ -26,13 +26,15 @@ from shared.sim.runner import run_method
 @click.option("--final-local-epochs", type=int, default=None)
 @click.option("--eval-every", type=int, default=None, help="default: about 10 points per curve")
 @click.option("--holdout", type=click.Choice(["recording", "time"]), default=None, help="activity only")
+@click.option("--lam", type=float, default=None,
+              help="structured-sparsity weight (group lasso); larger = smaller, faster export, lower accuracy")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-devices", type=click.Path(path_type=Path), default=None,
               help="save the first FedMask run's device states here (input to `fedmask export`)")
 @click.option("--quiet", is_flag=True)
 def experiment(task: str, methods: str, merges: str, out: Path, devices: int | None, rounds: int | None,
                width: int | None, final_local_epochs: int | None, eval_every: int | None, holdout: str | None,
-               seed: int, save_devices: Path | None, quiet: bool) -> None:
+               lam: float | None, seed: int, save_devices: Path | None, quiet: bool) -> None:
     """Run METHODS on TASK; write results.csv, results.md, results.json, accuracy_vs_communication.png."""
     setup = build_run(task, devices, width, seed, holdout=holdout)
     p = setup.preset
@@ -42,6 +44,7 @@ def experiment(task: str, methods: str, merges: str, out: Path, devices: int | N
     runs: list[tuple[str, str | None]] = []
     for m in [m.strip() for m in methods.split(",") if m.strip()]:
         runs += [(m, rule.strip()) for rule in merges.split(",")] if m == "fedmask" else [(m, None)]
+    mask_train = p.mask_train if lam is None else p.mask_train.with_(lam=lam)
     results: list[SimResult] = []
     saved = False
     for method, rule in runs:
@@ -52,7 +55,7 @@ def experiment(task: str, methods: str, merges: str, out: Path, devices: int | N
                            local_epochs=p.local_epochs, seed=seed, merge=rule or p.merge,
                            final_local_epochs=final, eval_every=every, progress=bar,
                            save_devices=save_devices if method == "fedmask" and not saved else None,
-                           fedmask_cfg=FedMaskConfig(train=p.mask_train, local_epochs=p.local_epochs))
+                           fedmask_cfg=FedMaskConfig(train=mask_train, local_epochs=p.local_epochs))
         finally:
             bar.close()
         click.echo(f"{label:22s} accuracy {r.personalized_accuracy:.4f}  "

@@ -33,6 +33,8 @@ METHODS = ("fedmask", *BASELINES)
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration")
 @click.option("--holdout", type=click.Choice(["recording", "time"]), default=None,
               help="activity only: test on an unseen recording (the other arm) or on a later time slice")
+@click.option("--lam", type=float, default=None,
+              help="structured-sparsity weight (group lasso); larger = smaller, faster export, lower accuracy")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=int, default=0, help="evaluate every N rounds (for curves)")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
@@ -42,7 +44,8 @@ METHODS = ("fedmask", *BASELINES)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def simulate(task: str, method: str, merge: str | None, arch: str | None, width: int | None,
              devices: int | None, rounds: int | None, sample_rate: float | None, local_epochs: int | None,
-             final_local_epochs: int | None, partition: str, alpha: float, holdout: str | None, seed: int,
+             final_local_epochs: int | None, partition: str, alpha: float, holdout: str | None, lam: float | None,
+             seed: int,
              eval_every: int,
              json_out: Path | None, save_devices: Path | None, as_json: bool, quiet: bool) -> None:
     """Simulate federated training of METHOD on TASK over the in-memory transport."""
@@ -57,7 +60,8 @@ def simulate(task: str, method: str, merge: str | None, arch: str | None, width:
             local_epochs=local_epochs or p.local_epochs, seed=seed, merge=merge or p.merge,
             final_local_epochs=final_local_epochs if final_local_epochs is not None else p.final_local_epochs,
             eval_every=eval_every, progress=bar, save_devices=save_devices,
-            fedmask_cfg=FedMaskConfig(train=p.mask_train, local_epochs=local_epochs or p.local_epochs))
+            fedmask_cfg=FedMaskConfig(train=p.mask_train if lam is None else p.mask_train.with_(lam=lam),
+                                      local_epochs=local_epochs or p.local_epochs))
     finally:
         bar.close()
     payload = result.to_json()
