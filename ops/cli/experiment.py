@@ -106,13 +106,18 @@ def _plot(path: Path, task: str, results: list[SimResult]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
+    for i, r in enumerate(results):
+        color = f"C{i}"
         pts = [(h["uplink_mb"] + h["downlink_mb"], h["accuracy"]) for h in r.history if "accuracy" in h]
         label = f"{r.method}[{r.merge}]" if r.merge else r.method
+        total_mb = (r.uplink_bytes + r.downlink_bytes) / 1e6
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
-        final_mb = max((r.uplink_bytes + r.downlink_bytes) / 1e6, 1e-3)
-        ax.scatter([final_mb], [r.personalized_accuracy], marker="*", s=90)
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=color, label=label)
+        elif total_mb == 0:
+            label += " (no communication; drawn at 1 kB)"
+        # a log axis has no 0: methods that send nothing are drawn at 1 kB, and say so in the legend
+        ax.scatter([max(total_mb, 1e-3)], [r.personalized_accuracy], marker="*", s=110, color=color,
+                   label=None if pts else label, zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative communication, uplink + downlink (MB, log scale)")
     ax.set_ylabel("mean personalized test accuracy")
