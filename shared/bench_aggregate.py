@@ -13,14 +13,19 @@ from shared.aggregate import merge_masks
 U8 = npt.NDArray[np.uint8]
 
 
-def naive_merge(structures: U8, masks: U8, nbits: int, *, vote_region: U8 | None = None, min_voters: int = 2) -> U8:
+def naive_merge(structures: U8, masks: U8, nbits: int, *, vote_region: U8 | None = None, min_voters: int = 2,
+                count_dtype: type[np.integer] | None = None) -> U8:
     """The same rule as `merge_masks`, written the obvious way: unpack every participant's bits
     (one byte per bit), sum them into integer counts (numpy's default integer sum), compare,
     pack back. Fully vectorised; no Python loops."""
     keep = np.unpackbits(structures, axis=1, count=nbits).view(np.bool_)
     own = np.unpackbits(masks, axis=1, count=nbits).view(np.bool_)
-    voters = keep.sum(axis=0)
-    ones = own.sum(axis=0)
+    # count_dtype None: numpy's default (int64) sums, the reference the target names; uint16 is the
+    # tuned variant (narrow counts, 4x less memory traffic), reported beside it for honesty.
+    voters = keep.sum(axis=0, dtype=count_dtype)
+    ones = own.sum(axis=0, dtype=count_dtype)
+    if count_dtype is not None:
+        voters, ones = voters.astype(np.int32), ones.astype(np.int32)
     allowed = voters >= min_voters
     if vote_region is not None:
         allowed &= np.unpackbits(vote_region, count=nbits).view(np.bool_)
@@ -59,8 +64,9 @@ def run_aggregate_bench(
         masks[i] = structures[i] & np.packbits(rng.random(params, dtype=np.float32) < density)
 
     naive_s, expected = _best_time(lambda: naive_merge(structures, masks, params), repeats)
+    tuned_s, tuned = _best_time(lambda: naive_merge(structures, masks, params, count_dtype=np.uint16), repeats)
     kernel_s, got = _best_time(lambda: merge_masks(structures, masks, params), repeats)
-    if not np.array_equal(expected, got):
+    if not (np.array_equal(expected, got) and np.array_equal(expected, tuned)):
         raise AssertionError("merge_masks output differs from naive_merge")
     input_bytes = structures.nbytes + masks.nbytes
     return {
@@ -69,6 +75,8 @@ def run_aggregate_bench(
         "naive_seconds": naive_s,
         "kernel_seconds": kernel_s,
         "speedup": naive_s / kernel_s,
+        "tuned_naive_seconds": tuned_s,
+        "speedup_vs_tuned_naive": tuned_s / kernel_s,
         "kernel_params_per_second": params / kernel_s,
         "kernel_mb_per_second": input_bytes / kernel_s / 1e6,
         "identical": True,
