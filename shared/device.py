@@ -82,6 +82,8 @@ class DeviceRuntime:
         self._check_peer(msg)
         if self.structure is None or msg.bits is None or msg.version is None:
             raise RuntimeError("mask message before pruning, or without bits/version")
+        if msg.version <= self.mask_version:
+            return  # a redelivered or re-published mask: already applied
         inside = np.frombuffer(msg.bits, dtype=np.uint8)
         full = unpack(scatter(inside, self.structure, self.nbits), self.nbits)
         self.model.apply_mask_bits(full)

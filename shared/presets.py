@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.models import ModelSpec
 from shared.train import TrainConfig
 
 
@@ -41,6 +42,22 @@ PRESETS: dict[str, TaskPreset] = {
     "shakespeare": TaskPreset("char_lstm", 64, 20, 10, 0.5, 1, _MASK.with_(batch_size=32),
                               _DENSE.with_(batch_size=32), data_options={"max_samples_per_device": 600}),
 }
+
+
+# (input shape, classes) per task, so services can build the model without loading any data.
+TASK_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "activity": ((6, 100), 7),
+    "mnist": ((784,), 10),
+    "digits": ((64,), 10),
+    "shakespeare": ((80,), 81),
+}
+
+
+def model_spec(task: str, *, width: int | None = None, seed: int = 0, arch: str | None = None) -> ModelSpec:
+    """The task's model as every party builds it: same spec, same seed -> same frozen weights."""
+    p = preset(task)
+    shape, classes = TASK_SHAPES[task]
+    return ModelSpec(arch or p.arch, shape, classes, width=width or p.width, seed=seed)
 
 
 def preset(task: str) -> TaskPreset:

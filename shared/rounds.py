@@ -61,18 +61,34 @@ class RoundState:
     state: str = "open"
 
 
-def validate_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, nbits: int,
-                    rnd: RoundState | None, records: dict[str, DeviceRecord]) -> np.ndarray:
-    """Check an update against the round and the device's structure; return its packed full mask.
-
-    Raises CodecError with a stable reason; the pipeline dead-letters with that reason.
-    """
+def check_sender(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str) -> None:
+    """Identity and model checks that need no round state (the broker has verified env.user_id)."""
     if env.user_id != msg.device:
-        raise CodecError("spoofed_device", f"user {env.user_id!r} sent an update naming {msg.device!r}")
+        raise CodecError("spoofed_device", f"user {env.user_id!r} sent a message naming {msg.device!r}")
     if msg.model != fingerprint:
         raise CodecError("wrong_model", f"fingerprint {msg.model} != {fingerprint}")
     if msg.layout != layout:
         raise CodecError("wrong_layout", f"layout {msg.layout} != {layout}")
+
+
+def unpack_update(msg: codec.Message, rec: DeviceRecord | None, nbits: int) -> np.ndarray:
+    """The update's packed full mask; its bit count must equal the device's structure size."""
+    if rec is None:
+        raise CodecError("unknown_device", f"{msg.device} has not sent a hello")
+    if msg.enc != "structure" or msg.nbits != rec.inside or msg.bits is None:
+        raise CodecError("bad_length", f"expected {rec.inside} structure bits, got {msg.nbits} ({msg.enc})")
+    return scatter(np.frombuffer(msg.bits, dtype=np.uint8), rec.structure, nbits)
+
+
+def validate_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, nbits: int,
+                    rnd: RoundState | None, records: dict[str, DeviceRecord]) -> np.ndarray:
+    """Check an update against the round and the device's structure; return its packed full mask.
+
+    Raises CodecError with a stable reason; the pipeline dead-letters with that reason. (The
+    aggregator service runs check_sender and unpack_update, and leaves round membership to the
+    atomic Redis script, which is the authority there.)
+    """
+    check_sender(env, msg, fingerprint=fingerprint, layout=layout)
     rec = records.get(msg.device)
     if rec is None:
         raise CodecError("unknown_device", f"{msg.device} has not sent a hello")
@@ -84,9 +100,7 @@ def validate_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layo
         raise CodecError("not_sampled", f"{msg.device} was not sampled for round {msg.round}")
     if msg.device in rnd.received:
         raise CodecError("duplicate", f"{msg.device} already delivered round {msg.round}")
-    if msg.enc != "structure" or msg.nbits != rec.inside or msg.bits is None:
-        raise CodecError("bad_length", f"expected {rec.inside} structure bits, got {msg.nbits} ({msg.enc})")
-    return scatter(np.frombuffer(msg.bits, dtype=np.uint8), rec.structure, nbits)
+    return unpack_update(msg, rec, nbits)
 
 
 def merge_round(rule: MergeRule, ctx: MergeContext, rnd: RoundState,
@@ -103,7 +117,11 @@ def merge_round(rule: MergeRule, ctx: MergeContext, rnd: RoundState,
 
 def mask_message(device: str, merged: np.ndarray, rec: DeviceRecord, *, round_id: int,
                  fingerprint: str, layout: str, nbits: int) -> codec.Message:
-    """Downlink: only the bits inside the device's structure, with the next version number."""
+    """Downlink: only the bits inside the device's structure.
+
+    The version is the round id: monotonic, and the same when a crashed close is resumed and its
+    masks are published again, so a device can drop a repeat by version alone.
+    """
     inside = select(merged, rec.structure, nbits)
     return codec.make_mask(device=device, round=round_id, model=fingerprint, layout=layout,
-                           bits=inside.tobytes(), nbits=rec.inside, version=rec.version + 1)
+                           bits=inside.tobytes(), nbits=rec.inside, version=round_id)

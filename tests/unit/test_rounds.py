@@ -131,5 +131,5 @@ def test_mask_message_carries_only_structure_bits() -> None:
     rec = _record(4)
     merged = rec.structure.copy()
     msg = mask_message("a", merged, rec, round_id=2, fingerprint=FP, layout=LAYOUT, nbits=NBITS)
-    assert msg.nbits == popcount(rec.structure) and msg.version == 1
+    assert msg.nbits == popcount(rec.structure) and msg.version == 2  # version = round id
     assert len(msg.bits or b"") == -(-rec.inside // 8)
