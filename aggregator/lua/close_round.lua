@@ -1,0 +1,16 @@
+-- close_round.lua: elect the one closer of a round.
+-- KEYS[1] <p>{r<r>}:round      hash (state, quorum, deadline)
+-- KEYS[2] <p>{r<r>}:received   set
+-- ARGV[1] now (unix seconds)
+-- Moves state open -> closing (and records closing_at) only if |received| >= quorum or now >= deadline.
+-- Returns 1 to the caller that made that move, 0 to everyone else (not ready, already closing or
+-- closed, unknown round). Both keys share the round's hash tag.
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return 0 end
+local quorum = tonumber(redis.call('HGET', KEYS[1], 'quorum'))
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
+local now = tonumber(ARGV[1])
+if redis.call('SCARD', KEYS[2]) >= quorum or now >= deadline then
+  redis.call('HSET', KEYS[1], 'state', 'closing', 'closing_at', ARGV[1])
+  return 1
+end
+return 0

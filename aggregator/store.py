@@ -1,0 +1,288 @@
+"""RoundStore: the only code that talks to Redis about devices and rounds.
+
+Key layout (prefix <p>, default "fm:"):
+  <p>device:<id>               hash    profile, fingerprint, enrolled_at, last_seen
+  <p>device:<id>:structure     string  packed structure S_i (written once; never changes)
+  <p>device:<id>:mask          string  packed full merged mask
+  <p>device:<id>:mask_version  int     its version (only ever increases)
+  <p>devices                   set     enrolled ids
+  <p>devices:alive             zset    id -> last heartbeat (unix seconds)
+  <p>round:current             string  newest round id
+  <p>rounds                    zset    every round id ever opened (score = id): rounds_in_state walks it
+  <p>{r<r>}:round              hash    state (open|closing|closed), opened_at, deadline, quorum,
+                                       sampled_count, policy (json), closing_at, closed_at
+  <p>{r<r>}:sampled / :received / :late   sets of device ids
+  <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
+  <p>counters                  hash    name -> int; the store itself counts nothing, callers do
+
+A round's keys share the hash tag {r<r>}, so store_update and close_round (the hot, contended
+scripts) run unchanged on Redis Cluster. open_round spans slots (round:current and two rounds).
+Every script in lua/ names its KEYS and ARGV in a header; each is registered once per store
+(EVALSHA, with redis-py reloading it after a SCRIPT FLUSH or a restart).
+
+Errors: any redis-py error becomes a StoreError at this boundary; messages never carry the password.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, Final, Literal, cast
+from urllib.parse import urlsplit
+
+import redis
+from redis.commands.core import Script
+
+from shared.errors import ConfigError, FedMaskError
+
+STATES: Final = ("open", "closing", "closed")
+UpdateStatus = Literal["stored", "duplicate", "closed", "not_sampled", "unknown_round"]
+_UPDATE_STATUSES: Final = ("stored", "duplicate", "closed", "not_sampled", "unknown_round")
+_LUA = ("open_round", "store_update", "close_round", "mark_closed", "set_mask", "register_device", "touch")
+_SOURCES: Final = {name: files("aggregator").joinpath(f"lua/{name}.lua").read_text("utf-8") for name in _LUA}
+_MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a time
+
+
+class StoreError(FedMaskError):
+    """Redis is unreachable or refused a command, or a round/device rule was broken."""
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    round_id: int
+    state: str
+    opened_at: float
+    deadline: float
+    quorum: int
+    sampled: list[str]
+    received: list[str]
+    late: list[str]
+    closed_at: float | None
+    policy: dict[str, object]
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return parts._replace(netloc=netloc).geturl()
+    except ValueError:
+        return "<unparseable redis url>"
+
+
+def _num(x: float, what: str) -> str:
+    if not math.isfinite(x):
+        raise StoreError(f"{what} must be finite, got {x!r}")
+    return repr(float(x))
+
+
+def _s(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class RoundStore:
+    def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ConfigError(f"redis prefix {prefix!r} must not contain braces (they mark the round hash tag)")
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ConfigError("RoundStore needs a redis client created with decode_responses=False")
+        self.client, self.prefix = client, prefix
+        self._scripts: dict[str, Script] = {n: client.register_script(src) for n, src in _SOURCES.items()}
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "fm:") -> RoundStore:
+        try:
+            client = redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5.0,
+                                          socket_timeout=30.0)
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis URL {redact_url(url)}: {exc}") from None
+        return cls(client, prefix)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- plumbing ---------------------------------------------------------------------
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            password = self.client.connection_pool.connection_kwargs.get("password")
+            if isinstance(password, str) and password:
+                msg = msg.replace(password, "***")
+            raise StoreError(f"redis {what} failed: {msg}") from None
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        with self._guard(name):
+            return self._scripts[name](keys=keys, args=args)
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _rk(self, round_id: int, *parts: str) -> str:
+        return f"{self.prefix}{{r{round_id}}}:" + ":".join(parts)
+
+    # -- devices ----------------------------------------------------------------------
+    def register_device(self, device_id: str, *, profile: str, fingerprint: str, structure: bytes,
+                        now: float) -> None:
+        """Enrol a device (idempotent). A hello with a different structure raises StoreError."""
+        dk = self._k("device", device_id)
+        res = _s(self._run("register_device", [dk, dk + ":structure", self._k("devices"), self._k("devices:alive")],
+                           [device_id, profile, fingerprint, bytes(structure), _num(now, "now")]))
+        if res == "structure_changed":
+            raise StoreError(f"device {device_id} said hello with a different structure (a structure never changes)")
+
+    def device_ids(self) -> list[str]:
+        with self._guard("device_ids"):
+            return sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self._k("devices"))))
+
+    def structure(self, device_id: str) -> bytes | None:
+        with self._guard("structure"):
+            return cast("bytes | None", self.client.get(self._k("device", device_id, "structure")))
+
+    def touch(self, device_id: str, now: float) -> None:
+        """Heartbeat; never moves backwards. Ignored for a device that has not said hello."""
+        dk = self._k("device", device_id)
+        self._run("touch", [dk, self._k("devices"), self._k("devices:alive")], [device_id, _num(now, "now")])
+
+    def alive(self, since: float) -> list[str]:
+        with self._guard("alive"):
+            ids = cast(list[bytes], self.client.zrangebyscore(self._k("devices:alive"), since, "+inf"))
+        return sorted(_s(m) for m in ids)
+
+    def mask_version(self, device_id: str) -> int:
+        with self._guard("mask_version"):
+            raw = self.client.get(self._k("device", device_id, "mask_version"))
+        return int(cast(bytes, raw)) if raw is not None else 0
+
+    def set_mask(self, device_id: str, packed: bytes, version: int) -> None:
+        """Store the merged mask only if `version` is newer than the stored one (a replay is a no-op)."""
+        dk = self._k("device", device_id)
+        self._run("set_mask", [dk + ":mask", dk + ":mask_version"], [bytes(packed), int(version)])
+
+    def mask(self, device_id: str) -> tuple[bytes, int] | None:
+        dk = self._k("device", device_id)
+        with self._guard("mask"):
+            packed, version = cast(list["bytes | None"], self.client.mget([dk + ":mask", dk + ":mask_version"]))
+        return None if packed is None or version is None else (packed, int(version))
+
+    # -- rounds -----------------------------------------------------------------------
+    def open_round(self, round_id: int, *, sampled: list[str], deadline: float, quorum: int, now: float,
+                   policy: dict[str, object] | None = None) -> None:
+        """Open a round atomically; StoreError unless round_id > current and the current round is closed."""
+        ids = sorted(set(sampled))
+        if round_id < 0 or not ids or quorum < 1:
+            raise StoreError(f"round {round_id}: needs an id >= 0, sampled devices and a quorum >= 1")
+        try:
+            policy_json = json.dumps(policy or {}, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"round {round_id}: policy is not JSON: {exc}") from None
+        args: list[Any] = [round_id, _num(now, "now"), _num(deadline, "deadline"), int(quorum), policy_json, *ids]
+        for _ in range(5):  # "stale": another opener moved round:current between our read and the script
+            cur = self.current_round()
+            keys = [self._k("round:current"), self._k("rounds"), self._rk(round_id, "round"),
+                    self._rk(round_id, "sampled"), self._rk(round_id if cur is None else cur, "round")]
+            res = _s(self._run("open_round", keys, ["" if cur is None else str(cur), *args]))
+            if res == "opened":
+                return
+            if res == "not_newer":
+                raise StoreError(f"cannot open round {round_id}: the current round is {cur}")
+            if res.startswith("not_closed:"):
+                raise StoreError(f"cannot open round {round_id}: round {cur} is still {res.split(':', 1)[1]}")
+            if res == "exists":
+                raise StoreError(f"cannot open round {round_id}: it already exists")
+        raise StoreError(f"cannot open round {round_id}: round:current keeps changing (concurrent openers)")
+
+    def current_round(self) -> int | None:
+        with self._guard("current_round"):
+            raw = self.client.get(self._k("round:current"))
+        return int(cast(bytes, raw)) if raw is not None else None
+
+    def info(self, round_id: int) -> RoundInfo | None:
+        with self._guard("info"):
+            pipe = self.client.pipeline(transaction=True)  # one slot: a consistent snapshot
+            pipe.hgetall(self._rk(round_id, "round"))
+            for part in ("sampled", "received", "late"):
+                pipe.smembers(self._rk(round_id, part))
+            raw, *sets = pipe.execute()
+        if not raw:
+            return None
+        h = {_s(k): _s(v) for k, v in cast(dict[bytes, bytes], raw).items()}
+        sampled, received, late = (sorted(_s(m) for m in s) for s in sets)
+        return RoundInfo(round_id=round_id, state=h["state"], opened_at=float(h["opened_at"]),
+                         deadline=float(h["deadline"]), quorum=int(h["quorum"]), sampled=sampled,
+                         received=received, late=late,
+                         closed_at=float(h["closed_at"]) if "closed_at" in h else None,
+                         policy=cast(dict[str, object], json.loads(h.get("policy", "{}"))))
+
+    def store_update(self, round_id: int, device_id: str, body: bytes) -> UpdateStatus:
+        """Persist an update at most once: "stored", "duplicate", "closed", "not_sampled" or "unknown_round"."""
+        keys = [self._rk(round_id, p) for p in ("round", "sampled", "received")]
+        keys.append(self._rk(round_id, "update", device_id))
+        res = _s(self._run("store_update", keys, [device_id, bytes(body)]))
+        if res not in _UPDATE_STATUSES:
+            raise StoreError(f"store_update returned {res!r}")
+        return cast(UpdateStatus, res)
+
+    def mark_late(self, round_id: int, device_id: str) -> None:
+        with self._guard("mark_late"):
+            self.client.sadd(self._rk(round_id, "late"), device_id)
+
+    def try_close(self, round_id: int, now: float) -> bool:
+        """open -> closing if the quorum is met or the deadline passed; True for exactly one caller."""
+        keys = [self._rk(round_id, "round"), self._rk(round_id, "received")]
+        return int(self._run("close_round", keys, [_num(now, "now")])) == 1
+
+    def updates(self, round_id: int) -> dict[str, bytes]:
+        """device -> stored update body, for every received device (bodies are written before SADD)."""
+        with self._guard("updates"):
+            devices = sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self._rk(round_id, "received"))))
+            out: dict[str, bytes] = {}
+            for i in range(0, len(devices), _MGET_CHUNK):
+                chunk = devices[i:i + _MGET_CHUNK]
+                bodies = cast(list["bytes | None"], self.client.mget([self._rk(round_id, "update", d) for d in chunk]))
+                for d, body in zip(chunk, bodies, strict=True):
+                    if body is None:
+                        raise StoreError(f"round {round_id}: {d} is received but its update is missing")
+                    out[d] = body
+        return out
+
+    def mark_closed(self, round_id: int, now: float) -> None:
+        """closing -> closed; calling it again on a closed round changes nothing."""
+        res = _s(self._run("mark_closed", [self._rk(round_id, "round")], [_num(now, "now")]))
+        if res not in ("closed", "already"):
+            raise StoreError(f"cannot mark round {round_id} closed: it is {res.replace('_', ' ')}")
+
+    def rounds_in_state(self, state: str) -> list[int]:
+        """Round ids (ascending) in `state`, found through the <p>rounds zset."""
+        if state not in STATES:
+            raise StoreError(f"unknown round state {state!r} (one of {', '.join(STATES)})")
+        with self._guard("rounds_in_state"):
+            ids = [int(m) for m in cast(list[bytes], self.client.zrange(self._k("rounds"), 0, -1))]
+            pipe = self.client.pipeline(transaction=False)
+            for r in ids:
+                pipe.hget(self._rk(r, "round"), "state")
+            states = cast(list["bytes | None"], pipe.execute())
+        return [r for r, s in zip(ids, states, strict=True) if s is not None and _s(s) == state]
+
+    # -- counters and health ----------------------------------------------------------
+    def incr(self, counter: str, by: int = 1) -> None:
+        with self._guard("incr"):
+            self.client.hincrby(self._k("counters"), counter, by)
+
+    def counters(self) -> dict[str, int]:
+        with self._guard("counters"):
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self._k("counters")))
+        return {_s(k): int(v) for k, v in sorted(raw.items())}
+
+    def ping(self) -> None:
+        with self._guard("ping"):
+            self.client.ping()
