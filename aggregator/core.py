@@ -1,0 +1,188 @@
+"""The aggregator's round logic over a RoundStore and a downlink Transport.
+
+No pika and no threads here: the AMQP consumer calls `handle` for each delivery and acts on the
+returned (action, reason). Every decision reuses shared/ (codec, rounds, merge rules), so the
+pipeline merges exactly as the simulator does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregator.store import RoundInfo, RoundStore, StoreError
+from shared import codec
+from shared.bits import pack
+from shared.errors import CodecError
+from shared.merge_rules import MergeContext, get_rule
+from shared.models import ModelSpec, build_model
+from shared.rounds import (
+    DeviceRecord,
+    RoundState,
+    check_sender,
+    mask_message,
+    merge_round,
+    quorum_count,
+    sample_count,
+    sample_devices,
+    unpack_update,
+)
+from shared.transport import Envelope, Transport
+
+log = logging.getLogger("fedmask.aggregator")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the consumer does with a delivery: ack, or reject to dead.letters with a reason."""
+
+    action: str  # "ack" | "reject"
+    reason: str = ""
+
+
+ACK = Decision("ack")
+
+
+class AggregatorCore:
+    def __init__(self, store: RoundStore, downlink: Transport, spec: ModelSpec, *, merge: str = "head",
+                 prune_last_k: int = 2, clock: Callable[[], float] = time.time) -> None:
+        net = build_model(spec)
+        self.store, self.downlink, self.clock = store, downlink, clock
+        self.fingerprint, self.layout, self.nbits = net.fingerprint(), net.layout_hash(), net.nbits
+        self.rule = get_rule(merge)
+        self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
+        self._records: dict[str, DeviceRecord] = {}
+
+    # -- uplink -------------------------------------------------------------------------
+    def handle(self, routing_key: str, user_id: str | None, body: bytes) -> Decision:
+        """Validate and persist one uplink message. Persist-before-ack: `ack` is returned only once
+        Redis holds the update (or already held it: a redelivery is a no-op)."""
+        try:
+            msg = codec.decode(body)
+            env = Envelope(routing_key, user_id or "", body)
+            parts = routing_key.split(".")
+            if len(parts) != 3 or parts[1] != msg.device or parts[2] != msg.type:
+                raise CodecError("routing_mismatch", f"key {routing_key!r} for a {msg.type} from {msg.device!r}")
+            check_sender(env, msg, fingerprint=self.fingerprint, layout=self.layout)
+            if msg.type == "hello":
+                return self._hello(msg)
+            if msg.type == "update":
+                return self._update(msg, body)
+            raise CodecError("wrong_type", f"devices may send hello or update, not {msg.type}")
+        except CodecError as err:
+            self.store.incr(f"rejected:{err.reason}")
+            log.warning("rejected %s: %s", routing_key, err)
+            return Decision("reject", err.reason)
+
+    def _hello(self, msg: codec.Message) -> Decision:
+        if msg.enc != "full" or msg.nbits != self.nbits or msg.bits is None:
+            raise CodecError("bad_length", f"a hello carries all {self.nbits} structure bits")
+        try:
+            self.store.register_device(msg.device, profile="", fingerprint=msg.model, structure=msg.bits,
+                                       now=self.clock())
+        except StoreError as err:
+            if "structure" in str(err):
+                raise CodecError("structure_changed", str(err)) from err
+            raise
+        self.store.touch(msg.device, self.clock())
+        log.info("device %s enrolled (%d structure bits)", msg.device, int(np.unpackbits(
+            np.frombuffer(msg.bits, np.uint8), count=self.nbits).sum()))
+        return ACK
+
+    def _update(self, msg: codec.Message, body: bytes) -> Decision:
+        unpack_update(msg, self._record(msg.device), self.nbits)  # length and structure checks
+        status = self.store.store_update(msg.round, msg.device, body)
+        self.store.touch(msg.device, self.clock())
+        if status == "stored":
+            self.store.incr("updates:stored")
+            self.maybe_close(msg.round)
+            return ACK
+        if status == "duplicate":
+            self.store.incr("updates:duplicate")
+            return ACK  # already persisted: acknowledging the redelivery is the idempotent outcome
+        if status == "closed":
+            self.store.mark_late(msg.round, msg.device)
+            self.store.incr("late:dropped")
+            raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update")
+        raise CodecError(status, f"round {msg.round}, device {msg.device}")
+
+    def _record(self, device: str) -> DeviceRecord | None:
+        rec = self._records.get(device)
+        if rec is None:
+            structure = self.store.structure(device)
+            if structure is None:
+                return None
+            rec = self._records[device] = DeviceRecord(np.frombuffer(structure, np.uint8).copy())
+        return rec
+
+    # -- rounds -------------------------------------------------------------------------
+    def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
+                    deadline_s: float = 600.0, over_select: float = 1.0, seed: int = 0,
+                    candidates: list[str] | None = None) -> RoundInfo:
+        """Sample, open the round in Redis, then send every sampled device its task."""
+        pool = candidates if candidates is not None else self.store.device_ids()
+        if not pool:
+            raise StoreError("no enrolled devices: start workers (they say hello) before a round")
+        previous = self.store.current_round() or 0
+        r = previous + 1
+        target = sample_count(len(pool), rate=rate, devices=devices)
+        sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
+                                                    over_select=over_select), seed=seed, round_id=r)
+        now = self.clock()
+        self.store.open_round(r, sampled=sampled, deadline=now + deadline_s, quorum=quorum_count(target, quorum),
+                              now=now, policy={"quorum": quorum, "over_select": over_select, "seed": seed})
+        for d in sampled:
+            task = codec.make_task(device=d, round=r, model=self.fingerprint, layout=self.layout, bits=b"",
+                                   nbits=0, version=self.store.mask_version(d), deadline=now + deadline_s)
+            self.downlink.publish_downlink(d, codec.encode(task))
+        info = self.store.info(r)
+        assert info is not None
+        log.info("round %d open: %d sampled, quorum %d, deadline in %.0fs", r, len(sampled), info.quorum, deadline_s)
+        return info
+
+    def maybe_close(self, round_id: int) -> bool:
+        """Close if quorum or deadline says so; the Lua script lets exactly one caller win."""
+        if not self.store.try_close(round_id, self.clock()):
+            return False
+        self.close(round_id)
+        return True
+
+    def tick(self) -> None:
+        """Called periodically: closes the current round once its deadline passes."""
+        r = self.store.current_round()
+        if r is not None:
+            info = self.store.info(r)
+            if info is not None and info.state == "open":
+                self.maybe_close(r)
+
+    def resume(self) -> list[int]:
+        """Finish rounds a crashed closer left in 'closing' (publishing again is idempotent)."""
+        done = []
+        for r in self.store.rounds_in_state("closing"):
+            log.warning("resuming the close of round %d", r)
+            self.close(r)
+            done.append(r)
+        return done
+
+    def close(self, round_id: int) -> dict[str, np.ndarray]:
+        """Merge the stored updates, publish each participant's mask (confirmed), then mark closed."""
+        rnd = RoundState(round_id=round_id, sampled=[], deadline=0.0, quorum=0, state="closing")
+        for device, body in self.store.updates(round_id).items():
+            msg = codec.decode(body, expect_type="update")
+            rec = self._record(device)
+            rnd.received[device] = unpack_update(msg, rec, self.nbits)
+        merged = merge_round(self.rule, self.ctx, rnd, self._records)
+        for device, mask in merged.items():
+            rec = self._records[device]
+            msg = mask_message(device, mask, rec, round_id=round_id, fingerprint=self.fingerprint,
+                               layout=self.layout, nbits=self.nbits)
+            self.downlink.publish_downlink(device, codec.encode(msg))
+            self.store.set_mask(device, mask.tobytes(), round_id)
+        self.store.mark_closed(round_id, self.clock())
+        self.store.incr("rounds:closed")
+        log.info("round %d closed: %d participants merged (%s)", round_id, len(merged), self.rule.name)
+        return merged
