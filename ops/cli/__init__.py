@@ -7,6 +7,7 @@ import click
 from ops.cli.bench import bench
 from ops.cli.experiment import experiment
 from ops.cli.export import export
+from ops.cli.pipeline import aggregator, devices, round_, worker
 from ops.cli.simulate import simulate
 
 
@@ -20,3 +21,7 @@ main.add_command(simulate)
 main.add_command(experiment)
 main.add_command(bench)
 main.add_command(export)
+main.add_command(aggregator)
+main.add_command(worker)
+main.add_command(devices)
+main.add_command(round_)

@@ -1,0 +1,85 @@
+"""The aggregator process: consume aggregator.uplink, persist, close rounds, publish masks.
+
+One lock serialises the consumer's handler thread and the deadline ticker, so the round logic
+(AggregatorCore) and the single downlink Publisher are never used by two threads at once.
+SIGTERM drains: the consumer stops taking deliveries; nothing is acked before it is persisted.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from shared.amqp import AGGREGATOR_QUEUE, AmqpSettings, Consumer, Delivery, Outcome, Publisher
+
+from aggregator.core import AggregatorCore
+from aggregator.store import RoundStore
+from shared.presets import model_spec
+
+log = logging.getLogger("fedmask.aggregator")
+DEVICE_USER_PREFIX = "device-"  # enrolment names a device's broker user device-<id>
+
+
+def device_of_user(user_id: str | None) -> str | None:
+    """The device a broker-verified user_id speaks for (None for any other user)."""
+    if user_id and user_id.startswith(DEVICE_USER_PREFIX):
+        return user_id[len(DEVICE_USER_PREFIX):]
+    return user_id
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    amqp_url: str
+    redis_url: str
+    task: str = "activity"
+    width: int | None = None
+    seed: int = 0
+    merge: str = "head"
+    prune_last_k: int = 2
+    prefetch: int = 16
+    tick_seconds: float = 0.5
+
+
+class AggregatorService:
+    def __init__(self, s: ServiceSettings) -> None:
+        self.settings = s
+        self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
+        self.store = RoundStore.from_url(s.redis_url)
+        self.publisher = Publisher(self.amqp, declare=True)
+        spec = model_spec(s.task, width=s.width, seed=s.seed)
+        self.core = AggregatorCore(self.store, self.publisher, spec, merge=s.merge, prune_last_k=s.prune_last_k)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def on_delivery(self, d: Delivery) -> Outcome:
+        with self.lock:
+            decision = self.core.handle(d.routing_key, device_of_user(d.user_id), d.body)
+        return Outcome.ack() if decision.action == "ack" else Outcome.reject(decision.reason)
+
+    def run(self) -> None:
+        self.store.ping()
+        with self.lock:
+            resumed = self.core.resume()
+        if resumed:
+            log.warning("resumed closing rounds %s", resumed)
+        consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch)
+        thread = threading.Thread(target=consumer.run, args=(self.stop,), name="uplink-consumer", daemon=True)
+        thread.start()
+        log.info("aggregator up: task %s, model %s, merge %s, amqp %s", self.settings.task,
+                 self.core.fingerprint, self.core.rule.name, self.amqp.redacted())
+        while not self.stop.wait(self.settings.tick_seconds):
+            with self.lock:
+                self.core.tick()
+        thread.join(timeout=30)
+        self.publisher.close()
+        log.info("aggregator stopped")
+
+    def install_signal_handlers(self) -> None:
+        def _drain(signum: int, _frame: object) -> None:
+            log.info("signal %d: draining", signum)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, _drain)
+        signal.signal(signal.SIGINT, _drain)

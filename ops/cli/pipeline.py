@@ -1,0 +1,187 @@
+"""Pipeline commands: aggregator, worker, devices, round. They only build settings and call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import click
+
+from ops.cli.common import write_json
+
+AMQP_ENV, REDIS_ENV = "FEDMASK_AMQP_URL", "FEDMASK_REDIS_URL"
+DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/fedmask"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+TASKS = click.Choice(["activity", "mnist", "digits", "shakespeare"])
+
+
+def _log(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+
+
+amqp_opt = click.option("--amqp-url", envvar=AMQP_ENV, default=DEFAULT_AMQP, show_default=True)
+redis_opt = click.option("--redis-url", envvar=REDIS_ENV, default=DEFAULT_REDIS, show_default=True)
+
+
+@click.group("aggregator")
+def aggregator() -> None:
+    """The aggregator service."""
+
+
+@aggregator.command("run")
+@amqp_opt
+@redis_opt
+@click.option("--task", type=TASKS, default="activity", show_default=True)
+@click.option("--merge", default="head", show_default=True)
+@click.option("--width", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def aggregator_run(amqp_url: str, redis_url: str, task: str, merge: str, width: int | None, seed: int) -> None:
+    """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains)."""
+    from aggregator.service import AggregatorService, ServiceSettings
+
+    _log(True)
+    svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
+                                            seed=seed, merge=merge))
+    svc.install_signal_handlers()
+    svc.run()
+
+
+@click.command("worker")
+@click.option("--device-id", required=True)
+@click.option("--profile", type=click.Choice(["pi4", "jetson"]), default="jetson", show_default=True)
+@click.option("--task", type=TASKS, default="activity", show_default=True)
+@amqp_opt
+@click.option("--state-dir", type=click.Path(path_type=Path), default=Path("runs/worker-state"), show_default=True)
+@click.option("--width", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def worker(device_id: str, profile: str, task: str, amqp_url: str, state_dir: Path, width: int | None,
+           seed: int) -> None:
+    """Run one device: prune once, hello, then train on every task and apply every merged mask."""
+    from shared.amqp import AmqpSettings
+
+    from shared.data import load_task
+    from shared.device import FedMaskConfig
+    from shared.presets import model_spec, preset
+    from worker.runtime import Worker
+
+    _log(True)
+    p = preset(task)
+    data = load_task(task, num_devices=p.devices, seed=seed, **p.data_options)  # type: ignore[arg-type]
+    mine = {d.device_id: d for d in data.devices}.get(device_id)
+    if mine is None:
+        raise click.ClickException(f"no local data for {device_id!r}; {task} devices are "
+                                   f"{', '.join(d.device_id for d in data.devices[:5])}, ...")
+    w = Worker(device_id, model_spec(task, width=width, seed=seed),
+               FedMaskConfig(train=p.mask_train, local_epochs=p.local_epochs), (mine.train.x, mine.train.y),
+               amqp=AmqpSettings.from_url(amqp_url), state_dir=state_dir, seed=seed, profile=profile)
+    w.run()
+
+
+@click.group("devices")
+def devices() -> None:
+    """Enrol and list devices."""
+
+
+@devices.command("enroll")
+@click.argument("device_ids", nargs=-1, required=True)
+@click.option("--api-url", default="http://127.0.0.1:15672", show_default=True, help="RabbitMQ management API")
+@click.option("--admin-user", envvar="FEDMASK_ADMIN_USER", default="guest")
+@click.option("--admin-password", envvar="FEDMASK_ADMIN_PASSWORD", default="guest")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write worker settings (JSON, mode 600)")
+def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_password: str, out: Path | None) -> None:
+    """Create each device's broker user, queue and permissions; print or write its connection URL."""
+    from ops.enroll import Management
+
+    mgmt = Management(api_url, admin_user, admin_password)
+    mgmt.ensure_vhost()
+    creds = {d: mgmt.enroll(d).amqp_url for d in device_ids}
+    if out:
+        write_json(out, creds)
+        os.chmod(out, 0o600)
+        click.echo(f"enrolled {len(creds)} devices; settings in {out}")
+    else:
+        for d, url in creds.items():
+            click.echo(f"{d}\t{url}")
+
+
+@devices.command("list")
+@redis_opt
+@click.option("--json", "as_json", is_flag=True)
+def devices_list(redis_url: str, as_json: bool) -> None:
+    """Devices that said hello, with their mask version and last heartbeat."""
+    from aggregator.store import RoundStore
+
+    store = RoundStore.from_url(redis_url)
+    now = time.time()
+    alive = set(store.alive(now - 120))
+    rows = [{"device": d, "mask_version": store.mask_version(d), "alive": d in alive} for d in store.device_ids()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['device']:24s} mask v{r['mask_version']:<4} {'alive' if r['alive'] else '-'}")
+
+
+@click.group("round")
+def round_() -> None:
+    """Start, watch and drive rounds."""
+
+
+def _core(amqp_url: str, redis_url: str, task: str, width: int | None, seed: int, merge: str):  # type: ignore[no-untyped-def]
+    from shared.amqp import AmqpSettings, Publisher
+
+    from aggregator.core import AggregatorCore
+    from aggregator.store import RoundStore
+    from shared.presets import model_spec
+
+    pub = Publisher(AmqpSettings.from_url(amqp_url), declare=True)
+    return AggregatorCore(RoundStore.from_url(redis_url), pub, model_spec(task, width=width, seed=seed), merge=merge)
+
+
+@round_.command("start")
+@amqp_opt
+@redis_opt
+@click.option("--task", type=TASKS, default="activity", show_default=True)
+@click.option("--sample-rate", type=float, default=None)
+@click.option("--devices", "count", type=int, default=None)
+@click.option("--quorum", type=float, default=1.0, show_default=True)
+@click.option("--deadline", type=float, default=600.0, show_default=True, help="seconds")
+@click.option("--over-select", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def round_start(amqp_url: str, redis_url: str, task: str, sample_rate: float | None, count: int | None,
+                quorum: float, deadline: float, over_select: float, seed: int, as_json: bool) -> None:
+    """Sample devices, open the next round and send their tasks."""
+    core = _core(amqp_url, redis_url, task, None, seed, "head")
+    info = core.start_round(rate=sample_rate, devices=count, quorum=quorum, deadline_s=deadline,
+                            over_select=over_select, seed=seed)
+    payload = {"round": info.round_id, "sampled": info.sampled, "quorum": info.quorum, "deadline": info.deadline}
+    click.echo(json.dumps(payload) if as_json else f"round {info.round_id}: {len(info.sampled)} sampled, "
+               f"quorum {info.quorum}, deadline in {deadline:.0f}s")
+
+
+@round_.command("status")
+@click.argument("round_id", type=int, required=False)
+@redis_opt
+@click.option("--json", "as_json", is_flag=True)
+def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
+    """State of ROUND (default: the newest)."""
+    from aggregator.store import RoundStore
+
+    store = RoundStore.from_url(redis_url)
+    r = round_id if round_id is not None else store.current_round()
+    info = store.info(r) if r is not None else None
+    if info is None:
+        raise click.ClickException("no such round" if round_id is not None else "no round has been started")
+    payload = {"round": info.round_id, "state": info.state, "sampled": len(info.sampled),
+               "received": len(info.received), "late": len(info.late), "quorum": info.quorum,
+               "seconds_left": max(0.0, info.deadline - time.time()), "counters": store.counters()}
+    if as_json:
+        click.echo(json.dumps(payload, indent=2))
+        return
+    click.echo(f"round {info.round_id} {info.state}: received {len(info.received)}/{len(info.sampled)} "
+               f"(quorum {info.quorum}), late {len(info.late)}, {payload['seconds_left']:.0f}s to deadline")

@@ -1,0 +1,130 @@
+"""The real pipeline, end to end: one aggregator process and six worker processes over RabbitMQ
+and Redis, three rounds; every device's final mask must equal the simulator's, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse, urlunparse
+
+import numpy as np
+import pytest
+
+from shared.data import FederatedDataset, load_task
+from shared.device import DeviceRuntime, FedMaskConfig
+from shared.presets import model_spec, preset
+from shared.sim.fedmask import run_fedmask
+
+TASK, WIDTH, SEED, ROUNDS, N = "digits", 32, 0, 3, 6
+pytestmark = pytest.mark.services
+
+
+def _log(path: Path) -> IO[str]:
+    """A log file handed to a child process; it stays open for the child's lifetime."""
+    return path.open("w")
+
+
+def _with_vhost(url: str, vhost: str) -> str:
+    u = urlparse(url)
+    return urlunparse(u._replace(path="/" + vhost))
+
+
+@pytest.fixture()
+def pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
+    from aggregator.store import RoundStore
+    from ops.enroll import Management
+
+    vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
+    mgmt = Management()
+    try:
+        mgmt.ensure_vhost(vhost)
+    except Exception as exc:  # the management API is the enrolment path: under CI it must be there
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"RabbitMQ management API unavailable: {exc}", pytrace=False)
+        pytest.skip(f"RabbitMQ management API unavailable: {exc}")
+    admin_url = _with_vhost(amqp_service_url, vhost)
+    store = RoundStore.from_url(redis_service_url)
+    for key in store.client.scan_iter(match=b"fm:*"):  # only the service prefix: other tests use their own
+        store.client.delete(key)
+    data = load_task(TASK, num_devices=preset(TASK).devices, seed=SEED)
+    ids = [d.device_id for d in data.devices[:N]]
+    creds = {d: mgmt.enroll(d, vhost=vhost).amqp_url for d in ids}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fedmask = [sys.executable, "-m", "ops.cli"]
+    procs = [subprocess.Popen([*fedmask, "aggregator", "run", "--amqp-url", admin_url, "--redis-url",
+                               redis_service_url, "--task", TASK, "--width", str(WIDTH), "--merge", "head"],
+                              env=env, stdout=_log(tmp_path / "aggregator.log"), stderr=subprocess.STDOUT)]
+    time.sleep(2)  # topology declared before workers publish
+    for d in ids:
+        procs.append(subprocess.Popen(
+            [*fedmask, "worker", "--device-id", d, "--task", TASK, "--width", str(WIDTH), "--amqp-url", creds[d],
+             "--state-dir", str(tmp_path / "state")],
+            env=env, stdout=_log(tmp_path / f"{d}.log"), stderr=subprocess.STDOUT))
+    try:
+        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for d in ids:
+            mgmt.delete_device(d, vhost=vhost)
+        mgmt.delete_vhost(vhost)
+
+
+def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _state(store: object, r: int) -> str:
+    info = store.info(r)  # type: ignore[attr-defined]
+    return str(info.state) if info is not None else "missing"
+
+
+def test_pipeline_matches_simulator(pipeline: dict[str, object]) -> None:
+    from aggregator.core import AggregatorCore
+    from aggregator.store import RoundStore
+    from shared.amqp import AmqpSettings, Publisher
+
+    store: RoundStore = pipeline["store"]  # type: ignore[assignment]
+    ids: list[str] = pipeline["ids"]  # type: ignore[assignment]
+    data: FederatedDataset = pipeline["data"]  # type: ignore[assignment]
+    tmp: Path = pipeline["tmp"]  # type: ignore[assignment]
+    _wait(lambda: sorted(store.device_ids()) == sorted(ids), 120, "every worker's hello")
+    spec = model_spec(TASK, width=WIDTH, seed=SEED)
+    with Publisher(AmqpSettings.from_url(str(pipeline["admin_url"]))) as pub:
+        core = AggregatorCore(store, pub, spec, merge="head")
+        for r in range(1, ROUNDS + 1):
+            info = core.start_round(rate=1.0, quorum=1.0, deadline_s=120, seed=SEED)
+            assert info.round_id == r and sorted(info.sampled) == sorted(ids)
+            _wait(lambda r=r: _state(store, r) == "closed", 120, f"round {r} to close")
+    _wait(lambda: all(store.mask_version(d) == ROUNDS for d in ids), 30, "masks stored")
+    time.sleep(2)  # workers persist the last mask they received
+
+    # The simulator on the same six devices, all sampled every round, same seeds.
+    subset = FederatedDataset(data.task, [d for d in data.devices if d.device_id in ids], data.num_classes,
+                              data.input_shape, data.vocab_size)
+    cfg = FedMaskConfig(train=preset(TASK).mask_train, local_epochs=preset(TASK).local_epochs)
+    run_fedmask(subset, spec, cfg, rounds=ROUNDS, sample_rate=1.0, seed=SEED, merge="head", save_dir=tmp / "sim")
+    for d in ids:
+        worker = DeviceRuntime(d, spec, cfg, (np.zeros(0), np.zeros(0)), seed=SEED)
+        worker.load(tmp / "state" / f"{d}.npz")
+        sim = DeviceRuntime(d, spec, cfg, (np.zeros(0), np.zeros(0)), seed=SEED)
+        sim.load(tmp / "sim" / f"{d}.npz")
+        assert worker.mask_version == ROUNDS
+        assert np.array_equal(worker.model.mask_bits(), sim.model.mask_bits()), f"{d}: pipeline != simulator"
+        assert np.array_equal(worker.structure, sim.structure)

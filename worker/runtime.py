@@ -1,0 +1,121 @@
+"""The edge worker: the simulator's DeviceRuntime, driven by messages from its own RabbitMQ queue.
+
+Threading (pika is not thread-safe): the Consumer owns the connection thread and runs
+`on_delivery` in a worker thread, so minutes of training never starve heartbeats. This module's
+Publisher is created and used only from that worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared import codec
+from shared.amqp import AmqpSettings, Consumer, Delivery, Outcome, Publisher, device_queue
+from shared.device import DeviceRuntime, FedMaskConfig
+from shared.errors import CodecError, LayoutMismatch
+from shared.models import ModelSpec
+
+log = logging.getLogger("fedmask.worker")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Emulates a board on one machine: thread count and a slowdown applied to training time."""
+
+    threads: int
+    slowdown: float
+
+
+PROFILES = {"jetson": Profile(threads=1, slowdown=1.0), "pi4": Profile(threads=1, slowdown=5.0)}
+
+
+class Worker:
+    def __init__(self, device_id: str, spec: ModelSpec, cfg: FedMaskConfig, train_xy: tuple[np.ndarray, np.ndarray],
+                 *, amqp: AmqpSettings, state_dir: Path, seed: int, profile: str = "jetson") -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+        self.profile = PROFILES[profile]
+        self.cfg = replace(cfg, train=cfg.train.with_(threads=self.profile.threads))
+        self.device = DeviceRuntime(device_id, spec, self.cfg, train_xy, seed)
+        self.amqp = amqp
+        self.state_path = state_dir / f"{device_id}.npz"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._publisher: Publisher | None = None
+        self.stop_event = threading.Event()
+        self.rounds_done = 0
+
+    @property
+    def device_id(self) -> str:
+        return self.device.device_id
+
+    def enrol(self) -> None:
+        """Resume from disk if possible (no second pruning), else prune once; then say hello.
+        Hello is idempotent at the aggregator, so it is sent on every start."""
+        if self.state_path.exists():
+            self.device.load(self.state_path)
+            log.info("%s resumed from %s (mask version %d)", self.device_id, self.state_path, self.device.mask_version)
+            hello = self.device.hello()
+        else:
+            hello = self.device.hello()  # prunes
+            self.device.save(self.state_path)
+            log.info("%s pruned once; structure saved to %s", self.device_id, self.state_path)
+        with Publisher(self.amqp) as pub:
+            pub.publish_uplink(self.device_id, "hello", codec.encode(hello), user_id=self.amqp_user)
+
+    @property
+    def amqp_user(self) -> str:
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(self.amqp.url).username or "")
+
+    def run(self) -> None:
+        torch.set_num_threads(self.profile.threads)
+        self.enrol()
+        consumer = Consumer(self.amqp, device_queue(self.device_id), self.on_delivery, prefetch=1)
+        try:
+            consumer.run(self.stop_event)
+        finally:
+            if self._publisher is not None:
+                self._publisher.close()
+
+    def on_delivery(self, d: Delivery) -> Outcome:
+        try:
+            msg = codec.decode(d.body)
+            if msg.type == "task":
+                self._train(msg)
+            elif msg.type == "mask":
+                self.device.handle_mask(msg)
+                self.device.save(self.state_path)
+                log.info("%s applied merged mask v%d", self.device_id, self.device.mask_version)
+            elif msg.type == "nack":
+                log.warning("%s: aggregator refused round %d: %s", self.device_id, msg.round, msg.reason)
+            else:
+                raise CodecError("wrong_type", f"a device receives task, mask or nack, not {msg.type}")
+        except (CodecError, LayoutMismatch) as err:
+            log.error("%s dropped a bad downlink message: %s", self.device_id, err)
+            return Outcome.reject(getattr(err, "reason", "layout_mismatch"))
+        return Outcome.ack()
+
+    def _train(self, task: codec.Message) -> None:
+        if task.deadline is not None and task.deadline < time.time():
+            log.warning("%s skipped round %d: its deadline has passed", self.device_id, task.round)
+            return
+        start = time.perf_counter()
+        update = self.device.handle_task(task)
+        spent = time.perf_counter() - start
+        if self.profile.slowdown > 1:  # emulate a slower board: the same work, stretched
+            time.sleep(spent * (self.profile.slowdown - 1))
+        self.device.save(self.state_path)
+        if self._publisher is None:
+            self._publisher = Publisher(self.amqp)
+        self._publisher.publish_uplink(self.device_id, "update", codec.encode(update), user_id=self.amqp_user)
+        self.rounds_done += 1
+        log.info("%s trained round %d in %.2fs (x%.0f profile)", self.device_id, task.round, spent,
+                 self.profile.slowdown)
