@@ -12,14 +12,13 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from shared.amqp import AGGREGATOR_QUEUE, AmqpSettings, Consumer, Delivery, Outcome, Publisher
-
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundStore
+from shared.amqp import AGGREGATOR_QUEUE, DEVICE_USER_PREFIX, AmqpSettings, Consumer, Delivery, Outcome, Publisher
+from shared.errors import FedMaskError
 from shared.presets import model_spec
 
 log = logging.getLogger("fedmask.aggregator")
-DEVICE_USER_PREFIX = "device-"  # enrolment names a device's broker user device-<id>
 
 
 def device_of_user(user_id: str | None) -> str | None:
@@ -65,16 +64,19 @@ class AggregatorService:
         if resumed:
             log.warning("resumed closing rounds %s", resumed)
         consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch)
-        thread = threading.Thread(target=consumer.run, args=(self.stop,), name="uplink-consumer", daemon=True)
-        thread.start()
+        consumer.start_in_thread()
         log.info("aggregator up: task %s, model %s, merge %s, amqp %s", self.settings.task,
                  self.core.fingerprint, self.core.rule.name, self.amqp.redacted())
-        while not self.stop.wait(self.settings.tick_seconds):
-            with self.lock:
-                self.core.tick()
-        thread.join(timeout=30)
-        self.publisher.close()
-        log.info("aggregator stopped")
+        try:
+            while not self.stop.wait(self.settings.tick_seconds):
+                if consumer.error is not None:  # the broker refused us (credentials, permissions): stop loudly
+                    raise FedMaskError(f"uplink consumer failed: {consumer.error}")
+                with self.lock:
+                    self.core.tick()
+        finally:
+            consumer.stop()
+            self.publisher.close()
+            log.info("aggregator stopped")
 
     def install_signal_handlers(self) -> None:
         def _drain(signum: int, _frame: object) -> None:

@@ -21,6 +21,7 @@ TASKS = click.Choice(["activity", "mnist", "digits", "shakespeare"])
 def _log(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    logging.getLogger("pika").setLevel(logging.WARNING)  # pika's INFO lines drown the service's own
 
 
 amqp_opt = click.option("--amqp-url", envvar=AMQP_ENV, default=DEFAULT_AMQP, show_default=True)
@@ -62,7 +63,6 @@ def worker(device_id: str, profile: str, task: str, amqp_url: str, state_dir: Pa
            seed: int) -> None:
     """Run one device: prune once, hello, then train on every task and apply every merged mask."""
     from shared.amqp import AmqpSettings
-
     from shared.data import load_task
     from shared.device import FedMaskConfig
     from shared.presets import model_spec, preset
@@ -132,10 +132,9 @@ def round_() -> None:
 
 
 def _core(amqp_url: str, redis_url: str, task: str, width: int | None, seed: int, merge: str):  # type: ignore[no-untyped-def]
-    from shared.amqp import AmqpSettings, Publisher
-
     from aggregator.core import AggregatorCore
     from aggregator.store import RoundStore
+    from shared.amqp import AmqpSettings, Publisher
     from shared.presets import model_spec
 
     pub = Publisher(AmqpSettings.from_url(amqp_url), declare=True)
