@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from shared import codec
-from shared.bits import pack, scatter, select, unpack
+from shared.bits import pack, popcount, scatter, select, unpack
 from shared.errors import LayoutMismatch
 from shared.models import MaskedNet, ModelSpec, build_model
 from shared.pruning import one_shot_prune
@@ -73,7 +73,7 @@ class DeviceRuntime:
         st = self.last_stats
         return codec.make_update(
             device=self.device_id, round=task.round, model=self.fingerprint, layout=self.layout,
-            bits=inside.tobytes(), nbits=_popcount_bits(self.structure, self.nbits), version=self.mask_version,
+            bits=inside.tobytes(), nbits=popcount(self.structure), version=self.mask_version,
             stats=codec.Stats(samples=st.samples, loss=_finite(st.loss), accuracy=st.accuracy,
                               train_seconds=st.seconds))
 
@@ -123,10 +123,6 @@ class DeviceRuntime:
         if msg.model != self.fingerprint or msg.layout != self.layout:
             raise LayoutMismatch(f"message for model {msg.model}/{msg.layout}, device has "
                                  f"{self.fingerprint}/{self.layout}")
-
-
-def _popcount_bits(packed: np.ndarray, nbits: int) -> int:
-    return int(unpack(packed, nbits).sum())
 
 
 def _finite(v: float) -> float:

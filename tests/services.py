@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from urllib.parse import urlparse
 
 import pytest
@@ -46,36 +46,36 @@ def missing(what: str) -> None:
 
 
 @contextmanager
-def amqp_url() -> Iterator[str]:
-    explicit = os.environ.get("FEDMASK_TEST_AMQP_URL")
+def _service(name: str, env_var: str, local: str, container: Callable[[], Iterator[str]]) -> Iterator[str]:
+    """The lookup order of the module docstring, shared by every service."""
+    explicit = os.environ.get(env_var)
     if explicit:
         yield explicit
-        return
-    if _reachable(LOCAL_AMQP):
-        yield LOCAL_AMQP
-        return
-    if _docker_available():
-        from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
-
-        with RabbitMqContainer("rabbitmq:3.13-management") as c:
-            yield f"amqp://guest:guest@{c.get_container_host_ip()}:{c.get_exposed_port(5672)}/"
-        return
-    missing("RabbitMQ")
+    elif _docker_available():
+        yield from container()
+    elif _reachable(local):
+        yield local
+    else:
+        missing(name)
 
 
-@contextmanager
-def redis_url() -> Iterator[str]:
-    explicit = os.environ.get("FEDMASK_TEST_REDIS_URL")
-    if explicit:
-        yield explicit
-        return
-    if _reachable(LOCAL_REDIS):
-        yield LOCAL_REDIS
-        return
-    if _docker_available():
-        from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+def _rabbitmq_container() -> Iterator[str]:
+    from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
 
-        with RedisContainer("redis:7") as c:
-            yield f"redis://{c.get_container_host_ip()}:{c.get_exposed_port(6379)}/0"
-        return
-    missing("Redis")
+    with RabbitMqContainer("rabbitmq:3.13-management") as c:
+        yield f"amqp://guest:guest@{c.get_container_host_ip()}:{c.get_exposed_port(5672)}/"
+
+
+def _redis_container() -> Iterator[str]:
+    from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+
+    with RedisContainer("redis:7") as c:
+        yield f"redis://{c.get_container_host_ip()}:{c.get_exposed_port(6379)}/0"
+
+
+def amqp_url() -> AbstractContextManager[str]:
+    return _service("RabbitMQ", "FEDMASK_TEST_AMQP_URL", LOCAL_AMQP, _rabbitmq_container)
+
+
+def redis_url() -> AbstractContextManager[str]:
+    return _service("Redis", "FEDMASK_TEST_REDIS_URL", LOCAL_REDIS, _redis_container)

@@ -71,9 +71,7 @@ class Worker:
 
     @property
     def amqp_user(self) -> str:
-        from urllib.parse import unquote, urlparse
-
-        return unquote(urlparse(self.amqp.url).username or "")
+        return self.amqp.username
 
     def run(self) -> None:
         torch.set_num_threads(self.profile.threads)
