@@ -45,6 +45,7 @@ class Decision:
 
 
 ACK = Decision("ack")
+LATE_POLICIES = ("drop", "carry")
 
 
 class AggregatorCore:
@@ -95,8 +96,11 @@ class AggregatorCore:
 
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
         unpack_update(msg, self._record(msg.device), self.nbits)  # length and structure checks
-        status = self.store.store_update(msg.round, msg.device, body)
-        self.store.touch(msg.device, self.clock())
+        now = self.clock()
+        status = self.store.store_update(msg.round, msg.device, body, now)
+        self.store.touch(msg.device, now)
+        if status in ("stored", "closed"):
+            self.store.mark_reported(msg.device, msg.round)  # the board is free for another task
         if status == "stored":
             self.store.incr("updates:stored")
             self.maybe_close(msg.round)
@@ -105,10 +109,32 @@ class AggregatorCore:
             self.store.incr("updates:duplicate")
             return ACK  # already persisted: acknowledging the redelivery is the idempotent outcome
         if status == "closed":
-            self.store.mark_late(msg.round, msg.device)
-            self.store.incr("late:dropped")
-            raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update")
+            return self._late(msg, body, now)
         raise CodecError(status, f"round {msg.round}, device {msg.device}")
+
+    def _late(self, msg: codec.Message, body: bytes, now: float) -> Decision:
+        """An update for a round that already closed, handled by the newest round's late policy:
+        "drop" rejects it (counted, and listed in the round's late set); "carry" merges it into the
+        next round if that is at most `max_staleness` rounds later: at once when a newer round is
+        open, else parked until one opens (start_round picks it up)."""
+        self.store.mark_late(msg.round, msg.device)
+        current = self.store.current_round() or msg.round
+        info = self.store.info(current)
+        policy = info.policy if info is not None else {}
+        max_staleness = int(str(policy.get("max_staleness", 0)))
+        if policy.get("late") == "carry" and current - msg.round <= max_staleness:
+            if current > msg.round and info is not None and info.state == "open":
+                status = self.store.carry_update(current, msg.device, body, now)
+                if status in ("carried", "duplicate"):
+                    self.store.incr("late:carried" if status == "carried" else "updates:duplicate")
+                    log.info("late update of %s from round %d carried into round %d", msg.device, msg.round, current)
+                    return ACK
+            elif current - msg.round < max_staleness:  # the next round can still take it
+                self.store.set_pending(msg.device, msg.round, body)  # counted when it is carried or expires
+                return ACK
+        self.store.incr("late:dropped")
+        raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update "
+                         f"(late policy {policy.get('late', 'drop')}, max staleness {max_staleness})")
 
     def _record(self, device: str) -> DeviceRecord | None:
         rec = self._records.get(device)
@@ -122,27 +148,55 @@ class AggregatorCore:
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
                     deadline_s: float = 600.0, over_select: float = 1.0, seed: int = 0,
-                    candidates: list[str] | None = None) -> RoundInfo:
-        """Sample, open the round in Redis, then send every sampled device its task."""
+                    candidates: list[str] | None = None, late: str = "drop", max_staleness: int = 2) -> RoundInfo:
+        """Sample idle devices, open the round in Redis, carry parked late updates into it, then send
+        every sampled device its task (a device whose late update is carried in gets its merged mask).
+
+        A device still training an earlier task (tasked, not answered, within `max_staleness` rounds)
+        is not sampled: a board trains one task at a time, so a second task would only queue behind
+        the first and arrive late as well."""
+        if late not in LATE_POLICIES:
+            raise StoreError(f"late policy must be one of {', '.join(LATE_POLICIES)}, got {late!r}")
+        if max_staleness < 0:
+            raise StoreError(f"max_staleness must be >= 0, got {max_staleness}")
+        r = (self.store.current_round() or 0) + 1
         pool = candidates if candidates is not None else self.store.device_ids()
         if not pool:
             raise StoreError("no enrolled devices: start workers (they say hello) before a round")
-        previous = self.store.current_round() or 0
-        r = previous + 1
+        if candidates is None:
+            # Under "carry" a parked update joins this round, so its device sits this one out.
+            parked = self.store.pending_devices() if late == "carry" else set()
+            pool = sorted(set(pool) - self.store.busy(pool, r, max_staleness) - parked)
+            if not pool:
+                raise StoreError(f"every enrolled device is still busy with an earlier task (round {r})")
         target = sample_count(len(pool), rate=rate, devices=devices)
         sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
                                                     over_select=over_select), seed=seed, round_id=r)
         now = self.clock()
+        policy = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
+                  "max_staleness": max_staleness}
         self.store.open_round(r, sampled=sampled, deadline=now + deadline_s, quorum=quorum_count(target, quorum),
-                              now=now, policy={"quorum": quorum, "over_select": over_select, "seed": seed})
+                              now=now, policy=policy)
+        self.store.mark_tasked(sampled, r)
+        self._carry_parked(r, max_staleness if late == "carry" else -1, now)
         for d in sampled:
             task = codec.make_task(device=d, round=r, model=self.fingerprint, layout=self.layout, bits=b"",
                                    nbits=0, version=self.store.mask_version(d), deadline=now + deadline_s)
             self.downlink.publish_downlink(d, codec.encode(task))
         info = self.store.info(r)
         assert info is not None
-        log.info("round %d open: %d sampled, quorum %d, deadline in %.0fs", r, len(sampled), info.quorum, deadline_s)
+        log.info("round %d open: %d sampled, quorum %d, deadline in %.0fs, %d late updates carried in",
+                 r, len(sampled), info.quorum, deadline_s, len(info.carried))
         return info
+
+    def _carry_parked(self, round_id: int, max_staleness: int, now: float) -> None:
+        for device, late_round, body in self.store.take_pending():
+            if round_id - late_round <= max_staleness and \
+                    self.store.carry_update(round_id, device, body, now) in ("carried", "duplicate"):
+                self.store.incr("late:carried")
+                continue
+            self.store.incr("late:expired")  # too stale by now, or the device was sampled afresh
+            log.info("parked update of %s from round %d dropped at round %d", device, late_round, round_id)
 
     def maybe_close(self, round_id: int) -> bool:
         """Close if quorum or deadline says so; the Lua script lets exactly one caller win."""

@@ -1,7 +1,8 @@
 """RoundStore: the only code that talks to Redis about devices and rounds.
 
 Key layout (prefix <p>, default "fm:"):
-  <p>device:<id>               hash    profile, fingerprint, enrolled_at, last_seen
+  <p>device:<id>               hash    profile, fingerprint, enrolled_at, last_seen,
+                                       tasked (last round it was sent), reported (last round it answered)
   <p>device:<id>:structure     string  packed structure S_i (written once; never changes)
   <p>device:<id>:mask          string  packed full merged mask
   <p>device:<id>:mask_version  int     its version (only ever increases)
@@ -11,8 +12,12 @@ Key layout (prefix <p>, default "fm:"):
   <p>rounds                    zset    every round id ever opened (score = id): rounds_in_state walks it
   <p>{r<r>}:round              hash    state (open|closing|closed), opened_at, deadline, quorum,
                                        sampled_count, policy (json), closing_at, closed_at
-  <p>{r<r>}:sampled / :received / :late   sets of device ids
+  <p>{r<r>}:sampled / :received / :late / :carried   sets of device ids (carried: late updates
+                                       of earlier rounds merged into this one; not in the quorum)
+  <p>{r<r>}:arrivals           hash    id -> unix time its update was stored
   <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
+  <p>pending:<id>              hash    round, body: a late update waiting for the next round (carry policy)
+  <p>pending                   set     devices with a pending late update
   <p>counters                  hash    name -> int; the store itself counts nothing, callers do
 
 A round's keys share the hash tag {r<r>}, so store_update and close_round (the hot, contended
@@ -41,8 +46,11 @@ from shared.errors import ConfigError, FedMaskError
 
 STATES: Final = ("open", "closing", "closed")
 UpdateStatus = Literal["stored", "duplicate", "closed", "not_sampled", "unknown_round"]
+CarryStatus = Literal["carried", "duplicate", "sampled", "closed", "unknown_round"]
+_CARRY_STATUSES: Final = ("carried", "duplicate", "sampled", "closed", "unknown_round")
 _UPDATE_STATUSES: Final = ("stored", "duplicate", "closed", "not_sampled", "unknown_round")
-_LUA = ("open_round", "store_update", "close_round", "mark_closed", "set_mask", "register_device", "touch")
+_LUA = ("open_round", "store_update", "carry_update", "close_round", "mark_closed", "set_mask", "register_device",
+        "touch")
 _SOURCES: Final = {name: files("aggregator").joinpath(f"lua/{name}.lua").read_text("utf-8") for name in _LUA}
 _MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a time
 
@@ -61,8 +69,18 @@ class RoundInfo:
     sampled: list[str]
     received: list[str]
     late: list[str]
-    closed_at: float | None
+    carried: list[str]
+    arrivals: dict[str, float]  # device -> seconds from opening to its update being stored
+    closing_at: float | None  # when the closer was elected (quorum met or deadline passed)
+    closed_at: float | None  # when every merged mask had been confirmed by the broker
     policy: dict[str, object]
+
+    @property
+    def close_seconds(self) -> float | None:
+        """Close latency: closer elected -> last merged mask confirmed (None until closed)."""
+        if self.closing_at is None or self.closed_at is None:
+            return None
+        return self.closed_at - self.closing_at
 
 
 def redact_url(url: str) -> str:
@@ -158,6 +176,36 @@ class RoundStore:
             ids = cast(list[bytes], self.client.zrangebyscore(self._k("devices:alive"), since, "+inf"))
         return sorted(_s(m) for m in ids)
 
+    def mark_tasked(self, device_ids: list[str], round_id: int) -> None:
+        """Record that these devices were sent round `round_id`'s task (sampling skips busy devices)."""
+        with self._guard("mark_tasked"):
+            pipe = self.client.pipeline(transaction=False)
+            for d in device_ids:
+                pipe.hset(self._k("device", d), "tasked", round_id)
+            pipe.execute()
+
+    def mark_reported(self, device_id: str, round_id: int) -> None:
+        with self._guard("mark_reported"):
+            self.client.hset(self._k("device", device_id), "reported", round_id)
+
+    def busy(self, device_ids: list[str], next_round: int, max_staleness: int) -> set[str]:
+        """Devices still training an earlier task that can yet count: tasked in a round within
+        `max_staleness` of `next_round` and not answered since. Past the bound a device is presumed
+        lost (crashed, offline) and may be sampled again."""
+        with self._guard("busy"):
+            pipe = self.client.pipeline(transaction=False)
+            for d in device_ids:
+                pipe.hmget(self._k("device", d), ["tasked", "reported"])
+            rows = cast(list[list["bytes | None"]], pipe.execute())
+        out = set()
+        for d, (tasked, reported) in zip(device_ids, rows, strict=True):
+            if tasked is None:
+                continue
+            t = int(tasked)
+            if (reported is None or int(reported) < t) and next_round - t <= max_staleness:
+                out.add(d)
+        return out
+
     def mask_version(self, device_id: str) -> int:
         with self._guard("mask_version"):
             raw = self.client.get(self._k("device", device_id, "mask_version"))
@@ -210,27 +258,71 @@ class RoundStore:
         with self._guard("info"):
             pipe = self.client.pipeline(transaction=True)  # one slot: a consistent snapshot
             pipe.hgetall(self._rk(round_id, "round"))
-            for part in ("sampled", "received", "late"):
+            for part in ("sampled", "received", "late", "carried"):
                 pipe.smembers(self._rk(round_id, part))
-            raw, *sets = pipe.execute()
+            pipe.hgetall(self._rk(round_id, "arrivals"))
+            raw, *sets, arrivals_raw = pipe.execute()
         if not raw:
             return None
         h = {_s(k): _s(v) for k, v in cast(dict[bytes, bytes], raw).items()}
-        sampled, received, late = (sorted(_s(m) for m in s) for s in sets)
-        return RoundInfo(round_id=round_id, state=h["state"], opened_at=float(h["opened_at"]),
+        sampled, received, late, carried = (sorted(_s(m) for m in s) for s in sets)
+        opened_at = float(h["opened_at"])
+        arrivals = {_s(k): float(v) - opened_at for k, v in cast(dict[bytes, bytes], arrivals_raw).items()}
+        return RoundInfo(round_id=round_id, state=h["state"], opened_at=opened_at,
                          deadline=float(h["deadline"]), quorum=int(h["quorum"]), sampled=sampled,
-                         received=received, late=late,
+                         received=received, late=late, carried=carried, arrivals=dict(sorted(arrivals.items())),
+                         closing_at=float(h["closing_at"]) if "closing_at" in h else None,
                          closed_at=float(h["closed_at"]) if "closed_at" in h else None,
                          policy=cast(dict[str, object], json.loads(h.get("policy", "{}"))))
 
-    def store_update(self, round_id: int, device_id: str, body: bytes) -> UpdateStatus:
+    def store_update(self, round_id: int, device_id: str, body: bytes, now: float = 0.0) -> UpdateStatus:
         """Persist an update at most once: "stored", "duplicate", "closed", "not_sampled" or "unknown_round"."""
         keys = [self._rk(round_id, p) for p in ("round", "sampled", "received")]
-        keys.append(self._rk(round_id, "update", device_id))
-        res = _s(self._run("store_update", keys, [device_id, bytes(body)]))
+        keys += [self._rk(round_id, "update", device_id), self._rk(round_id, "arrivals")]
+        res = _s(self._run("store_update", keys, [device_id, bytes(body), _num(now, "now")]))
         if res not in _UPDATE_STATUSES:
             raise StoreError(f"store_update returned {res!r}")
         return cast(UpdateStatus, res)
+
+    def carry_update(self, round_id: int, device_id: str, body: bytes, now: float) -> CarryStatus:
+        """Merge a late update of an earlier round into open round `round_id` (at most once)."""
+        keys = [self._rk(round_id, p) for p in ("round", "sampled", "carried")]
+        keys += [self._rk(round_id, "update", device_id), self._rk(round_id, "arrivals")]
+        res = _s(self._run("carry_update", keys, [device_id, bytes(body), _num(now, "now")]))
+        if res not in _CARRY_STATUSES:
+            raise StoreError(f"carry_update returned {res!r}")
+        return cast(CarryStatus, res)
+
+    def set_pending(self, device_id: str, round_id: int, body: bytes) -> None:
+        """Park a late update until the next round opens; a newer one replaces an older one."""
+        key = self._k("pending", device_id)
+        with self._guard("set_pending"):
+            old = self.client.hget(key, "round")
+            if old is not None and int(cast(bytes, old)) >= round_id:
+                return
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping={"round": round_id, "body": bytes(body)})
+            pipe.sadd(self._k("pending"), device_id)
+            pipe.execute()
+
+    def pending_devices(self) -> set[str]:
+        with self._guard("pending_devices"):
+            return {_s(m) for m in cast(set[bytes], self.client.smembers(self._k("pending")))}
+
+    def take_pending(self) -> list[tuple[str, int, bytes]]:
+        """Remove and return every parked late update as (device, round, body)."""
+        with self._guard("take_pending"):
+            devices = sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self._k("pending"))))
+            out = []
+            for d in devices:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.hmget(self._k("pending", d), ["round", "body"])
+                pipe.delete(self._k("pending", d))
+                pipe.srem(self._k("pending"), d)
+                (r, body), *_ = pipe.execute()
+                if r is not None and body is not None:
+                    out.append((d, int(r), bytes(body)))
+        return out
 
     def mark_late(self, round_id: int, device_id: str) -> None:
         with self._guard("mark_late"):
@@ -242,9 +334,11 @@ class RoundStore:
         return int(self._run("close_round", keys, [_num(now, "now")])) == 1
 
     def updates(self, round_id: int) -> dict[str, bytes]:
-        """device -> stored update body, for every received device (bodies are written before SADD)."""
+        """device -> stored update body, for every received and carried device (bodies are written
+        before the SADD, so a member without a body means the store was tampered with)."""
         with self._guard("updates"):
-            devices = sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self._rk(round_id, "received"))))
+            members = self.client.sunion([self._rk(round_id, "received"), self._rk(round_id, "carried")])
+            devices = sorted(_s(m) for m in cast(set[bytes], members))
             out: dict[str, bytes] = {}
             for i in range(0, len(devices), _MGET_CHUNK):
                 chunk = devices[i:i + _MGET_CHUNK]

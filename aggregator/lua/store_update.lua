@@ -3,7 +3,8 @@
 -- KEYS[2] <p>{r<r>}:sampled        set
 -- KEYS[3] <p>{r<r>}:received       set
 -- KEYS[4] <p>{r<r>}:update:<id>    string, the raw encoded update (written once)
--- ARGV[1] device id   ARGV[2] body (bytes)
+-- KEYS[5] <p>{r<r>}:arrivals       hash id -> arrival time (what `round watch` shows as latency)
+-- ARGV[1] device id   ARGV[2] body (bytes)   ARGV[3] now (unix seconds)
 -- Returns, checked in this order:
 --   "unknown_round"  no such round
 --   "duplicate"      this device's update is already stored (a redelivery: nothing changes)
@@ -18,4 +19,5 @@ if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return 'not_sampled' end
 if state ~= 'open' then return 'closed' end
 redis.call('SET', KEYS[4], ARGV[2], 'NX')
 redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 return 'stored'
