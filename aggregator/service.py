@@ -59,6 +59,9 @@ class AggregatorService:
 
     def run(self) -> None:
         self.store.ping()
+        s = self.settings
+        self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
+                               "merge": s.merge, "fingerprint": self.core.fingerprint})
         with self.lock:
             resumed = self.core.resume()
         if resumed:

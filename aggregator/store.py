@@ -18,6 +18,7 @@ Key layout (prefix <p>, default "fm:"):
   <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
   <p>pending:<id>              hash    round, body: a late update waiting for the next round (carry policy)
   <p>pending                   set     devices with a pending late update
+  <p>config                    hash    the running aggregator's task, width, seed, merge, fingerprint
   <p>counters                  hash    name -> int; the store itself counts nothing, callers do
 
 A round's keys share the hash tag {r<r>}, so store_update and close_round (the hot, contended
@@ -32,12 +33,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Final, Literal, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.commands.core import Script
@@ -115,10 +118,35 @@ class RoundStore:
         self._scripts: dict[str, Script] = {n: client.register_script(src) for n, src in _SOURCES.items()}
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "fm:") -> RoundStore:
+    def from_url(cls, url: str, prefix: str = "fm:", *, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> RoundStore:
+        """redis:// or rediss://. rediss:// always verifies the server's certificate chain (against
+        ca_file, or the system store when None) and host name; cert_file/key_file are a client
+        certificate for servers with tls-auth-clients yes. TLS options are these arguments: the URL's
+        query string may not carry ssl_* options (redis-py would let them override, e.g. ssl_cert_reqs=none)."""
+        try:
+            parts = urlsplit(url)
+            query = parse_qs(parts.query)
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis URL {redact_url(url)}: {exc}") from None
+        if any(name.startswith("ssl") for name in query):
+            raise ConfigError(f"bad Redis URL {redact_url(url)}: TLS options go in from_url's arguments, not the URL")
+        tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+        given = [what for what, path in tls_files.items() if path is not None]
+        if given and parts.scheme != "rediss":
+            raise ConfigError(f"{', '.join(given)} need a rediss:// URL, got {redact_url(url)}")
+        if key_file is not None and cert_file is None:
+            raise ConfigError("key_file needs cert_file (the client certificate it belongs to)")
+        for what, path in tls_files.items():
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{what} {path!r} is not a file")
+        tls: dict[str, Any] = {}
+        if parts.scheme == "rediss":
+            tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": ca_file,
+                   "ssl_certfile": cert_file, "ssl_keyfile": key_file, "ssl_min_version": ssl.TLSVersion.TLSv1_2}
         try:
             client = redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5.0,
-                                          socket_timeout=30.0)
+                                          socket_timeout=30.0, **tls)
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {redact_url(url)}: {exc}") from None
         return cls(client, prefix)
@@ -366,6 +394,19 @@ class RoundStore:
                 pipe.hget(self._rk(r, "round"), "state")
             states = cast(list["bytes | None"], pipe.execute())
         return [r for r, s in zip(ids, states, strict=True) if s is not None and _s(s) == state]
+
+    # -- the aggregator's model, so operator commands open rounds for the same model ----
+    def set_config(self, config: dict[str, str]) -> None:
+        with self._guard("set_config"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(self._k("config"))
+            pipe.hset(self._k("config"), mapping=config)  # type: ignore[arg-type]
+            pipe.execute()
+
+    def config(self) -> dict[str, str]:
+        with self._guard("config"):
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self._k("config")))
+        return {_s(k): _s(v) for k, v in raw.items()}
 
     # -- counters and health ----------------------------------------------------------
     def incr(self, counter: str, by: int = 1) -> None:

@@ -31,18 +31,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import queue as queue_mod
 import re
+import ssl
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any, Final, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 # pika ships no type hints; pyproject sets ignore_missing_imports, a bare `mypy --strict` does not.
 import pika  # type: ignore[import-untyped, unused-ignore]
@@ -109,13 +111,24 @@ def device_user(device_id: str) -> str:
 @dataclass(frozen=True)
 class AmqpSettings:
     """Where the broker is and how to talk to it. `namespace` prefixes every exchange and queue name;
-    it is empty in production and unique per test run so tests can share a vhost."""
+    it is empty in production and unique per test run so tests can share a vhost.
+
+    TLS: an amqps:// URL (default port 5671) always verifies the broker's certificate chain and name.
+    `ca_file` is the PEM bundle it must chain to (None: the system trust store); `cert_file` and
+    `key_file` are a client certificate for brokers that require one (`key_file` may be omitted when
+    `cert_file` holds both); `server_hostname` is the name checked against the certificate and sent as
+    SNI (None: the URL's host). The TLS settings are refused with an amqp:// URL rather than ignored.
+    """
 
     url: str = "amqp://guest:guest@127.0.0.1:5672/fedmask"
     heartbeat: int = 30
     prefetch: int = 16
     confirm_timeout: float = 30.0
     namespace: str = ""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_hostname: str | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -129,10 +142,46 @@ class AmqpSettings:
             raise ConfigError(f"confirm_timeout must be > 0, got {self.confirm_timeout}")
         if not _NAMESPACE_RE.fullmatch(self.namespace):
             raise ConfigError(f"namespace must be 0..64 chars of [A-Za-z0-9_.-], got {self.namespace!r}")
+        if "ssl_options" in parse_qs(parts.query):
+            raise ConfigError(f"TLS is set with an amqps:// URL and the ca_file/cert_file/key_file settings, not "
+                              f"the ssl_options URL argument: {self.redacted()}")
+        tls_files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        given = [k for k, v in {**tls_files, "server_hostname": self.server_hostname}.items() if v is not None]
+        if given and parts.scheme != "amqps":
+            raise ConfigError(f"{', '.join(given)} need an amqps:// URL, got {self.redacted()}")
+        if self.key_file is not None and self.cert_file is None:
+            raise ConfigError("key_file needs cert_file (the client certificate it belongs to)")
+        for what, path in tls_files.items():
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{what} {path!r} is not a file")
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> AmqpSettings:
+        """kw: any other field (heartbeat, namespace, ca_file, cert_file, key_file, server_hostname...)."""
         return cls(url=url, **kw)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "amqps"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For amqps:// (None for amqp://): TLS 1.2 or newer, the broker's certificate must chain to
+        ca_file (or the system store when None) and match its name; the client certificate if set."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.cert_file is not None:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: an unreadable or non-PEM file
+            raise ConfigError(f"TLS settings for {self.redacted()} are unusable: {type(exc).__name__}: {exc}") from None
+        return context  # create_default_context: CERT_REQUIRED and check_hostname (tests/integration/test_tls.py)
+
+    def __repr__(self) -> str:
+        """The dataclass repr with the URL redacted (the generated one would print the password)."""
+        shown = {f.name: self.redacted() if f.name == "url" else getattr(self, f.name) for f in fields(self)}
+        return f"AmqpSettings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def username(self) -> str:
@@ -155,7 +204,11 @@ class AmqpSettings:
             return "<unparseable AMQP URL>"
 
     def _parameters(self, name: str) -> Any:
+        """The one place connection parameters are built: every connection (publisher, consumer,
+        admin channels) goes through _connect and here, so TLS cannot be skipped by one of them."""
         params = pika.URLParameters(self.url)
+        context = self.ssl_context()
+        params.ssl_options = None if context is None else pika.SSLOptions(context, self.server_hostname or params.host)
         params.heartbeat = self.heartbeat
         params.blocked_connection_timeout = 60.0  # a memory/disk alarm fails a publish instead of hanging it
         params.socket_timeout = 10.0
@@ -184,6 +237,9 @@ def _translate(exc: BaseException, what: str, where: str, *, retryable: bool | N
         msg, code, retry = "authentication failed (wrong user or password?)", 403, False
     elif isinstance(exc, ex.ProbableAccessDeniedError):
         msg, code, retry = "access refused (does the user have permissions on this vhost?)", 530, False
+    elif isinstance(exc, ssl.SSLCertVerificationError):  # reconnecting meets the same certificate
+        msg = f"TLS: the broker's certificate was refused ({exc.verify_message}); check ca_file and server_hostname"
+        retry = False
     elif isinstance(exc, (ex.AMQPConnectionError, ex.ChannelWrongStateError, ex.ChannelClosed, OSError)):
         msg, retry = f"connection lost or unavailable ({type(exc).__name__}: {exc})", True
     else:
