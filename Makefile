@@ -6,10 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs
 
-.PHONY: setup demo test lint typecheck fuzz simulate bench experiment clean help
+.PHONY: setup demo engine-demo up down status test lint typecheck fuzz simulate bench experiment clean help
 
 help:
-	@echo "make demo      set up and run the main job end to end"
+	@echo "make demo      set up and run the main job end to end: a 10-board fleet through RabbitMQ and Redis"
+	@echo "make up        start RabbitMQ, Redis and the aggregator (Docker compose, or local services)"
+	@echo "make status    what is up, enrolled devices, the newest round"
+	@echo "make down      drain and stop the aggregator (and whatever \`make up\` started)"
+	@echo "make engine-demo  the engine alone: FedMask vs baselines on activity, compact-model export"
 	@echo "make test      set up and run the test suite"
 	@echo "make simulate  one FedMask simulation (TASK=activity|mnist|shakespeare)"
 	@echo "make experiment  all methods on TASK: results.csv/.md and the accuracy-vs-communication plot"
@@ -29,13 +33,28 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 TASK ?= activity
-# Until the RabbitMQ pipeline lands, the demo is the engine end to end: FedMask and the baselines on
-# the activity task (table + accuracy-vs-communication plot), then one device's compact model.
+# The product's main job: 10 worker processes (3 emulated Pi 4, 7 Jetson) enrolled with their own
+# broker users train FedMask on activity data through RabbitMQ and Redis; rounds close on a quorum.
 demo: setup
+	$(BIN)/fedmask demo --out $(RUNS)/demo
+
+# The services for a deployment on this machine (FEDMASK_AMQP_URL, FEDMASK_REDIS_URL, FEDMASK_TASK).
+up: setup
+	$(BIN)/fedmask services up
+
+down: setup
+	$(BIN)/fedmask services down
+
+status: setup
+	$(BIN)/fedmask services status
+
+# The engine without the pipeline: FedMask and the baselines on the activity task (table and
+# accuracy-vs-communication plot), then one device's compact model.
+engine-demo: setup
 	$(BIN)/fedmask experiment --task activity --methods fedmask,fedavg,fedavg-ft,standalone \
-		--merges head,paper --out $(RUNS)/demo --save-devices $(RUNS)/demo/devices
-	$(BIN)/fedmask export $(RUNS)/demo/devices --out $(RUNS)/demo/compact.npz --json-out $(RUNS)/demo/export.json
-	@echo "demo done: $(RUNS)/demo/results.md, $(RUNS)/demo/accuracy_vs_communication.png, $(RUNS)/demo/export.json"
+		--merges head,paper --out $(RUNS)/engine-demo --save-devices $(RUNS)/engine-demo/devices
+	$(BIN)/fedmask export $(RUNS)/engine-demo/devices --out $(RUNS)/engine-demo/compact.npz \
+		--json-out $(RUNS)/engine-demo/export.json
 
 test: setup
 	@set +e; CI=$${CI:-} $(BIN)/python -m pytest -q tests; rc=$$?; \

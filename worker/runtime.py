@@ -7,6 +7,7 @@ Publisher is created and used only from that worker thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ class Worker:
         self.device = DeviceRuntime(device_id, spec, self.cfg, train_xy, seed)
         self.amqp = amqp
         self.state_path = state_dir / f"{device_id}.npz"
+        self.stats_path = state_dir / f"{device_id}.stats.jsonl"  # one line per message: what a board spends
         state_dir.mkdir(parents=True, exist_ok=True)
         self._publisher: Publisher | None = None
         self.stop_event = threading.Event()
@@ -66,8 +68,14 @@ class Worker:
             hello = self.device.hello()  # prunes
             self.device.save(self.state_path)
             log.info("%s pruned once; structure saved to %s", self.device_id, self.state_path)
+        body = codec.encode(hello)
         with Publisher(self.amqp) as pub:
-            pub.publish_uplink(self.device_id, "hello", codec.encode(hello), user_id=self.amqp_user)
+            pub.publish_uplink(self.device_id, "hello", body, user_id=self.amqp_user)
+        self._record(type="hello", bytes_up=len(body))
+
+    def _record(self, **fields: object) -> None:
+        with self.stats_path.open("a") as f:
+            f.write(json.dumps({"t": round(time.time(), 3), **fields}) + "\n")
 
     @property
     def amqp_user(self) -> str:
@@ -87,10 +95,12 @@ class Worker:
         try:
             msg = codec.decode(d.body)
             if msg.type == "task":
+                self._record(type="task", round=msg.round, bytes_down=len(d.body))
                 self._train(msg)
             elif msg.type == "mask":
                 self.device.handle_mask(msg)
                 self.device.save(self.state_path)
+                self._record(type="mask", version=msg.version, bytes_down=len(d.body))
                 log.info("%s applied merged mask v%d", self.device_id, self.device.mask_version)
             elif msg.type == "nack":
                 log.warning("%s: aggregator refused round %d: %s", self.device_id, msg.round, msg.reason)
@@ -113,7 +123,10 @@ class Worker:
         self.device.save(self.state_path)
         if self._publisher is None:
             self._publisher = Publisher(self.amqp)
-        self._publisher.publish_uplink(self.device_id, "update", codec.encode(update), user_id=self.amqp_user)
+        body = codec.encode(update)
+        self._publisher.publish_uplink(self.device_id, "update", body, user_id=self.amqp_user)
         self.rounds_done += 1
+        self._record(type="update", round=task.round, bytes_up=len(body), train_s=round(spent, 3),
+                     board_s=round(time.perf_counter() - start, 3))
         log.info("%s trained round %d in %.2fs (x%.0f profile)", self.device_id, task.round, spent,
                  self.profile.slowdown)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import click
 
 from ops.cli.bench import bench
+from ops.cli.demo import demo
 from ops.cli.experiment import experiment
 from ops.cli.export import export
-from ops.cli.pipeline import aggregator, devices, round_, worker
+from ops.cli.pipeline import aggregator, devices, worker
+from ops.cli.rounds import round_
+from ops.cli.services import services
 from ops.cli.simulate import simulate
 
 
@@ -25,3 +28,5 @@ main.add_command(aggregator)
 main.add_command(worker)
 main.add_command(devices)
 main.add_command(round_)
+main.add_command(services)
+main.add_command(demo)

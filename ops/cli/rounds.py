@@ -1,0 +1,180 @@
+"""`fedmask round start | status | watch | run`: the operator's side of a round."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from ops.cli.pipeline import TASKS, amqp_opt, redis_opt
+from shared.errors import FedMaskError
+
+
+@click.group("round")
+def round_() -> None:
+    """Start, watch and drive rounds (the aggregator service closes them)."""
+
+
+def _core(amqp_url: str, redis_url: str, task: str | None, width: int | None, seed: int) -> Any:
+    """An AggregatorCore for opening rounds. Task, width and seed default to those the running
+    aggregator recorded in Redis, so tasks name the model the aggregator validates against."""
+    from aggregator.core import AggregatorCore
+    from aggregator.store import RoundStore
+    from shared.amqp import AmqpSettings, Publisher
+    from shared.presets import model_spec
+
+    store = RoundStore.from_url(redis_url)
+    cfg = store.config()
+    if not cfg and task is None:
+        raise click.ClickException("no aggregator has started against this Redis yet: run `make up` "
+                                   "(or `fedmask aggregator run`), or pass --task")
+    task = task or cfg["task"]
+    if width is None and cfg.get("width") and task == cfg.get("task"):
+        width = int(cfg["width"])
+    model_seed = int(cfg.get("seed", seed))  # --seed is the sampling seed; the model's is the aggregator's
+    spec = model_spec(task, width=width, seed=model_seed)
+    core = AggregatorCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), spec)
+    if cfg and core.fingerprint != cfg.get("fingerprint"):
+        raise click.ClickException(
+            f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}), "
+            f"not {task} (width {width or 'preset'}): drop --task/--width to use the aggregator's")
+    return core
+
+
+def plan_options(f: Any) -> Any:
+    """The sampling and policy flags shared by `round start` and `round run`."""
+    for opt in reversed([
+        click.option("--sample-rate", type=float, default=None, help="fraction of idle devices [default: all]"),
+        click.option("--devices", "count", type=int, default=None, help="sample exactly K devices"),
+        click.option("--quorum", type=float, default=1.0, show_default=True,
+                     help="fraction of the K target updates that closes the round"),
+        click.option("--deadline", type=float, default=600.0, show_default=True, help="seconds"),
+        click.option("--over-select", type=float, default=1.0, show_default=True,
+                     help="task ceil(K x F) devices; the quorum stays a fraction of K"),
+        click.option("--late", type=click.Choice(["drop", "carry"]), default="drop", show_default=True,
+                     help="late updates: reject (counted), or merge into a later round"),
+        click.option("--max-staleness", type=int, default=2, show_default=True,
+                     help="rounds a late update may be carried, and a busy device is skipped"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--task", type=TASKS, default=None, help="default: the running aggregator's"),
+        click.option("--width", type=int, default=None, help="default: the running aggregator's"),
+        amqp_opt, redis_opt,
+    ]):
+        f = opt(f)
+    return f
+
+
+def _plan(kw: dict[str, Any]) -> Any:
+    from ops.driver import RoundPlan
+
+    rate = kw["sample_rate"] if kw["sample_rate"] is not None or kw["count"] is not None else 1.0
+    return RoundPlan(rate=rate, devices=kw["count"], quorum=kw["quorum"], deadline_s=kw["deadline"],
+                     over_select=kw["over_select"], seed=kw["seed"], late=kw["late"],
+                     max_staleness=kw["max_staleness"])
+
+
+@round_.command("start")
+@plan_options
+@click.option("--json", "as_json", is_flag=True)
+def round_start(as_json: bool, **kw: Any) -> None:
+    """Sample idle devices, open the next round and send their tasks."""
+    core = _core(kw["amqp_url"], kw["redis_url"], kw["task"], kw["width"], kw["seed"])
+    try:
+        info = core.start_round(**_plan(kw).start_kwargs())
+    except FedMaskError as exc:
+        raise click.ClickException(str(exc)) from exc
+    payload = {"round": info.round_id, "sampled": info.sampled, "quorum": info.quorum, "deadline": info.deadline,
+               "carried": info.carried}
+    click.echo(json.dumps(payload) if as_json else f"round {info.round_id}: {len(info.sampled)} sampled, "
+               f"quorum {info.quorum}, {len(info.carried)} late updates carried in, deadline in {kw['deadline']:.0f}s")
+
+
+def _info(redis_url: str, round_id: int | None, store: Any = None) -> Any:
+    from aggregator.store import RoundStore
+
+    store = store or RoundStore.from_url(redis_url)
+    r = round_id if round_id is not None else store.current_round()
+    info = store.info(r) if r is not None else None
+    if info is None:
+        raise click.ClickException("no such round" if round_id is not None else "no round has been started")
+    return store, info
+
+
+@round_.command("status")
+@click.argument("round_id", type=int, required=False)
+@redis_opt
+@click.option("--json", "as_json", is_flag=True)
+def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
+    """State of ROUND (default: the newest), with per-device latency."""
+    from ops.driver import render_round, round_rows, round_summary
+
+    store, info = _info(redis_url, round_id)
+    now = time.time()
+    if as_json:
+        payload = {**round_summary(info, now), "devices": round_rows(info, now), "counters": store.counters()}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    click.echo(render_round(info, now))
+
+
+@round_.command("watch")
+@redis_opt
+@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@click.option("--once", is_flag=True, help="print one snapshot and exit")
+def round_watch(redis_url: str, interval: float, once: bool) -> None:
+    """A live table of the newest round: sampled, received, carried, late, per-device latency (Ctrl-C stops)."""
+    from ops.driver import render_round
+
+    store = None
+    try:
+        while True:
+            store, info = _info(redis_url, None, store)
+            text = render_round(info, time.time())
+            if once:
+                click.echo(text)
+                return
+            click.clear()
+            click.echo(text + "\n\n(Ctrl-C to stop)")
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+@round_.command("run")
+@click.option("--rounds", type=int, required=True, help="rounds to drive back to back")
+@plan_options
+@click.option("--json", "as_json", is_flag=True, help="one JSON summary per round on stdout")
+def round_run(rounds: int, as_json: bool, **kw: Any) -> None:
+    """Open R rounds back to back, each once the previous one closed, with a progress bar."""
+    from aggregator.store import RoundStore
+    from ops.driver import round_summary, run_rounds
+
+    core = _core(kw["amqp_url"], kw["redis_url"], kw["task"], kw["width"], kw["seed"])
+    store: RoundStore = core.store
+    bar = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True, file=click.get_text_stream("stderr"))
+
+    def progress(info: Any) -> None:
+        bar.set_postfix_str(f"round {info.round_id}: {len(info.received)}/{info.quorum} of {len(info.sampled)}")
+
+    def closed(info: Any) -> None:
+        bar.update(1)
+        summary = round_summary(info, time.time())
+        if as_json:
+            click.echo(json.dumps(summary))
+        else:
+            tqdm.write(f"round {info.round_id} closed in {summary['elapsed_s']:.1f}s: "
+                       f"{len(info.received)}/{len(info.sampled)} received, {len(info.carried)} carried, "
+                       f"{len(info.late)} late", file=click.get_text_stream("stderr"))
+
+    try:
+        run = run_rounds(core, store, rounds, _plan(kw), on_round=closed, on_poll=progress)
+    except FedMaskError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    times = sorted(run.durations())
+    if not as_json:
+        click.echo(f"{rounds} rounds; round time median {times[len(times) // 2]:.1f}s, max {times[-1]:.1f}s")

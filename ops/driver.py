@@ -1,0 +1,132 @@
+"""Drive rounds back to back against a running aggregator service, and describe a round for humans.
+
+The operator side never merges or closes anything itself: it opens a round (AggregatorCore.start_round,
+which samples and sends tasks), then watches Redis until the aggregator service closes it. Used by
+`fedmask round run`, `fedmask round watch`, the pipeline demo and the decoupling benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aggregator.core import AggregatorCore
+from aggregator.store import RoundInfo, RoundStore
+from shared.errors import FedMaskError
+
+# The aggregator's deadline ticker runs every 0.5 s; past this grace a round still open after its
+# deadline means no aggregator is consuming (or it is wedged): say so instead of waiting forever.
+STALL_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How every round of a run is opened (the flags of `fedmask round start`)."""
+
+    rate: float | None = 1.0
+    devices: int | None = None
+    quorum: float = 1.0
+    deadline_s: float = 600.0
+    over_select: float = 1.0
+    seed: int = 0
+    late: str = "drop"
+    max_staleness: int = 2
+
+    def start_kwargs(self) -> dict[str, Any]:
+        return {"rate": self.rate, "devices": self.devices, "quorum": self.quorum, "deadline_s": self.deadline_s,
+                "over_select": self.over_select, "seed": self.seed, "late": self.late,
+                "max_staleness": self.max_staleness}
+
+
+@dataclass
+class RunLog:
+    rounds: list[RoundInfo] = field(default_factory=list)
+
+    def durations(self) -> list[float]:
+        return [r.closed_at - r.opened_at for r in self.rounds if r.closed_at is not None]
+
+
+def wait_closed(store: RoundStore, round_id: int, *, poll_s: float = 0.1,
+                on_poll: Callable[[RoundInfo], None] | None = None) -> RoundInfo:
+    """Block until the aggregator service has closed `round_id`; FedMaskError if it never will."""
+    while True:
+        info = store.info(round_id)
+        if info is None:
+            raise FedMaskError(f"round {round_id} vanished from Redis (was the store flushed?)")
+        if on_poll is not None:
+            on_poll(info)
+        if info.state == "closed":
+            return info
+        if info.state == "open" and time.time() > info.deadline + STALL_GRACE_S:
+            raise FedMaskError(f"round {round_id} is still open {STALL_GRACE_S:.0f}s after its deadline: "
+                               "is the aggregator running? (`make status`, `fedmask aggregator run`)")
+        time.sleep(poll_s)
+
+
+def run_rounds(core: AggregatorCore, store: RoundStore, rounds: int, plan: RoundPlan, *,
+               on_round: Callable[[RoundInfo], None] | None = None,
+               on_poll: Callable[[RoundInfo], None] | None = None) -> RunLog:
+    """Open `rounds` rounds one after another, each as soon as the previous one closed."""
+    if rounds < 1:
+        raise FedMaskError(f"rounds must be >= 1, got {rounds}")
+    current = store.current_round()
+    if current is not None:
+        info = store.info(current)
+        if info is not None and info.state != "closed":  # finish what is running instead of failing
+            wait_closed(store, current, on_poll=on_poll)
+    log = RunLog()
+    for _ in range(rounds):
+        opened = core.start_round(**plan.start_kwargs())
+        info = wait_closed(store, opened.round_id, on_poll=on_poll)
+        log.rounds.append(info)
+        if on_round is not None:
+            on_round(info)
+    return log
+
+
+def round_rows(info: RoundInfo, now: float) -> list[dict[str, Any]]:
+    """One row per device involved in the round: its state and how long its update took."""
+    received, carried, late = set(info.received), set(info.carried), set(info.late)
+    rows = []
+    for d in sorted(set(info.sampled) | carried):
+        if d in received:
+            state = "received"
+        elif d in carried:
+            state = "carried"
+        elif d in late:
+            state = "late"
+        else:
+            state = "waiting" if info.state == "open" else "missed"
+        latency = info.arrivals.get(d)
+        if latency is None and state == "waiting":
+            latency = now - info.opened_at  # still running: how long it has been
+        rows.append({"device": d, "state": state, "seconds": None if latency is None else round(latency, 3)})
+    return rows
+
+
+def round_summary(info: RoundInfo, now: float) -> dict[str, Any]:
+    end = info.closed_at if info.closed_at is not None else now
+    return {"round": info.round_id, "state": info.state, "sampled": len(info.sampled),
+            "received": len(info.received), "carried": len(info.carried), "late": len(info.late),
+            "quorum": info.quorum, "elapsed_s": round(end - info.opened_at, 3),
+            "seconds_to_deadline": round(max(0.0, info.deadline - now), 1),
+            "close_latency_s": None if info.close_seconds is None else round(info.close_seconds, 4),
+            "policy": info.policy}
+
+
+def render_round(info: RoundInfo, now: float) -> str:
+    """The text of `fedmask round watch`: a header line and a device table."""
+    s = round_summary(info, now)
+    head = (f"round {s['round']}  {s['state']:<7}  received {s['received']}/{s['sampled']} (quorum {s['quorum']})"
+            f"  carried {s['carried']}  late {s['late']}  {s['elapsed_s']:.1f}s elapsed")
+    if s["state"] == "open":
+        head += f", {s['seconds_to_deadline']:.0f}s to deadline"
+    if s["close_latency_s"] is not None:
+        head += f", closed in {s['close_latency_s'] * 1e3:.0f} ms"
+    lines = [head, f"{'device':<24} {'state':<9} {'seconds':>8}"]
+    for row in round_rows(info, now):
+        secs = "" if row["seconds"] is None else f"{row['seconds']:8.2f}"
+        lines.append(f"{row['device']:<24} {row['state']:<9} {secs:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""A fleet of worker processes on one machine, for the demo and the decoupling benchmark.
+
+Everything runs through the real product: the aggregator is the background service `make up`
+starts, devices are enrolled through the management API with their own broker users, and each
+worker is a separate `fedmask worker` process. A fleet owns its own vhost, Redis database and run
+directory, which it resets on start, so it never touches a production deployment's state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aggregator.store import RoundStore
+from ops.enroll import Management
+from ops.services import Deployment, ensure_rabbitmq, ensure_redis, start_aggregator, stop_aggregator
+from shared.errors import FedMaskError
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + vhost))
+
+
+@dataclass
+class FleetSpec:
+    task: str
+    devices: dict[str, str]  # device id -> profile (pi4 | jetson)
+    amqp_url: str  # admin URL; the fleet uses its own vhost on that broker
+    redis_url: str  # a Redis database the fleet may reset
+    run_dir: Path
+    vhost: str = "fedmask-demo"
+    width: int | None = None
+    seed: int = 0
+    merge: str = "head"
+    api_url: str = "http://127.0.0.1:15672"
+
+
+@dataclass
+class Fleet:
+    spec: FleetSpec
+    say: Any = print
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: list[IO[str]] = field(default_factory=list)
+
+    @property
+    def deployment(self) -> Deployment:
+        s = self.spec
+        return Deployment(amqp_url=with_vhost(s.amqp_url, s.vhost), redis_url=s.redis_url,
+                          run_dir=s.run_dir / "services", task=s.task, width=s.width, seed=s.seed, merge=s.merge)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.spec.run_dir / "state"
+
+    def __enter__(self) -> Fleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, hello_timeout_s: float = 300.0) -> None:
+        s, dep = self.spec, self.deployment
+        for d in (dep.run_dir, self.state_dir, s.run_dir / "logs"):
+            d.mkdir(parents=True, exist_ok=True)
+        ensure_rabbitmq(dep, self.say)
+        ensure_redis(dep, self.say)
+        u = urlsplit(s.amqp_url)
+        mgmt = Management(s.api_url, u.username or "guest", u.password or "guest")
+        self._reset(mgmt)
+        start_aggregator(dep, self.say)
+        creds = {d: mgmt.enroll(d, vhost=s.vhost).amqp_url for d in s.devices}
+        self.say(f"enrolled {len(creds)} devices (own broker user each) in vhost {s.vhost}")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for d, profile in s.devices.items():
+            log = (s.run_dir / "logs" / f"{d}.log").open("w")
+            self.logs.append(log)
+            cmd = [sys.executable, "-m", "ops.cli", "worker", "--device-id", d, "--profile", profile, "--task",
+                   s.task, "--amqp-url", creds[d], "--state-dir", str(self.state_dir), "--seed", str(s.seed)]
+            if s.width is not None:
+                cmd += ["--width", str(s.width)]
+            self.procs[d] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.say(f"started {len(self.procs)} workers; waiting for every hello (each prunes once) ...")
+        self._wait_hellos(hello_timeout_s)
+
+    def _reset(self, mgmt: Management) -> None:
+        """A clean slate: this fleet's Redis keys, vhost and worker state (never anyone else's)."""
+        self.check_redis_is_scratch()
+        store = RoundStore.from_url(self.spec.redis_url)
+        for key in store.client.scan_iter(match=b"fm:*"):
+            store.client.delete(key)
+        mgmt.delete_vhost(self.spec.vhost)
+        mgmt.ensure_vhost(self.spec.vhost)
+        for f in self.state_dir.glob("*"):
+            f.unlink()
+
+    def check_redis_is_scratch(self) -> None:
+        if urlsplit(self.spec.redis_url).path in ("", "/", "/0"):
+            raise FedMaskError("a fleet resets its Redis database: give it one other than db 0 "
+                               f"(got {self.spec.redis_url.rsplit('@', 1)[-1]})")
+
+    def _wait_hellos(self, timeout_s: float) -> None:
+        store = RoundStore.from_url(self.spec.redis_url)
+        end = time.time() + timeout_s
+        while time.time() < end:
+            self.check_alive()
+            if set(store.device_ids()) >= set(self.spec.devices):
+                return
+            time.sleep(0.5)
+        missing = sorted(set(self.spec.devices) - set(store.device_ids()))
+        raise FedMaskError(f"no hello from {', '.join(missing)} within {timeout_s:.0f}s; see {self.spec.run_dir}/logs")
+
+    def check_alive(self) -> None:
+        dead = {d: p.returncode for d, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            d, code = next(iter(dead.items()))
+            tail = (self.spec.run_dir / "logs" / f"{d}.log").read_text().splitlines()[-8:]
+            raise FedMaskError(f"worker {d} exited with code {code}:\n" + "\n".join(tail))
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for log in self.logs:
+            log.close()
+        stop_aggregator(self.deployment, self.say)
