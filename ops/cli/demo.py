@@ -18,8 +18,8 @@ from shared.errors import FedMaskError
 @click.option("--rounds", type=int, default=12, show_default=True)
 @click.option("--quorum", type=float, default=0.7, show_default=True)
 @click.option("--late", type=click.Choice(["drop", "carry"]), default="carry", show_default=True)
-@click.option("--max-staleness", type=int, default=6, show_default=True,
-              help="rounds a late update may be carried (a Pi 4 task spans about 5 rounds here)")
+@click.option("--max-staleness", type=int, default=10, show_default=True,
+              help="rounds a late update may be carried (a Pi 4 task spans about 8 rounds here)")
 @click.option("--deadline", type=float, default=300.0, show_default=True, help="seconds per round")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--amqp-url", envvar="FEDMASK_DEMO_AMQP_URL", default="amqp://guest:guest@127.0.0.1:5672/",

@@ -95,10 +95,14 @@ def _state(store: object, r: int) -> str:
     return str(info.state) if info is not None else "missing"
 
 
-def test_pipeline_matches_simulator(pipeline: dict[str, object]) -> None:
-    from aggregator.core import AggregatorCore
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_pipeline_matches_simulator(pipeline: dict[str, object], redis_service_url: str) -> None:
+    import json
+
     from aggregator.store import RoundStore
-    from shared.amqp import AmqpSettings, Publisher
 
     store: RoundStore = pipeline["store"]  # type: ignore[assignment]
     ids: list[str] = pipeline["ids"]  # type: ignore[assignment]
@@ -106,12 +110,23 @@ def test_pipeline_matches_simulator(pipeline: dict[str, object]) -> None:
     tmp: Path = pipeline["tmp"]  # type: ignore[assignment]
     _wait(lambda: sorted(store.device_ids()) == sorted(ids), 120, "every worker's hello")
     spec = model_spec(TASK, width=WIDTH, seed=SEED)
-    with Publisher(AmqpSettings.from_url(str(pipeline["admin_url"]))) as pub:
-        core = AggregatorCore(store, pub, spec, merge="head")
-        for r in range(1, ROUNDS + 1):
-            info = core.start_round(rate=1.0, quorum=1.0, deadline_s=120, seed=SEED)
-            assert info.round_id == r and sorted(info.sampled) == sorted(ids)
-            _wait(lambda r=r: _state(store, r) == "closed", 120, f"round {r} to close")
+    # The operator's command drives the rounds; task and width come from the running aggregator.
+    urls = ["--amqp-url", str(pipeline["admin_url"]), "--redis-url", redis_service_url]
+    run = _cli("round", "run", "--rounds", str(ROUNDS), "--quorum", "1.0", "--deadline", "120", "--json", *urls)
+    assert run.returncode == 0, run.stderr
+    summaries = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [x["round"] for x in summaries] == [1, 2, 3]
+    assert all(x["state"] == "closed" and x["received"] == x["sampled"] == N for x in summaries)
+    assert all(0 <= x["close_latency_s"] < 5 for x in summaries)
+    status = _cli("round", "status", "--json", "--redis-url", redis_service_url)
+    assert status.returncode == 0, status.stderr
+    devices = json.loads(status.stdout)["devices"]
+    assert sorted(d["device"] for d in devices) == sorted(ids) and {d["state"] for d in devices} == {"received"}
+    assert all(d["seconds"] > 0 for d in devices)
+    watch = _cli("round", "watch", "--once", "--redis-url", redis_service_url)
+    assert watch.returncode == 0 and f"round {ROUNDS}  closed" in watch.stdout and ids[0] in watch.stdout
+    wrong = _cli("round", "start", "--task", "mnist", *urls)  # not the model the aggregator serves
+    assert wrong.returncode != 0 and "serves digits" in wrong.stderr
     _wait(lambda: all(store.mask_version(d) == ROUNDS for d in ids), 30, "masks stored")
     time.sleep(2)  # workers persist the last mask they received
 

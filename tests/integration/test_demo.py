@@ -1,0 +1,32 @@
+"""`fedmask demo` at a small size: services, enrolment, worker processes, rounds on a quorum with a
+slow board, evaluation, report and plot — the same code path as `make demo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.services
+
+
+def test_small_demo_runs_end_to_end(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    env = {**os.environ, "FEDMASK_NO_DOCKER": "1"}
+    res = subprocess.run([sys.executable, "-m", "ops.cli", "demo", "--workers", "3", "--pi4", "1", "--rounds", "3",
+                          "--quorum", "0.6", "--amqp-url", amqp_service_url, "--redis-url", redis_service_url,
+                          "--out", str(out)], capture_output=True, text=True, timeout=400, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "pipeline.png").stat().st_size > 10_000
+    assert len(report["rounds"]) == 3 and all(r["received"] >= 1 for r in report["rounds"])
+    devices = report["devices"]
+    assert sorted(d["profile"] for d in devices.values()) == ["jetson", "jetson", "pi4"]
+    assert all(d["updates"] >= 1 and d["bytes_up"] > 0 and 0 <= d["accuracy_final"] <= 1 for d in devices.values())
+    # quorum 0.6 of 3 = 2: the rounds close on the two Jetsons, before the Pi 4's first update
+    assert report["turnaround_seconds_by_profile"]["pi4"] > report["turnaround_seconds_by_profile"]["jetson"]
+    assert "mean personalized accuracy" in res.stdout
