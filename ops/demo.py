@@ -177,7 +177,8 @@ def summarize(rounds: list[RoundInfo], devices: dict[str, dict[str, Any]], count
         "wall_seconds": round(wall_s, 1),
         "rounds": [{"round": r.round_id, "seconds": round(t, 3), "sampled": len(r.sampled),
                     "received": len(r.received), "carried": len(r.carried), "late": len(r.late),
-                    "arrivals": r.arrivals} for r, t in zip(rounds, durations, strict=True)],
+                    "arrivals": r.arrivals, "carried_devices": r.carried}
+                   for r, t in zip(rounds, durations, strict=True)],
         "median_round_seconds": statistics.median(durations),
         "close_latency_ms": {"p50": 1e3 * float(np.percentile(close, 50)), "max": 1e3 * max(close)} if close else None,
         "turnaround_seconds_by_profile": {k: statistics.median(v) for k, v in sorted(by_profile.items())},
@@ -223,16 +224,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
     devices = report["devices"]
     colors = {"pi4": "tab:red", "jetson": "tab:blue"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from matplotlib.patches import Patch
+
     for r in report["rounds"]:
         ax1.bar(r["round"], r["seconds"], color="0.85", width=0.8)
         for d, secs in r["arrivals"].items():
-            ax1.scatter(r["round"], secs, s=14, color=colors.get(devices.get(d, {}).get("profile", ""), "k"), zorder=3)
-    for name, c in colors.items():
-        ax1.scatter([], [], color=c, s=14, label=f"{name} update arrives")
-    ax1.bar([], [], color="0.85", label="round open -> closed")
+            carried = d in r["carried_devices"]
+            ax1.scatter(r["round"], secs, s=30 if carried else 14, marker="x" if carried else "o", zorder=3,
+                        color=colors.get(devices.get(d, {}).get("profile", ""), "k"))
+    handles = [Patch(color="0.85", label="round open -> closed")]
+    handles += [ax1.scatter([], [], color=c, s=14, label=f"{name} update arrives") for name, c in colors.items()]
+    handles.append(ax1.scatter([], [], color="k", marker="x", s=30, label="late update carried in"))
     ax1.set(xlabel="round", ylabel="seconds since the round opened",
             title=f"quorum {report['settings']['quorum']}: rounds close without the slow boards")
-    ax1.legend(fontsize=8)
+    ax1.legend(handles=handles, fontsize=8)
     names = list(devices)
     x = np.arange(len(names))
     ax2.bar(x - 0.2, [devices[d]["accuracy_merged"] for d in names], 0.4, label="merged mask",
