@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -82,6 +83,11 @@ class Worker:
         return self.amqp.username
 
     def run(self) -> None:
+        """Until SIGTERM/SIGINT (or stop_event): the delivery in hand is settled, the rest stay queued.
+        A handler is needed: as PID 1 in a container, a process without one ignores SIGTERM."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda _s, _f: self.stop_event.set())
         torch.set_num_threads(self.profile.threads)
         self.enrol()
         consumer = Consumer(self.amqp, device_queue(self.device_id), self.on_delivery, prefetch=1)

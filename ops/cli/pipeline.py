@@ -91,14 +91,23 @@ def devices() -> None:
 @click.option("--api-url", default="http://127.0.0.1:15672", show_default=True, help="RabbitMQ management API")
 @click.option("--admin-user", envvar="FEDMASK_ADMIN_USER", default="guest")
 @click.option("--admin-password", envvar="FEDMASK_ADMIN_PASSWORD", default="guest")
+@click.option("--vhost", default="fedmask", show_default=True)
+@click.option("--amqp-host", default="127.0.0.1", show_default=True,
+              help="the broker address as the boards reach it (goes into their URL)")
+@click.option("--amqp-port", type=int, default=5672, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write worker settings (JSON, mode 600)")
-def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_password: str, out: Path | None) -> None:
+def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_password: str, vhost: str,
+           amqp_host: str, amqp_port: int, out: Path | None) -> None:
     """Create each device's broker user, queue and permissions; print or write its connection URL."""
-    from ops.enroll import Management
+    from ops.enroll import Management, ManagementError
 
     mgmt = Management(api_url, admin_user, admin_password)
-    mgmt.ensure_vhost()
-    creds = {d: mgmt.enroll(d).amqp_url for d in device_ids}
+    try:
+        mgmt.ensure_vhost(vhost)
+        creds = {d: mgmt.enroll(d, vhost=vhost, amqp_host=amqp_host, amqp_port=amqp_port).amqp_url
+                 for d in device_ids}
+    except ManagementError as exc:
+        raise click.ClickException(str(exc)) from exc
     if out:
         write_json(out, creds)
         os.chmod(out, 0o600)
