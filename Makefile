@@ -17,7 +17,7 @@ help:
 	@echo "make test      set up and run the test suite"
 	@echo "make simulate  one FedMask simulation (TASK=activity|mnist|shakespeare)"
 	@echo "make experiment  all methods on TASK: results.csv/.md and the accuracy-vs-communication plot"
-	@echo "make bench     benchmarks (aggregation kernel, compact-model export)"
+	@echo "make bench     benchmarks: merge kernel, pipeline ingest and close latency, decoupling, 500-device load"
 	@echo "make lint      ruff + mypy"
 	@echo "make fuzz      10,000-example decoder fuzz run"
 
@@ -75,6 +75,9 @@ experiment: setup
 
 bench: setup
 	$(BIN)/fedmask bench aggregate --devices 20 --params 15000000
+	$(BIN)/fedmask bench pipeline --devices 100 --params 1000000 --rounds 20 --out $(RUNS)/bench-pipeline.json
+	$(BIN)/fedmask bench decoupling --devices 10 --pi4 3 --rounds 8 --quorum 0.7
+	$(BIN)/fedmask bench load --devices 500 --rounds 20 --out $(RUNS)/bench-load.json
 
 clean:
 	rm -rf $(RUNS) .pytest_cache .mypy_cache .ruff_cache

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
+from ops.cli.common import write_json
 from shared.bench_aggregate import run_aggregate_bench
 
 
@@ -34,3 +38,131 @@ def aggregate(devices: int, params: int, repeats: int, seed: int, as_json: bool)
                f"({r['kernel_params_per_second'] / 1e6:,.0f} M params/s, {r['kernel_mb_per_second']:,.0f} MB/s in)")
     click.echo(f"speedup         : {r['speedup']:.1f}x vs the naive reference, "
                f"{r['speedup_vs_tuned_naive']:.1f}x vs the tuned one; output bit-identical: {r['identical']}")
+
+
+# -- pipeline benchmarks: emulated devices through the real RabbitMQ and Redis (ops/bench_*.py) --------
+
+_BENCH_REDIS = "redis://127.0.0.1:6379/14"
+
+
+def _service_options(fn: Any) -> Any:
+    """Where the services are; each run works in a throwaway vhost and a Redis database of its own."""
+    fn = click.option("--api-url", default="http://127.0.0.1:15672", show_default=True,
+                      help="RabbitMQ management API (same admin user as --amqp-url)")(fn)
+    fn = click.option("--redis-url", default=_BENCH_REDIS, show_default=True,
+                      help="a database the benchmark may fill and empty (refused if it holds fm:* keys)")(fn)
+    fn = click.option("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/", show_default=True,
+                      help="admin user; a throwaway vhost replaces the URL's vhost")(fn)
+    return fn
+
+
+def _finish(result: dict[str, Any], text: str, as_json: bool, out: Path | None) -> None:
+    write_json(out, result)
+    click.echo(json.dumps(result, indent=2) if as_json else text)
+    if result["problems"]:
+        sys.exit(1)  # a vanished message or a wrong downlink is a failure, not a figure
+
+
+@bench.command("pipeline")
+@click.option("--devices", type=int, default=100, show_default=True)
+@click.option("--params", type=int, default=1_000_000, show_default=True, help="model size (an mlp of that size)")
+@click.option("--rounds", type=int, default=20, show_default=True, help="rounds timed for close latency")
+@click.option("--task", type=click.Choice(["activity", "mnist", "digits"]), default="activity", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="(ingest, raw) pairs; the median is reported")
+@click.option("--profile", is_flag=True, help="cProfile the aggregator's handler during the ingest round")
+@_service_options
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the figures (JSON)")
+def pipeline(devices: int, params: int, rounds: int, task: str, seed: int, repeats: int, profile: bool,
+             amqp_url: str, redis_url: str, api_url: str, as_json: bool, out: Path | None) -> None:
+    """Aggregator ingest rate vs the broker's raw rate, and round close latency (emulated devices)."""
+    from tqdm import tqdm
+
+    from ops.bench_pipeline import PipelineBenchConfig, run_pipeline_bench
+    from ops.bench_report import format_pipeline
+    from shared.errors import FedMaskError
+
+    cfg = PipelineBenchConfig(devices=devices, params=params, rounds=rounds, task=task, seed=seed, profile=profile,
+                              ingest_repeats=repeats, amqp_url=amqp_url, redis_url=redis_url, api_url=api_url)
+    bar = tqdm(total=rounds, desc="close latency", unit="round", file=sys.stderr, leave=False, dynamic_ncols=True)
+    try:
+        result = run_pipeline_bench(cfg, on_round=lambda _i, s: (bar.set_postfix_str(f"close {s:.3f}s"), bar.update()))
+    except FedMaskError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    _finish(result, format_pipeline(result), as_json, out)
+
+
+@bench.command("load")
+@click.option("--devices", type=int, default=500, show_default=True)
+@click.option("--rounds", type=int, default=20, show_default=True)
+@click.option("--params", type=int, default=20_000, show_default=True)
+@click.option("--sample-rate", type=float, default=0.5, show_default=True)
+@click.option("--quorum", type=float, default=0.8, show_default=True)
+@click.option("--deadline", type=float, default=10.0, show_default=True, help="seconds per round")
+@click.option("--bad-rate", type=float, default=0.02, show_default=True,
+              help="injected bad messages per valid update (duplicate, wrong length, not sampled, undecodable)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_service_options
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the figures (JSON)")
+def load(devices: int, rounds: int, params: int, sample_rate: float, quorum: float, deadline: float,
+         bad_rate: float, seed: int, amqp_url: str, redis_url: str, api_url: str, as_json: bool,
+         out: Path | None) -> None:
+    """Many emulated devices vs the aggregator process: throughput, close latency, peak memory,
+    and an exact accounting of every update (exit 1 if any vanished)."""
+    from tqdm import tqdm
+
+    from ops.bench_load import LoadBenchConfig, run_load_bench
+    from ops.bench_report import format_load
+    from shared.errors import FedMaskError
+
+    cfg = LoadBenchConfig(devices=devices, rounds=rounds, params=params, sample_rate=sample_rate, quorum=quorum,
+                          deadline=deadline, bad_rate=bad_rate, seed=seed, amqp_url=amqp_url, redis_url=redis_url,
+                          api_url=api_url)
+    bar = tqdm(total=rounds, desc="rounds", unit="round", file=sys.stderr, leave=False, dynamic_ncols=True)
+    try:
+        result = run_load_bench(cfg, on_round=lambda _i, s: (bar.set_postfix_str(f"close {s:.3f}s"), bar.update()))
+    except FedMaskError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    _finish(result, format_load(result), as_json, out)
+
+
+@bench.command("decoupling")
+@click.option("--devices", type=int, default=10, show_default=True)
+@click.option("--pi4", type=int, default=3, show_default=True, help="emulated Pi 4 boards (5x slower)")
+@click.option("--rounds", type=int, default=8, show_default=True)
+@click.option("--quorum", type=float, default=0.7, show_default=True)
+@click.option("--late", type=click.Choice(["drop", "carry"]), default="carry", show_default=True)
+@click.option("--amqp-url", envvar="FEDMASK_DEMO_AMQP_URL", default="amqp://guest:guest@127.0.0.1:5672/",
+              show_default=True, help="admin URL; the bench uses its own vhost fedmask-bench")
+@click.option("--redis-url", envvar="FEDMASK_DEMO_REDIS_URL", default="redis://127.0.0.1:6379/1",
+              show_default=True, help="a Redis database the bench resets (never db 0)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench-decoupling"), show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def decoupling(devices: int, pi4: int, rounds: int, quorum: float, late: str, amqp_url: str, redis_url: str,
+               out: Path, as_json: bool) -> None:
+    """Median round time of a mixed Pi 4 / Jetson fleet vs an all-Jetson fleet (real pipeline)."""
+    from ops.bench_decoupling import run_decoupling_bench
+    from ops.cli.common import write_json
+    from shared.errors import FedMaskError
+
+    try:
+        r = run_decoupling_bench(devices=devices, pi4=pi4, rounds=rounds, quorum=quorum, late=late,
+                                 amqp_url=amqp_url, redis_url=redis_url, out=out,
+                                 say=lambda m: click.echo(m, err=True))
+    except FedMaskError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_json(out / "decoupling.json", r)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for name in ("mixed", "all_jetson"):
+        f = r[name]
+        click.echo(f"{name:<11} median round {f['median_round_seconds']:6.2f}s  rounds {f['round_seconds']}  "
+                   f"sampled {f['sampled_per_round']}  carried {f['carried']}  late {f['late']}")
+    click.echo(f"ratio mixed / all-jetson: {r['median_ratio']:.2f} (target <= 1.3: {'met' if r['met'] else 'NOT met'})")

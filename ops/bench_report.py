@@ -1,0 +1,98 @@
+"""Readable output of the pipeline benchmarks, and the cProfile summary they report."""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import pstats
+from typing import Any
+
+
+def top_functions(profiler: cProfile.Profile, limit: int = 20) -> list[dict[str, Any]]:
+    """The profile's heaviest functions by cumulative time, as rows for a table or JSON."""
+    stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: kv[1][3], reverse=True)[:limit]
+    return [{"function": f"{_short(fn)}:{line}({name})", "calls": nc, "tottime_s": tt, "cumtime_s": ct}
+            for (fn, line, name), (_cc, nc, tt, ct, _callers) in rows]
+
+
+def _short(path: str) -> str:
+    """site-packages/redis/client.py -> redis/client.py; /repo/aggregator/core.py -> aggregator/core.py."""
+    if "site-packages/" in path:
+        return path.rsplit("site-packages/", 1)[1]
+    return path.removeprefix(os.getcwd() + os.sep)
+
+
+def describe_host(host: dict[str, float] | None) -> str:
+    if not host:
+        return "host: n/a"
+    return (f"host: {host['cpus']:.0f} CPUs, shared with RabbitMQ and Redis; 1-min load average "
+            f"{host['loadavg_1m']:.2f} before, {host['loadavg_1m_after']:.2f} after")
+
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def format_pipeline(r: dict[str, Any]) -> str:
+    """What `fedmask bench pipeline` prints without --json."""
+    c, ing, raw, close, fl = r["config"], r["ingest"], r["raw"], r["close"], r["adapter_floor"]
+    ratios = ", ".join(f"{x:.3f}" for x in r["ingest_over_raw_all"])
+    lines = [
+        f"{c['devices']} devices x {c['params_actual']:,} params ({c['task']} mlp, width {c['width']}), "
+        f"updates of {c['update_bytes_mean'] / 1e3:.1f} kB, prefetch {c['prefetch']}",
+        "",
+        f"{'one round drained (median pair)':34s} {'updates/s':>10s} {'MB/s':>8s} {'seconds':>8s}",
+        f"{'aggregator ingest (to last stored)':34s} {ing['updates_per_s']:10.1f} {ing['mb_per_s']:8.1f} "
+        f"{ing['seconds']:8.3f}",
+        f"{'  same drain incl. the close':34s} {'':10s} {'':8s} {ing['seconds_incl_close']:8.3f}",
+        f"{'raw broker delivery (plain pika)':34s} {raw['updates_per_s']:10.1f} {raw['mb_per_s']:8.1f} "
+        f"{raw['seconds']:8.3f}",
+        f"ingest / raw = {r['ingest_over_raw']:.3f}, median of {len(r['ingest_over_raw_all'])} pairs ({ratios}); "
+        f"target >= {r['ingest_target_ratio']}: {_verdict(r['ingest_over_raw'] >= r['ingest_target_ratio'])}",
+        f"aggregator handler: median {ing['handler_ms_median']:.2f} ms per update",
+        f"adapter floor: shared.amqp.Consumer acking at once {fl['adapter_noop']['updates_per_s']:.1f}/s vs "
+        f"raw {fl['raw']['updates_per_s']:.1f}/s over {fl['raw']['updates']} messages = "
+        f"{fl['adapter_over_raw']:.3f}",
+        "  (the ceiling of ingest / raw: the aggregator's consumer class doing no work at all)",
+        "",
+        f"round close latency over {close['rounds']} rounds (closer elected -> last merged mask confirmed):",
+        f"  p50 {close['p50_s']:.3f} s   p99 {close['p99_s']:.3f} s   max {close['max_s']:.3f} s   "
+        f"(target p99 <= {close['target_s']} s: {_verdict(close['p99_s'] <= close['target_s'])})",
+        f"device queues: {r['device_queues']}",
+        describe_host(r.get("host")),
+    ]
+    for phase, rows in (r.get("profile") or {}).items():
+        lines += ["", f"cProfile, {phase.replace('_top', '')} (aggregator handler thread; top by cumulative time):",
+                  f"  {'cumtime s':>9s} {'own s':>8s} {'calls':>7s}  function"]
+        lines += [f"  {row['cumtime_s']:9.3f} {row['tottime_s']:8.3f} {row['calls']:7d}  {row['function']}"
+                  for row in rows]
+    lines += [f"PROBLEM: {p}" for p in r["problems"]]
+    return "\n".join(lines)
+
+
+def format_load(r: dict[str, Any]) -> str:
+    """What `fedmask bench load` prints without --json."""
+    c, a, t, close = r["config"], r["accounting"], r["throughput"], r["close"]
+    peak = r["aggregator_peak_rss_mb"]
+    lines = [
+        f"{c['devices']} devices x {c['params_actual']:,} params, {r['rounds_completed']}/{c['rounds']} rounds, "
+        f"sample rate {c['sample_rate']}, quorum {c['quorum']}, deadline {c['deadline']:g} s",
+        f"updates: {t['updates']} in {t['seconds']:.2f} s = {t['updates_per_s']:.1f} updates/s "
+        "(first publish -> last message handled, per round)",
+        f"round close: p50 {close['p50_s']:.3f} s  p99 {close['p99_s']:.3f} s  max {close['max_s']:.3f} s  "
+        f"({close['by_deadline']} closed by deadline)",
+        f"aggregator peak RSS: {'n/a' if peak is None else f'{peak:.1f} MB'} ({r['memory_method']})",
+        "",
+        f"accounting: sent {a['sent']} = merged {a['merged']} + rejected {a['rejected']} + duplicates acked "
+        f"{a['duplicates_acked']}  (vanished: {a['vanished']})",
+        f"  injected:      {a['injected']}",
+        f"  rejected:      {a['rejected_by_reason']}  (late, round_closed: {a['late']})",
+        f"  dead letters:  {a['dead_letters_by_reason']}",
+        f"device queues: {r['device_queues']}",
+        describe_host(r.get("host")),
+    ]
+    lines += [f"PROBLEM: {p}" for p in r["problems"]]
+    lines.append("accounting OK" if not r["problems"] else f"{len(r['problems'])} problem(s)")
+    return "\n".join(lines)
