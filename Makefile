@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs
 
-.PHONY: setup demo engine-demo up down status test lint typecheck fuzz simulate bench experiment clean help
+.PHONY: setup demo engine-demo up down status faults test lint typecheck fuzz simulate bench experiment clean help
 
 help:
 	@echo "make demo      set up and run the main job end to end: a 10-board fleet through RabbitMQ and Redis"
@@ -63,6 +63,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Crash and restart cases (SIGKILLed aggregator at 5 points, killed worker, RabbitMQ and Redis
+# restarts) and hostile inputs; `make test` runs them too.
+faults: setup
+	$(BIN)/python -m pytest -q -rA tests/faults
 
 fuzz: setup
 	FEDMASK_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/unit/test_codec.py -k fuzz

@@ -8,6 +8,8 @@ pipeline merges exactly as the simulator does.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +19,14 @@ import numpy as np
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from shared import codec
 from shared.bits import pack
-from shared.errors import CodecError
+from shared.errors import CodecError, ConfigError
 from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
 from shared.rounds import (
     DeviceRecord,
     RoundState,
     check_sender,
+    check_update,
     mask_message,
     merge_round,
     quorum_count,
@@ -47,6 +50,30 @@ class Decision:
 ACK = Decision("ack")
 LATE_POLICIES = ("drop", "carry")
 
+# Fault injection for tests/faults/test_crashes.py: FEDMASK_FAULT=<point>[:<n>] makes the aggregator
+# SIGKILL itself the n-th time (default 1) it reaches <point>, so the crash suite can stop it at one exact
+# step of the persist/ack and close/publish sequences. Unset (production) it is one attribute test.
+FAULT_ENV = "FEDMASK_FAULT"
+FAULT_POINTS = (
+    "consumed",  # an update was decoded and checked, not yet stored (its delivery is unacked)
+    "stored",  # store_update has run, the delivery is not acked yet
+    "merging",  # the closer was elected and has read the updates; nothing is published
+    "published",  # a merged mask was confirmed by the broker; the round's masks are not all stored
+    "published_all",  # every merged mask is published and stored; the round is not marked closed
+)
+
+
+def fault_plan(spec: str | None) -> tuple[str, int] | None:
+    """Parse FEDMASK_FAULT: None when unset or empty, else (point, n)."""
+    if not spec:
+        return None
+    point, _, count = spec.partition(":")
+    count = count or "1"
+    if point not in FAULT_POINTS or not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"{FAULT_ENV} must be <point>[:<n>] with n >= 1 and point one of "
+                          f"{', '.join(FAULT_POINTS)}; got {spec!r}")
+    return point, int(count)
+
 
 class AggregatorCore:
     def __init__(self, store: RoundStore, downlink: Transport, spec: ModelSpec, *, merge: str = "head",
@@ -57,6 +84,8 @@ class AggregatorCore:
         self.rule = get_rule(merge)
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
         self._records: dict[str, DeviceRecord] = {}
+        self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
+        self._fault_hits = 0
 
     # -- uplink -------------------------------------------------------------------------
     def handle(self, routing_key: str, user_id: str | None, body: bytes) -> Decision:
@@ -65,10 +94,12 @@ class AggregatorCore:
         try:
             msg = codec.decode(body)
             env = Envelope(routing_key, user_id or "", body)
+            # Identity first: a device on its own (broker-checked) key naming another device inside
+            # is a spoof, and must be counted as one, not as a routing slip.
+            check_sender(env, msg, fingerprint=self.fingerprint, layout=self.layout)
             parts = routing_key.split(".")
             if len(parts) != 3 or parts[1] != msg.device or parts[2] != msg.type:
                 raise CodecError("routing_mismatch", f"key {routing_key!r} for a {msg.type} from {msg.device!r}")
-            check_sender(env, msg, fingerprint=self.fingerprint, layout=self.layout)
             if msg.type == "hello":
                 return self._hello(msg)
             if msg.type == "update":
@@ -95,20 +126,26 @@ class AggregatorCore:
         return ACK
 
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
-        unpack_update(msg, self._record(msg.device), self.nbits)  # length and structure checks
+        check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
+        self._fault("consumed")
         now = self.clock()
-        status = self.store.store_update(msg.round, msg.device, body, now)
-        self.store.touch(msg.device, now)
-        if status in ("stored", "closed"):
-            self.store.mark_reported(msg.device, msg.round)  # the board is free for another task
+        # One round trip stores, heartbeats and runs the closer election (quorum met, or deadline).
+        status, elected = self.store.ingest_update(msg.round, msg.device, body, now)
+        self._fault("stored")
         if status == "stored":
-            self.store.incr("updates:stored")
-            self.maybe_close(msg.round)
+            self.store.note_update(msg.device, msg.round, "updates:stored")  # the board is free again
+            if elected:
+                self.close(msg.round)
             return ACK
+        if elected:  # the deadline passed while this (duplicate or refused) update was in flight
+            self.close(msg.round)
         if status == "duplicate":
-            self.store.incr("updates:duplicate")
+            # Also mark it reported: an aggregator killed between storing and this line left the device
+            # looking busy, and only the redelivery can clear that.
+            self.store.note_update(msg.device, msg.round, "updates:duplicate")
             return ACK  # already persisted: acknowledging the redelivery is the idempotent outcome
         if status == "closed":
+            self.store.mark_reported(msg.device, msg.round)
             return self._late(msg, body, now)
         raise CodecError(status, f"round {msg.round}, device {msg.device}")
 
@@ -144,6 +181,15 @@ class AggregatorCore:
                 return None
             rec = self._records[device] = DeviceRecord(np.frombuffer(structure, np.uint8).copy())
         return rec
+
+    def _fault(self, point: str) -> None:
+        """SIGKILL this process if FEDMASK_FAULT names `point` and this is its n-th hit (see FAULT_ENV)."""
+        if self._fault_plan is None or self._fault_plan[0] != point:
+            return
+        self._fault_hits += 1
+        if self._fault_hits == self._fault_plan[1]:
+            log.warning("%s=%s:%d reached: killing the aggregator (SIGKILL)", FAULT_ENV, point, self._fault_hits)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
@@ -229,13 +275,17 @@ class AggregatorCore:
             msg = codec.decode(body, expect_type="update")
             rec = self._record(device)
             rnd.received[device] = unpack_update(msg, rec, self.nbits)
+        self._fault("merging")
         merged = merge_round(self.rule, self.ctx, rnd, self._records)
         for device, mask in merged.items():
             rec = self._records[device]
             msg = mask_message(device, mask, rec, round_id=round_id, fingerprint=self.fingerprint,
                                layout=self.layout, nbits=self.nbits)
             self.downlink.publish_downlink(device, codec.encode(msg))
-            self.store.set_mask(device, mask.tobytes(), round_id)
+            self._fault("published")
+        # After the publishes, in one round trip: a crash before this is resumed by publishing again.
+        self.store.set_masks({device: mask.tobytes() for device, mask in merged.items()}, round_id)
+        self._fault("published_all")
         self.store.mark_closed(round_id, self.clock())
         self.store.incr("rounds:closed")
         log.info("round %d closed: %d participants merged (%s)", round_id, len(merged), self.rule.name)

@@ -13,12 +13,22 @@ import threading
 from dataclasses import dataclass
 
 from aggregator.core import AggregatorCore
-from aggregator.store import RoundStore
-from shared.amqp import AGGREGATOR_QUEUE, DEVICE_USER_PREFIX, AmqpSettings, Consumer, Delivery, Outcome, Publisher
+from aggregator.store import RoundStore, StoreError
+from shared.amqp import (
+    AGGREGATOR_QUEUE,
+    DEVICE_USER_PREFIX,
+    AmqpError,
+    AmqpSettings,
+    Consumer,
+    Delivery,
+    Outcome,
+    Publisher,
+)
 from shared.errors import FedMaskError
 from shared.presets import model_spec
 
 log = logging.getLogger("fedmask.aggregator")
+RETRY_MAX_SECONDS = 30.0  # the longest wait between two tries while Redis or the broker is unreachable
 
 
 def device_of_user(user_id: str | None) -> str | None:
@@ -39,23 +49,57 @@ class ServiceSettings:
     prune_last_k: int = 2
     prefetch: int = 16
     tick_seconds: float = 0.5
+    redis_prefix: str = "fm:"  # RoundStore key prefix: lets two aggregators (or a test) share one Redis db
 
 
 class AggregatorService:
     def __init__(self, s: ServiceSettings) -> None:
         self.settings = s
         self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
-        self.store = RoundStore.from_url(s.redis_url)
+        self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         self.publisher = Publisher(self.amqp, declare=True)
         spec = model_spec(s.task, width=s.width, seed=s.seed)
         self.core = AggregatorCore(self.store, self.publisher, spec, merge=s.merge, prune_last_k=s.prune_last_k)
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
+        # round in 'closing', which only resume() finishes. The next tick that reaches Redis runs it.
+        self._resume_pending = False
 
     def on_delivery(self, d: Delivery) -> Outcome:
-        with self.lock:
-            decision = self.core.handle(d.routing_key, device_of_user(d.user_id), d.body)
-        return Outcome.ack() if decision.action == "ack" else Outcome.reject(decision.reason)
+        """While Redis (or the downlink) is unreachable, retry the delivery in place with backoff rather
+        than fail it: a failed delivery is requeued and dead-lettered after the consumer's max_attempts,
+        which would lose an update to an outage. handle() is idempotent, and nothing is acked before it
+        returns; a drain (SIGTERM) during the wait requeues the delivery for the next aggregator."""
+        delay = 0.5
+        while True:
+            try:
+                with self.lock:
+                    decision = self.core.handle(d.routing_key, device_of_user(d.user_id), d.body)
+                return Outcome.ack() if decision.action == "ack" else Outcome.reject(decision.reason)
+            except (StoreError, AmqpError) as err:
+                if not err.retryable:
+                    raise
+                self._resume_pending = True
+                log.warning("%s not handled (%s); retrying in %.1f s", d.routing_key, err, delay)
+            if self.stop.wait(delay):
+                return Outcome.requeue()
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _tick(self) -> None:
+        """Finish a close an outage cut short, then close the current round if its deadline passed. An
+        unreachable Redis or broker is logged and retried at the next tick instead of ending the service."""
+        try:
+            with self.lock:
+                if self._resume_pending:
+                    self.core.resume()
+                    self._resume_pending = False
+                self.core.tick()
+        except (StoreError, AmqpError) as err:
+            if not err.retryable:
+                raise
+            self._resume_pending = True
+            log.warning("tick failed (%s); retrying in %.1f s", err, self.settings.tick_seconds)
 
     def run(self) -> None:
         self.store.ping()
@@ -74,8 +118,7 @@ class AggregatorService:
             while not self.stop.wait(self.settings.tick_seconds):
                 if consumer.error is not None:  # the broker refused us (credentials, permissions): stop loudly
                     raise FedMaskError(f"uplink consumer failed: {consumer.error}")
-                with self.lock:
-                    self.core.tick()
+                self._tick()
         finally:
             consumer.stop()
             self.publisher.close()

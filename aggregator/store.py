@@ -59,7 +59,13 @@ _MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a 
 
 
 class StoreError(FedMaskError):
-    """Redis is unreachable or refused a command, or a round/device rule was broken."""
+    """Redis is unreachable or refused a command, or a round/device rule was broken. `retryable` is True
+    when Redis could not be reached (refused or lost connection, timeout, still loading its data after a
+    restart): the same call may succeed later, so the service waits instead of failing the delivery."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,11 @@ class RoundStore:
             password = self.client.connection_pool.connection_kwargs.get("password")
             if isinstance(password, str) and password:
                 msg = msg.replace(password, "***")
-            raise StoreError(f"redis {what} failed: {msg}") from None
+            # BusyLoadingError (a restarted Redis reading its AOF) is a ConnectionError; so are wrong
+            # credentials, which no wait can fix.
+            unreachable = isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and not isinstance(
+                exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError))
+            raise StoreError(f"redis {what} failed: {msg}", retryable=unreachable) from None
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         with self._guard(name):
@@ -244,6 +254,16 @@ class RoundStore:
         dk = self._k("device", device_id)
         self._run("set_mask", [dk + ":mask", dk + ":mask_version"], [bytes(packed), int(version)])
 
+    def set_masks(self, masks: dict[str, bytes], version: int) -> None:
+        """set_mask for many devices in one round trip (a round's close stores up to K masks)."""
+        with self._guard("set_masks"):
+            pipe = self.client.pipeline(transaction=False)
+            for device_id, packed in masks.items():
+                dk = self._k("device", device_id)
+                self._scripts["set_mask"](keys=[dk + ":mask", dk + ":mask_version"], args=[bytes(packed), int(version)],
+                                          client=pipe)
+            pipe.execute()
+
     def mask(self, device_id: str) -> tuple[bytes, int] | None:
         dk = self._k("device", device_id)
         with self._guard("mask"):
@@ -311,6 +331,33 @@ class RoundStore:
         if res not in _UPDATE_STATUSES:
             raise StoreError(f"store_update returned {res!r}")
         return cast(UpdateStatus, res)
+
+    def ingest_update(self, round_id: int, device_id: str, body: bytes, now: float) -> tuple[UpdateStatus, bool]:
+        """store_update, the device's heartbeat and the closer election in one round trip (the hot
+        path: one call per update). Returns (status, whether this call was elected to close)."""
+        rkeys = [self._rk(round_id, p) for p in ("round", "sampled", "received")]
+        dk = self._k("device", device_id)
+        with self._guard("ingest_update"):
+            pipe = self.client.pipeline(transaction=False)
+            self._scripts["store_update"](keys=[*rkeys, self._rk(round_id, "update", device_id),
+                                                self._rk(round_id, "arrivals")],
+                                          args=[device_id, bytes(body), _num(now, "now")], client=pipe)
+            self._scripts["touch"](keys=[dk, self._k("devices"), self._k("devices:alive")],
+                                   args=[device_id, _num(now, "now")], client=pipe)
+            self._scripts["close_round"](keys=[rkeys[0], rkeys[2]], args=[_num(now, "now")], client=pipe)
+            status_raw, _, elected = pipe.execute()
+        status = _s(status_raw)
+        if status not in _UPDATE_STATUSES:
+            raise StoreError(f"store_update returned {status!r}")
+        return cast(UpdateStatus, status), int(elected) == 1
+
+    def note_update(self, device_id: str, round_id: int, counter: str) -> None:
+        """mark_reported and incr(counter) in one round trip."""
+        with self._guard("note_update"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(self._k("device", device_id), "reported", round_id)
+            pipe.hincrby(self._k("counters"), counter, 1)
+            pipe.execute()
 
     def carry_update(self, round_id: int, device_id: str, body: bytes, now: float) -> CarryStatus:
         """Merge a late update of an earlier round into open round `round_id` (at most once)."""

@@ -20,7 +20,8 @@ leave the source queue. RabbitMQ's own dead-lettering cannot add headers, so the
 runs in AMQP transaction mode and a reject is `publish(fedmask.dead, headers x-reject-reason=...)`
 plus `ack(original)` committed together: if the connection drops before the commit neither happens
 and the broker redelivers the original, so a client crash can neither lose the message nor
-dead-letter it twice. Acks and requeues are committed the same way (one round trip per message).
+dead-letter it twice. Acks and requeues are committed the same way, in batches: whatever settled
+while the previous commit was in flight goes into the next one.
 A device's consumer cannot write to fedmask.dead (its permissions allow fedmask.uplink only), so on
 device queues a reject is a plain `nack(requeue=False)`: the queue's x-dead-letter-exchange moves it
 to dead.letters with RabbitMQ's x-death headers (reason "rejected"), and the reason is logged.
@@ -65,6 +66,7 @@ UPLINK_BINDING: Final = "device.*.*"
 
 REASON_HEADER: Final = "x-reject-reason"
 MAX_REASON_CHARS: Final = 256
+_MAX_UNCOMMITTED: Final = 64  # settlements per transaction at most (bounded by prefetch in practice)
 CONTENT_TYPE: Final = "application/msgpack"
 
 # A device id is one routing-key word: a dot would split it (device.a.b.update never matches device.*.*)
@@ -550,6 +552,7 @@ class _Link:
     channel: Any
     open: bool = True
     accepting: bool = True  # False while draining: queued deliveries are left for redelivery
+    uncommitted: int = 0  # settlements sent but not yet committed (connection thread only)
 
 
 @dataclass(frozen=True)
@@ -747,9 +750,14 @@ class Consumer:
         self._work.put(_Work(link, delivery, method.exchange, properties))
 
     def _settle(self, work: _Work, outcome: Outcome) -> None:
+        """Runs on the connection thread. Settlements are committed in batches: the commit is sent
+        when no other settlement is waiting (or after _MAX_UNCOMMITTED). A batch is still all or
+        nothing, and every update it acks was persisted before its Outcome existed; if the connection
+        drops before the commit, the broker redelivers the batch and the idempotent store acks the
+        repeats. One commit per message cost a broker round trip each (docs/results.md)."""
+        link = work.link
+        tag = work.delivery.delivery_tag
         try:
-            link = work.link
-            tag = work.delivery.delivery_tag
             if link is not self._link or not link.open or not link.channel.is_open:
                 log.info("dropped the %s of delivery %d: its connection is gone, the broker redelivers it",
                          outcome.action, tag)
@@ -766,10 +774,14 @@ class Consumer:
             else:
                 log.warning("rejected delivery %s from %s: %s", work.delivery.routing_key, self.queue, outcome.reason)
                 channel.basic_nack(tag, requeue=False)
-            channel.tx_commit()
+            link.uncommitted += 1
         finally:
             with self._pending_lock:
                 self._pending -= 1
+                last = self._pending == 0
+        if link.uncommitted and (last or link.uncommitted >= _MAX_UNCOMMITTED) and link.channel.is_open:
+            link.channel.tx_commit()
+            link.uncommitted = 0
 
     def _dead_properties(self, work: _Work, reason: str) -> Any:
         p = work.properties

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared import codec
-from shared.bits import popcount, scatter, select
+from shared.bits import popcount, positions, scatter_at, select_at
 from shared.device import derive_seed
 from shared.errors import CodecError
 from shared.merge_rules import MergeContext, MergeRule
@@ -45,10 +45,17 @@ def quorum_count(sampled: int, quorum: float) -> int:
 class DeviceRecord:
     structure: np.ndarray  # packed S_i
     version: int = 0
+    _where: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def inside(self) -> int:
-        return popcount(self.structure)
+        return popcount(self.structure) if self._where is None else len(self._where)
+
+    def where(self, nbits: int) -> np.ndarray:
+        """Positions of S_i's 1 bits, cached: every update and merged mask of the device reuses them."""
+        if self._where is None:
+            self._where = positions(self.structure, nbits)
+        return self._where
 
 
 @dataclass
@@ -71,13 +78,21 @@ def check_sender(env: Envelope, msg: codec.Message, *, fingerprint: str, layout:
         raise CodecError("wrong_layout", f"layout {msg.layout} != {layout}")
 
 
-def unpack_update(msg: codec.Message, rec: DeviceRecord | None, nbits: int) -> np.ndarray:
-    """The update's packed full mask; its bit count must equal the device's structure size."""
+def check_update(msg: codec.Message, rec: DeviceRecord | None) -> DeviceRecord:
+    """An update must come from a device that said hello and carry exactly its structure's bit count
+    (the codec has already checked the byte length, padding and CRC against that count)."""
     if rec is None:
         raise CodecError("unknown_device", f"{msg.device} has not sent a hello")
     if msg.enc != "structure" or msg.nbits != rec.inside or msg.bits is None:
         raise CodecError("bad_length", f"expected {rec.inside} structure bits, got {msg.nbits} ({msg.enc})")
-    return scatter(np.frombuffer(msg.bits, dtype=np.uint8), rec.structure, nbits)
+    return rec
+
+
+def unpack_update(msg: codec.Message, rec: DeviceRecord | None, nbits: int) -> np.ndarray:
+    """The update's packed full mask; its bit count must equal the device's structure size."""
+    rec = check_update(msg, rec)
+    assert msg.bits is not None  # check_update guarantees it
+    return scatter_at(np.frombuffer(msg.bits, dtype=np.uint8), rec.where(nbits), nbits)
 
 
 def validate_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, nbits: int,
@@ -122,6 +137,6 @@ def mask_message(device: str, merged: np.ndarray, rec: DeviceRecord, *, round_id
     The version is the round id: monotonic, and the same when a crashed close is resumed and its
     masks are published again, so a device can drop a repeat by version alone.
     """
-    inside = select(merged, rec.structure, nbits)
+    inside = select_at(merged, rec.where(nbits), nbits)
     return codec.make_mask(device=device, round=round_id, model=fingerprint, layout=layout,
                            bits=inside.tobytes(), nbits=rec.inside, version=round_id)

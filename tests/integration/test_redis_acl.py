@@ -141,11 +141,16 @@ def test_every_store_operation_works_as_the_aggregator_user(acl_user: AclUser) -
         call("open_round", 2, sampled=["d1", "d2"], deadline=T0 + 120, quorum=2, now=T0 + 5)
         assert call("take_pending") == [("d3", 1, b"late-3")]
         assert call("carry_update", 2, "d3", b"late-3", T0 + 6) == "carried"
-        assert set(call("updates", 2)) == {"d3"}  # type: ignore[call-overload]
+        assert set(call("updates", 2)) == {"d3"}  # type: ignore[call-overload]  # carried, not in the quorum
+        assert call("ingest_update", 2, "d1", b"u1-2", T0 + 7) == ("stored", False)
+        assert call("ingest_update", 2, "d2", b"u2-2", T0 + 8) == ("stored", True)  # quorum 2: elected
+        call("note_update", "d2", 2, "updates:stored")
+        call("set_masks", {"d1": b"\x03", "d2": b"\x04"}, 2)
+        assert call("mask", "d2") == (b"\x04", 2)
         call("set_config", {"task": "digits", "width": "32"})
         assert call("config") == {"task": "digits", "width": "32"}
         call("incr", "updates:stored", 2)
-        assert call("counters") == {"updates:stored": 2}
+        assert call("counters") == {"updates:stored": 3}
         # redis-py reloads a script with SCRIPT LOAD after a SCRIPT FLUSH or a restart; flushing the
         # shared server's cache would disturb other tests, so run the reload path's commands directly.
         src = (LUA_DIR / "touch.lua").read_text()

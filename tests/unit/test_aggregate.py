@@ -185,6 +185,9 @@ def test_pack_unpack_select_scatter_round_trip(raw: list[bool], seed: int) -> No
     assert inner.size == (int(structure.sum()) + 7) // 8
     assert np.array_equal(bits.unpack(inner, int(structure.sum())), vec[structure])
     assert np.array_equal(bits.scatter(inner, s, nbits), mask)
+    where = bits.positions(s, nbits)  # the cached fast path gives the same bits
+    assert np.array_equal(bits.select_at(mask, where, nbits), inner)
+    assert np.array_equal(bits.scatter_at(inner, where, nbits), mask)
 
 
 def test_popcount_without_bitwise_count(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,594 @@
+"""Crashes and restarts on the real pipeline: one aggregator and N worker processes over RabbitMQ and Redis.
+
+Each case drives the fleet's next round under one fault, then checks that the round closed with no
+update lost and none counted twice, and that every merged mask (in Redis, and as each device applied
+it) equals the undisturbed run of the same seed, bit for bit. The undisturbed run is `Reference`: the
+same AggregatorCore and DeviceRuntime code in this process, with an in-memory downlink, playing the
+same rounds with the same participants.
+
+Isolation and cost. One fleet serves the module, because starting worker processes (torch import,
+pruning) is most of the cost: a throwaway vhost, a redis-server of its own (AOF on, in tmp: case 4
+restarts it, and the shared instance must never be restarted), one aggregator, N workers. The cases
+run the fleet's rounds in turn and any one can run alone; a case that leaves the fleet unusable makes
+the later ones skip, so read the first failure. The RabbitMQ case restarts the local broker with
+rabbitmqctl, which drops every connection on the machine for a few seconds: run this suite on its
+own, `pytest -m faults tests/faults/test_crashes.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import numpy as np
+import pytest
+import redis
+
+from aggregator.core import FAULT_ENV, AggregatorCore
+from aggregator.store import RoundInfo, RoundStore
+from ops.enroll import Management
+from shared import codec
+from shared.amqp import AGGREGATOR_QUEUE, DEAD_QUEUE, AmqpSettings, Publisher, queue_depth
+from shared.data import load_task
+from shared.device import DeviceRuntime, FedMaskConfig
+from shared.models import ModelSpec
+from shared.presets import model_spec, preset
+from shared.transport import InMemoryTransport
+from tests.services import missing
+
+TASK, WIDTH, SEED, N = "digits", 32, 0, 4
+ROUND_TIMEOUT = 90.0  # a round here takes seconds; the slack is for a loaded 2-core machine
+# Longer than the uplink consumer's patience with a failing handler (5 attempts 1 s apart, then the
+# delivery is dead-lettered), so an update that arrives during the outage would be lost to it.
+REDIS_DOWN_SECONDS = 7.0
+pytestmark = [pytest.mark.services, pytest.mark.faults]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str, *, every: float = 0.1) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _with_vhost(url: str, vhost: str) -> str:
+    return urlunparse(urlparse(url)._replace(path="/" + vhost))
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:  # refused, or still loading the AOF (BusyLoadingError)
+        return False
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
+class RedisServer:
+    """A redis-server of our own with AOF on; appendfsync always, so every write the aggregator saw
+    succeed (and then acked the delivery for) survives a restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir, self.port = directory, _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            _wait(lambda: _answers(client), 30, "redis-server to answer")
+        finally:
+            client.close()
+
+    def shutdown(self) -> None:
+        """SHUTDOWN (Redis fsyncs the AOF on the way out), then wait for the process to end."""
+        client = redis.Redis(port=self.port)
+        with suppress(redis.ConnectionError):  # the server drops the connection as it exits
+            client.shutdown()
+        client.close()
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------- the undisturbed run
+
+
+class Reference:
+    """The same rounds without faults: AggregatorCore over Redis (its own db) and an in-memory
+    downlink, and the devices' DeviceRuntime in this process. Every device trains on every task, as
+    every worker does; only the participants' updates arrive in time, the others' arrive late."""
+
+    def __init__(self, redis_url: str, spec: ModelSpec, cfg: FedMaskConfig,
+                 train_data: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.store = RoundStore.from_url(redis_url, prefix="ref:")
+        self.bus = InMemoryTransport()
+        self.core = AggregatorCore(self.store, self.bus, spec, merge="head")
+        self.devices = {d: DeviceRuntime(d, spec, cfg, xy, SEED) for d, xy in train_data.items()}
+        for d, dev in self.devices.items():  # prunes, as each worker does at its first start
+            assert self.core.handle(f"device.{d}.hello", d, codec.encode(dev.hello())).action == "ack"
+        self.rounds = 0
+
+    def play_round(self, participants: list[str]) -> None:
+        info = self.core.start_round(rate=1.0, quorum=len(participants) / len(self.devices), deadline_s=600,
+                                     seed=SEED)
+        updates = {}
+        for d, dev in self.devices.items():
+            for body in self.bus.take_downlink(d):
+                updates[d] = codec.encode(dev.handle_task(codec.decode(body, expect_type="task")))
+        assert sorted(updates) == sorted(self.devices)
+        for d in participants:
+            assert self.core.handle(f"device.{d}.update", d, updates[d]).action == "ack"
+        for d in sorted(set(updates) - set(participants)):
+            assert self.core.handle(f"device.{d}.update", d, updates[d]).reason == "round_closed"
+        assert self.store.info(info.round_id).state == "closed"  # type: ignore[union-attr]
+        for d, dev in self.devices.items():
+            for body in self.bus.take_downlink(d):
+                dev.handle_mask(codec.decode(body, expect_type="mask"))
+        self.rounds = info.round_id
+
+
+# --------------------------------------------------------------------------------------------- the fleet
+
+
+@dataclass
+class Fleet:
+    tmp: Path
+    admin_url: str  # the test vhost, as the guest administrator
+    redis: RedisServer
+    ids: list[str]
+    creds: dict[str, str]  # device -> its own AMQP URL (enrolled user)
+    slow_device: str  # runs the pi4 profile: the window to kill it mid-training is 5x wider
+    spec: ModelSpec
+    cfg: FedMaskConfig
+    store: RoundStore  # the aggregator's keys
+    operator: AggregatorCore  # opens rounds as `fedmask round start` does
+    reference: Reference | None = None
+    aggregator: subprocess.Popen[bytes] | None = None
+    aggregator_logs: list[Path] = field(default_factory=list)
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # -- processes
+
+    def start_aggregator(self, fault: str | None = None, *, wait_up: bool = True) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+        env["PYTHONUNBUFFERED"] = "1"
+        if fault is not None:
+            env[FAULT_ENV] = fault
+        log = self.tmp / f"aggregator-{len(self.aggregator_logs) + 1}{'-' + fault if fault else ''}.log"
+        self.aggregator_logs.append(log)
+        with log.open("w") as out:  # the child keeps its own descriptor
+            self.aggregator = subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", "aggregator", "run", "--amqp-url", self.admin_url,
+                 "--redis-url", self.redis.url(), "--task", TASK, "--width", str(WIDTH), "--merge", "head"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = self.aggregator
+        if wait_up:
+            _wait(lambda: proc.poll() is not None or "aggregator up" in log.read_text(), 60, "the aggregator to start")
+            assert proc.poll() is None, f"the aggregator exited {proc.returncode}:\n{_tail(log)}"
+        return proc
+
+    def stop_aggregator(self) -> None:
+        if self.aggregator is not None and self.aggregator.poll() is None:
+            self.aggregator.terminate()  # SIGTERM drains: nothing unpersisted is acked
+            try:
+                self.aggregator.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.aggregator.kill()
+                self.aggregator.wait()
+
+    def aggregator_log(self) -> str:
+        return self.aggregator_logs[-1].read_text(errors="replace")
+
+    def start_worker(self, device: str) -> None:
+        profile = "pi4" if device == self.slow_device else "jetson"
+        with (self.tmp / f"{device}.log").open("a") as out:  # "a": a restarted worker's log follows the first
+            self.workers[device] = subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", "worker", "--device-id", device, "--task", TASK, "--width",
+                 str(WIDTH), "--profile", profile, "--amqp-url", self.creds[device],
+                 "--state-dir", str(self.state_dir)],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT)
+
+    def worker_log(self, device: str) -> str:
+        return (self.tmp / f"{device}.log").read_text(errors="replace")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.tmp / "state"
+
+    def signal_workers(self, devices: list[str], sig: signal.Signals) -> None:
+        for d in devices:
+            with suppress(ProcessLookupError):
+                os.kill(self.workers[d].pid, sig)
+
+    # -- what the devices did (worker/runtime.py appends one JSON line per message it handles)
+
+    def records(self, device: str, kind: str) -> list[dict[str, Any]]:
+        path = self.state_dir / f"{device}.stats.jsonl"
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+        return [row for row in rows if row["type"] == kind]
+
+    def trained(self, device: str, round_id: int) -> bool:
+        """True once the device's update for the round was confirmed by the broker (the record follows
+        publish_uplink, which returns on the publisher confirm)."""
+        return any(row["round"] == round_id for row in self.records(device, "update"))
+
+    def masks_received(self, device: str, round_id: int) -> int:
+        """How many mask messages of this round's version the device handled (a repeat is ignored)."""
+        return sum(row["version"] == round_id for row in self.records(device, "mask"))
+
+    def _saved_device(self, device: str) -> DeviceRuntime:
+        dev = DeviceRuntime(device, self.spec, self.cfg, (np.zeros(0), np.zeros(0)), SEED)
+        dev.load(self.state_dir / f"{device}.npz")
+        return dev
+
+    def device_mask_bits(self, device: str) -> np.ndarray:
+        return self._saved_device(device).model.mask_bits()
+
+    def device_structure(self, device: str) -> bytes:
+        structure = self._saved_device(device).structure
+        assert structure is not None
+        return structure.tobytes()
+
+    # -- rounds
+
+    def start_round(self, quorum: float = 1.0) -> RoundInfo:
+        info = self.operator.start_round(rate=1.0, quorum=quorum, deadline_s=120, seed=SEED)
+        assert info.sampled == sorted(self.ids)
+        return info
+
+    def info(self, round_id: int) -> RoundInfo:
+        info = self.store.info(round_id)
+        assert info is not None, f"round {round_id} does not exist"
+        return info
+
+    def wait_closed(self, round_id: int) -> None:
+        _wait(lambda: self.info(round_id).state == "closed", ROUND_TIMEOUT, f"round {round_id} to close")
+
+    def wait_masks(self, round_id: int, devices: list[str]) -> None:
+        _wait(lambda: all(self.masks_received(d, round_id) for d in devices), ROUND_TIMEOUT,
+              f"{devices} to apply the merged masks of round {round_id}")
+
+    def dead_letters(self) -> int:
+        return queue_depth(AmqpSettings.from_url(self.admin_url), DEAD_QUEUE)
+
+    @contextmanager
+    def case(self) -> Iterator[int]:
+        """Run one case on a usable fleet: yields the round the case drives."""
+        try:
+            current = self.store.current_round() or 0
+            problems = [] if current == 0 or self.info(current).state == "closed" else [f"round {current} unclosed"]
+        except Exception as exc:  # Redis gone: an earlier case could not bring it back
+            current, problems = -1, [f"redis: {exc}"]
+        if self.aggregator is None or self.aggregator.poll() is not None:
+            problems.append("the aggregator is not running")
+        problems += [f"worker {d} exited" for d, p in self.workers.items() if p.poll() is not None]
+        if self.reference is None or self.reference.rounds != current:
+            problems.append("the reference run is out of step")
+        if problems:
+            pytest.skip(f"the fleet is unusable after an earlier case: {'; '.join(problems)}")
+        yield current + 1
+
+    def check_round(self, round_id: int, participants: list[str], before: dict[str, int], dead_before: int, *,
+                    late: int = 0, uncounted: int = 0) -> dict[str, int]:
+        """The fleet's round `round_id` against the reference's: nothing lost, nothing counted twice,
+        every merged mask equal. `uncounted`: updates stored by an aggregator killed before it counted
+        them (the counter is a separate write after the store; the received set is the authority).
+        Returns the counter deltas (for the case's own checks and report)."""
+        assert self.reference is not None and self.reference.rounds == round_id
+        info = self.info(round_id)
+        counters = self.store.counters()
+        delta = {k: counters.get(k, 0) - before.get(k, 0) for k in sorted(set(counters) | set(before))}
+        delta = {k: v for k, v in delta.items() if v}
+        assert info.state == "closed"
+        assert info.received == sorted(participants), "an update was lost (or a non-participant's was stored)"
+        assert delta.get("updates:stored", 0) == len(participants) - uncounted, f"updates:stored is off: {delta}"
+        assert delta.get("rounds:closed", 0) == 1, f"the round was closed more or less than once: {delta}"
+        assert delta.get("late:dropped", 0) == late, delta
+        assert self.dead_letters() - dead_before == late, "an update was dead-lettered"
+        ref = self.reference
+        for d in self.ids:
+            assert self.store.mask(d) == ref.store.mask(d), f"{d}: merged mask in Redis != undisturbed run"
+            assert np.array_equal(self.device_mask_bits(d), ref.devices[d].model.mask_bits()), \
+                f"{d}: the device's mask != undisturbed run"
+        return delta
+
+
+def _report(case: str, round_id: int, delta: dict[str, int], extra: str = "") -> None:
+    """One line per case (shown with -s or -rA): what was stored, recognised as duplicate, dropped."""
+    print(f"\n[{case}] round {round_id}: stored {delta.get('updates:stored', 0)}, duplicates "
+          f"{delta.get('updates:duplicate', 0)}, late dropped {delta.get('late:dropped', 0)}, masks equal; {extra}")
+
+
+@pytest.fixture(scope="module")
+def fleet(amqp_service_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    if shutil.which("redis-server") is None:
+        missing("redis-server (the fault suite runs its own, with AOF on)")
+    tmp = tmp_path_factory.mktemp("faults")
+    vhost = f"fedmask-faults-{uuid.uuid4().hex[:8]}"
+    mgmt = Management()
+    try:
+        mgmt.ensure_vhost(vhost)
+    except Exception as exc:  # the management API is the enrolment path: under CI it must be there
+        missing(f"RabbitMQ management API ({exc})")
+    server = RedisServer(tmp / "redis")
+    p = preset(TASK)
+    data = load_task(TASK, num_devices=p.devices, seed=SEED, **p.data_options)  # type: ignore[arg-type]  # as the worker
+    # The last N devices: a device's broker user is broker-wide, and test_pipeline enrols the first six.
+    devices = data.devices[-N:]
+    ids = [d.device_id for d in devices]
+    admin_url = _with_vhost(amqp_service_url, vhost)
+    spec = model_spec(TASK, width=WIDTH, seed=SEED)
+    store = RoundStore.from_url(server.url())  # connects on first use
+    publisher: Publisher | None = None
+    fl: Fleet | None = None
+    try:
+        server.start()
+        creds = {d: mgmt.enroll(d, vhost=vhost).amqp_url for d in ids}
+        publisher = Publisher(AmqpSettings.from_url(admin_url), declare=True)
+        fl = Fleet(tmp=tmp, admin_url=admin_url, redis=server, ids=ids, creds=creds, slow_device=ids[-1], spec=spec,
+                   cfg=FedMaskConfig(train=p.mask_train, local_epochs=p.local_epochs), store=store,
+                   operator=AggregatorCore(store, publisher, spec, merge="head"))
+        fl.start_aggregator()
+        for d in ids:
+            fl.start_worker(d)
+        # Pruning the reference devices here overlaps with the workers' start-up.
+        fl.reference = Reference(server.url(1), spec, fl.cfg, {d.device_id: (d.train.x, d.train.y) for d in devices})
+        _wait(lambda: store.device_ids() == sorted(ids), 120, "every worker's hello")
+        for d in ids:  # pruning is deterministic: each worker pruned as the reference did
+            assert store.structure(d) == fl.reference.devices[d].structure.tobytes(), d  # type: ignore[union-attr]
+        yield fl
+    finally:
+        procs = ([fl.aggregator] if fl is not None and fl.aggregator is not None else []) + \
+            (list(fl.workers.values()) if fl is not None else [])
+        for proc in procs:
+            with suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)  # a case that failed may have left it stopped
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if publisher is not None:
+            publisher.close()
+        for d in ids:
+            mgmt.delete_device(d, vhost=vhost)
+        mgmt.delete_vhost(vhost)
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+CRASH_POINTS = [
+    pytest.param(f"consumed:{N}", id="after-consuming-before-storing"),  # the update completing the quorum
+    pytest.param("stored:2", id="after-storing-before-acking"),
+    pytest.param("merging", id="during-merging"),
+    pytest.param("published:2", id="after-publishing-some-masks"),
+    pytest.param("published_all", id="after-publishing-all-before-marking-closed"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", CRASH_POINTS)
+def test_aggregator_killed_then_restarted(fleet: Fleet, fault: str) -> None:
+    point = fault.split(":")[0]
+    with fleet.case() as r:
+        before, dead_before = fleet.store.counters(), fleet.dead_letters()
+        fleet.stop_aggregator()
+        doomed = fleet.start_aggregator(fault, wait_up=False)
+        fleet.start_round(quorum=1.0)
+        _wait(lambda: doomed.poll() is not None, ROUND_TIMEOUT, f"the aggregator to reach {fault}")
+        assert doomed.returncode == -signal.SIGKILL, \
+            f"the aggregator exited {doomed.returncode} before reaching {fault}:\n{_tail(fleet.aggregator_logs[-1])}"
+
+        # What the kill left behind shows it struck at that exact point: round state, updates stored,
+        # and whether the merged masks had all reached Redis.
+        info = fleet.info(r)
+        all_masks_stored = all(fleet.store.mask_version(d) == r for d in fleet.ids)
+        left = {"consumed": ("open", N - 1, False), "stored": ("open", 2, False), "merging": ("closing", N, False),
+                "published": ("closing", N, False), "published_all": ("closing", N, True)}[point]
+        assert (info.state, len(info.received), all_masks_stored) == left
+
+        fleet.start_aggregator()  # a clean one: resumes a 'closing' round, gets the unacked delivery again
+        fleet.wait_closed(r)
+        # A resumed close publishes every mask again; a device that had one already ignores the repeat.
+        # ids are sorted, the order masks go out in: the first `sent_before_kill` got theirs twice.
+        sent_before_kill = {"published": 2, "published_all": N}.get(point, 0)
+        expected = [2] * sent_before_kill + [1] * (N - sent_before_kill)
+        _wait(lambda: [fleet.masks_received(d, r) for d in fleet.ids] == expected, ROUND_TIMEOUT,
+              f"mask messages per device to be {expected}")
+        assert fleet.reference is not None
+        fleet.reference.play_round(fleet.ids)
+        # Killed at "stored", the aggregator had stored an update but not yet counted it.
+        delta = fleet.check_round(r, fleet.ids, before, dead_before, uncounted=1 if point == "stored" else 0)
+
+        if point != "consumed":  # the update in hand was stored but not acked: redelivered, found duplicate
+            assert delta.get("updates:duplicate", 0) >= 1, delta
+        if point in ("merging", "published", "published_all"):
+            assert f"resuming the close of round {r}" in fleet.aggregator_log()
+        _report(fault, r, delta, f"mask messages per device {expected}")
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_training(fleet: Fleet) -> None:
+    victim = fleet.slow_device
+    others = [d for d in fleet.ids if d != victim]
+    with fleet.case() as r:
+        assert fleet.reference is not None
+        before, dead_before = fleet.store.counters(), fleet.dead_letters()
+        structure = fleet.store.structure(victim)
+        fleet.start_round(quorum=(N - 1) / N)  # closes on the others' updates
+        # The task record is written as training starts; the update record once the update is published.
+        _wait(lambda: bool([x for x in fleet.records(victim, "task") if x["round"] == r]), 30,
+              f"{victim} to start training", every=0.005)
+        fleet.workers[victim].send_signal(signal.SIGKILL)
+        fleet.workers[victim].wait(timeout=10)
+        assert not fleet.trained(victim, r), "the kill came too late: the victim had finished training"
+
+        fleet.wait_closed(r)
+        assert fleet.info(r).received == sorted(others)
+        fleet.wait_masks(r, others)
+        fleet.start_worker(victim)  # same state dir: resumes, and trains the redelivered (now late) task
+        _wait(lambda: fleet.trained(victim, r), ROUND_TIMEOUT, f"the restarted {victim} to train round {r}")
+        _wait(lambda: fleet.store.counters().get("late:dropped", 0) > before.get("late:dropped", 0), 30,
+              f"the aggregator to receive {victim}'s late update")
+        log = fleet.worker_log(victim)
+        assert log.count("pruned once") == 1 and log.count("resumed from") == 1, "the restart pruned again"
+        assert fleet.store.structure(victim) == structure == fleet.device_structure(victim)
+        fleet.reference.play_round(others)  # the victim trains too; its update arrives late
+        delta = fleet.check_round(r, others, before, dead_before, late=1)
+        assert fleet.masks_received(victim, r) == 0
+        _report("worker killed", r, delta, f"{victim} killed mid-training, resumed without pruning")
+
+        # The next round: the restarted worker takes part again.
+        before, dead_before = fleet.store.counters(), fleet.dead_letters()
+        fleet.start_round(quorum=1.0)
+        fleet.wait_closed(r + 1)
+        fleet.wait_masks(r + 1, fleet.ids)
+        fleet.reference.play_round(fleet.ids)
+        delta = fleet.check_round(r + 1, fleet.ids, before, dead_before)
+        _report("worker killed, next round", r + 1, delta, f"{victim} took part")
+
+
+def _local_broker(url: str) -> bool:
+    return urlparse(url).hostname in ("127.0.0.1", "localhost") and shutil.which("rabbitmqctl") is not None
+
+
+def _rabbitmqctl(*args: str, timeout: float = 120) -> None:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}"
+
+
+def _broker_answers(url: str) -> bool:
+    try:
+        queue_depth(AmqpSettings.from_url(url), AGGREGATOR_QUEUE)
+        return True
+    except Exception:  # refused, or the node is up but its vhosts are not yet
+        return False
+
+
+@contextmanager
+def _broker_stopped(admin_url: str) -> Iterator[None]:
+    """The local RabbitMQ application stopped (the Erlang node keeps running), and started again on the
+    way out, also when the case fails: every other client on the machine needs it back."""
+    _rabbitmqctl("stop_app")
+    try:
+        yield
+    finally:
+        _rabbitmqctl("start_app", timeout=300)
+        _rabbitmqctl("await_startup", timeout=300)
+        _wait(lambda: _broker_answers(admin_url), 120, "RabbitMQ to accept connections again", every=0.5)
+
+
+@pytest.mark.timeout(400)
+def test_rabbitmq_restarted_mid_round(fleet: Fleet, amqp_service_url: str) -> None:
+    if not _local_broker(amqp_service_url):
+        missing("the local RabbitMQ node and rabbitmqctl (this case restarts the broker)")
+    early, late = fleet.ids[: N // 2], fleet.ids[N // 2:]
+    with fleet.case() as r:
+        assert fleet.reference is not None and fleet.aggregator is not None
+        aggregator = fleet.aggregator
+        before, dead_before = fleet.store.counters(), fleet.dead_letters()
+        fleet.signal_workers(late, signal.SIGSTOP)  # they hold their tasks until we let them go
+        try:
+            fleet.start_round(quorum=1.0)
+            _wait(lambda: fleet.info(r).received == sorted(early), ROUND_TIMEOUT, f"{early}'s updates")
+            # The late updates are published, and confirmed, while the aggregator cannot take them: the
+            # broker alone holds them across the restart.
+            os.kill(aggregator.pid, signal.SIGSTOP)
+            fleet.signal_workers(late, signal.SIGCONT)
+            _wait(lambda: all(fleet.trained(d, r) for d in late), ROUND_TIMEOUT, f"{late} to publish")
+            assert fleet.info(r).received == sorted(early)
+            logs_before = {d: len(fleet.worker_log(d)) for d in fleet.ids}
+            aggregator_log_before = len(fleet.aggregator_log())
+            with _broker_stopped(fleet.admin_url):
+                os.kill(aggregator.pid, signal.SIGCONT)  # it lives through the outage and reconnects on its own
+                time.sleep(2)  # long enough for a refused reconnect or two
+        finally:
+            os.kill(aggregator.pid, signal.SIGCONT)
+            fleet.signal_workers(late, signal.SIGCONT)
+        fleet.wait_closed(r)
+        fleet.wait_masks(r, fleet.ids)
+        fleet.reference.play_round(fleet.ids)
+        delta = fleet.check_round(r, fleet.ids, before, dead_before)
+        assert fleet.aggregator is aggregator and aggregator.poll() is None, "the aggregator did not survive"
+        outage = fleet.aggregator_log()[aggregator_log_before:]
+        refused = outage.count("connect (consumer:aggregator.uplink) failed")
+        assert refused >= 1, "the aggregator never tried to reconnect while the broker was down"
+        reconnected = [d for d in fleet.ids if "reconnecting in" in fleet.worker_log(d)[logs_before[d]:]]
+        assert reconnected == fleet.ids, f"only {reconnected} reconnected"
+        _report("rabbitmq restart", r, delta, f"{len(late)} confirmed updates held by the broker alone across the "
+                f"restart; the aggregator's reconnects refused while it was down: {refused}")
+
+
+@pytest.mark.timeout(300)
+def test_redis_restarted_mid_round(fleet: Fleet) -> None:
+    early, late = fleet.ids[: N // 2], fleet.ids[N // 2:]
+    with fleet.case() as r:
+        assert fleet.reference is not None and fleet.aggregator is not None
+        aggregator = fleet.aggregator
+        before, dead_before = fleet.store.counters(), fleet.dead_letters()
+        fleet.signal_workers(late, signal.SIGSTOP)
+        try:
+            fleet.start_round(quorum=1.0)
+            _wait(lambda: fleet.info(r).received == sorted(early), ROUND_TIMEOUT, f"{early}'s updates")
+            down_at = time.monotonic()
+            fleet.redis.shutdown()
+            fleet.signal_workers(late, signal.SIGCONT)  # their updates reach the aggregator while Redis is down
+            _wait(lambda: all(fleet.trained(d, r) for d in late), ROUND_TIMEOUT, f"{late} to publish")
+            time.sleep(max(0.0, REDIS_DOWN_SECONDS - (time.monotonic() - down_at)))
+            assert aggregator.poll() is None, \
+                f"the aggregator died while Redis was down:\n{_tail(fleet.aggregator_logs[-1])}"
+        finally:
+            fleet.signal_workers(late, signal.SIGCONT)
+            if fleet.redis.proc is None or fleet.redis.proc.poll() is not None:
+                fleet.redis.start()  # same dir: the AOF brings the round back
+        fleet.wait_closed(r)
+        fleet.wait_masks(r, fleet.ids)
+        fleet.reference.play_round(fleet.ids)
+        delta = fleet.check_round(r, fleet.ids, before, dead_before)
+        assert fleet.aggregator is aggregator and aggregator.poll() is None, "the aggregator did not survive"
+        waits = [line for line in fleet.aggregator_log().splitlines() if "retrying in" in line and "redis " in line]
+        assert waits, "the aggregator never met the outage"
+        _report("redis restart", r, delta, f"Redis down {REDIS_DOWN_SECONDS:.0f} s, {len(waits)} retries logged; "
+                "the same aggregator finished the round")
