@@ -96,7 +96,8 @@ def scatter(selected_packed: np.ndarray, structure_packed: np.ndarray, nbits: in
 def positions(structure_packed: np.ndarray, nbits: int) -> np.ndarray:
     """Indices of the structure's 1 bits: computed once per device, it makes select/scatter a gather.
     int32 (models stay far below 2**31 parameters): the aggregator keeps one per enrolled device."""
-    return np.flatnonzero(unpack(check_packed(structure_packed, nbits, "structure"), nbits)).astype(np.int32).astype(np.int32)
+    bits = unpack(check_packed(structure_packed, nbits, "structure"), nbits)
+    return np.flatnonzero(bits).astype(np.int32)
 
 
 def select_at(mask_packed: np.ndarray, where: np.ndarray, nbits: int) -> U8:
