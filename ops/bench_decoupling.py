@@ -13,13 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aggregator.core import AggregatorCore
-from aggregator.store import RoundStore
 from ops.demo import fleet_profiles
-from ops.driver import RoundPlan, run_rounds
+from ops.driver import RoundPlan
 from ops.fleet import Fleet, FleetSpec
-from shared.amqp import AmqpSettings, Publisher
-from shared.presets import model_spec, preset
+from shared.presets import preset
 
 
 def run_fleet(task: str, profiles: dict[str, str], rounds: int, plan: RoundPlan, *, amqp_url: str, redis_url: str,
@@ -27,12 +24,8 @@ def run_fleet(task: str, profiles: dict[str, str], rounds: int, plan: RoundPlan,
     spec = FleetSpec(task=task, devices=profiles, amqp_url=amqp_url, redis_url=redis_url, run_dir=run_dir,
                      vhost="fedmask-bench", seed=plan.seed)
     with Fleet(spec, say=say) as fleet:
-        store = RoundStore.from_url(redis_url)
-        with Publisher(AmqpSettings.from_url(fleet.deployment.amqp_url)) as pub:
-            core = AggregatorCore(store, pub, model_spec(task, seed=plan.seed))
-            run = run_rounds(core, store, rounds, plan, on_poll=lambda _i: fleet.check_alive(),
-                             on_round=lambda i: say(f"  round {i.round_id}: {len(i.received)}/{len(i.sampled)} "
-                                                    f"in {(i.closed_at or 0) - i.opened_at:.1f}s"))
+        run = fleet.run_rounds(rounds, plan, on_round=lambda i: say(
+            f"  round {i.round_id}: {len(i.received)}/{len(i.sampled)} in {(i.closed_at or 0) - i.opened_at:.1f}s"))
     times = run.durations()
     return {"profiles": profiles, "round_seconds": [round(t, 3) for t in times],
             "median_round_seconds": statistics.median(times),

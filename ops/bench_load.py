@@ -49,7 +49,8 @@ from ops.bench_fleet import (
     percentile,
     sandbox,
 )
-from ops.bench_pipeline import wait_closed, wait_for
+from ops.bench_pipeline import wait_for
+from ops.driver import wait_closed
 from shared.amqp import Publisher
 
 BAD_KINDS = ("duplicate", "wrong_length", "not_sampled", "undecodable")
@@ -211,7 +212,7 @@ def _run(cfg: LoadBenchConfig, model: BenchModel, box: Sandbox, proc: subprocess
             except BenchError as exc:
                 problems.append(str(exc))
                 break
-            info = wait_closed(store, opened.round_id, cfg.deadline + cfg.timeout)
+            info = wait_closed(store, opened.round_id, poll_s=0.01, timeout_s=cfg.deadline + cfg.timeout)
             active += time.perf_counter() - start
             rounds.append(info)
             for d in info.received:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from aggregator.service import AggregatorService, ServiceSettings
-from aggregator.store import RoundInfo, RoundStore, redact_url
+from aggregator.store import RoundInfo, redact_url
 from ops.bench_drain import adapter_floor, rate, raw_drain
 from ops.bench_fleet import (
     DEFAULT_REDIS_URL,
@@ -45,6 +45,7 @@ from ops.bench_fleet import (
     sandbox,
 )
 from ops.bench_report import top_functions
+from ops.driver import wait_closed
 from shared.amqp import AGGREGATOR_QUEUE, Consumer, Delivery, Outcome, queue_depth
 
 INGEST_TARGET_RATIO = 0.7  # from the issue: ingest >= 0.7 x the broker's raw delivery rate
@@ -103,17 +104,6 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 
         if time.monotonic() > end:
             raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(poll)
-
-
-def wait_closed(store: RoundStore, round_id: int, timeout: float) -> RoundInfo:
-    def closed() -> bool:
-        info = store.info(round_id)
-        return info is not None and info.state == "closed"
-
-    wait_for(closed, timeout, f"round {round_id} to close")
-    info = store.info(round_id)
-    assert info is not None
-    return info
 
 
 def run_pipeline_bench(cfg: PipelineBenchConfig,
@@ -194,7 +184,7 @@ class _PipelineRun:
             raise BenchError(f"{depth} updates waiting in {AGGREGATOR_QUEUE}, expected {len(batch)}")
         handler = TimedHandler(self.svc.on_delivery, profile_round=len(batch) if profile else 0)
         self.start_consumer(handler)
-        info = wait_closed(self.store, round_id, self.cfg.timeout)
+        info = wait_closed(self.store, round_id, poll_s=0.01, timeout_s=self.cfg.timeout)
         assert handler.first_call is not None and info.closing_at is not None and info.closed_at is not None
         ingest = rate(len(batch), sum(len(m.body) for m in batch), info.closing_at - handler.first_call)
         ingest["seconds_incl_close"] = info.closed_at - handler.first_call
@@ -208,7 +198,7 @@ class _PipelineRun:
         """Devices publish while the aggregator consumes; the round closes on its last update."""
         round_id, batch = self.open_round()
         self.publishers.publish(batch)
-        info = wait_closed(self.store, round_id, self.cfg.timeout)
+        info = wait_closed(self.store, round_id, poll_s=0.01, timeout_s=self.cfg.timeout)
         assert info.close_seconds is not None
         self.finish_round(info)
         return info.close_seconds

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.store import RoundInfo, RoundStore
-from ops.driver import RoundPlan, run_rounds
+from ops.driver import RoundPlan
 from ops.fleet import Fleet, FleetSpec
 from shared.errors import FedMaskError
 
@@ -105,15 +105,8 @@ def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
                      max_staleness=s.max_staleness)
     started = time.time()
     with Fleet(spec, say=say) as fleet:
-        from aggregator.core import AggregatorCore
-        from shared.amqp import AmqpSettings, Publisher
-        from shared.presets import model_spec
-
+        run = fleet.run_rounds(s.rounds, plan, on_round=lambda i: _say_round(say, i))
         store = RoundStore.from_url(s.redis_url)
-        with Publisher(AmqpSettings.from_url(fleet.deployment.amqp_url)) as pub:
-            core = AggregatorCore(store, pub, model_spec(s.task, seed=s.seed), merge="head")
-            run = run_rounds(core, store, s.rounds, plan, on_round=lambda i: _say_round(say, i),
-                             on_poll=lambda _i: fleet.check_alive())
         _wait_outstanding(store, fleet, list(profiles), s.deadline_s, say)
         _wait_last_masks(store, fleet, profiles)
         counters = store.counters()

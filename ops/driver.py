@@ -48,9 +48,11 @@ class RunLog:
         return [r.closed_at - r.opened_at for r in self.rounds if r.closed_at is not None]
 
 
-def wait_closed(store: RoundStore, round_id: int, *, poll_s: float = 0.1,
+def wait_closed(store: RoundStore, round_id: int, *, poll_s: float = 0.1, timeout_s: float | None = None,
                 on_poll: Callable[[RoundInfo], None] | None = None) -> RoundInfo:
-    """Block until the aggregator service has closed `round_id`; FedMaskError if it never will."""
+    """Block until the aggregator service has closed `round_id`; FedMaskError if it never will (open
+    past its deadline plus a grace) or if `timeout_s` passes first."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         info = store.info(round_id)
         if info is None:
@@ -62,6 +64,8 @@ def wait_closed(store: RoundStore, round_id: int, *, poll_s: float = 0.1,
         if info.state == "open" and time.time() > info.deadline + STALL_GRACE_S:
             raise FedMaskError(f"round {round_id} is still open {STALL_GRACE_S:.0f}s after its deadline: "
                                "is the aggregator running? (`make status`, `fedmask aggregator run`)")
+        if end is not None and time.monotonic() > end:
+            raise FedMaskError(f"timed out after {timeout_s:g} s waiting for round {round_id} to close")
         time.sleep(poll_s)
 
 

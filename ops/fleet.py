@@ -13,15 +13,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from aggregator.store import RoundStore
+from aggregator.core import AggregatorCore
+from aggregator.store import RoundInfo, RoundStore
+from ops.driver import RoundPlan, RunLog, run_rounds
 from ops.enroll import Management
 from ops.services import Deployment, ensure_rabbitmq, ensure_redis, start_aggregator, stop_aggregator
+from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError
+from shared.presets import model_spec
 
 
 def with_vhost(url: str, vhost: str) -> str:
@@ -116,6 +121,15 @@ class Fleet:
             time.sleep(0.5)
         missing = sorted(set(self.spec.devices) - set(store.device_ids()))
         raise FedMaskError(f"no hello from {', '.join(missing)} within {timeout_s:.0f}s; see {self.spec.run_dir}/logs")
+
+    def run_rounds(self, rounds: int, plan: RoundPlan,
+                   on_round: Callable[[RoundInfo], None] | None = None) -> RunLog:
+        """Drive `rounds` rounds through this fleet's aggregator; fail fast if a worker dies."""
+        s = self.spec
+        store = RoundStore.from_url(s.redis_url)
+        with Publisher(AmqpSettings.from_url(self.deployment.amqp_url)) as pub:
+            core = AggregatorCore(store, pub, model_spec(s.task, width=s.width, seed=s.seed), merge=s.merge)
+            return run_rounds(core, store, rounds, plan, on_round=on_round, on_poll=lambda _i: self.check_alive())
 
     def check_alive(self) -> None:
         dead = {d: p.returncode for d, p in self.procs.items() if p.poll() is not None}

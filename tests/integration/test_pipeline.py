@@ -11,11 +11,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 import pytest
 
+from ops.fleet import with_vhost
 from shared.data import FederatedDataset, load_task
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.presets import model_spec, preset
@@ -28,11 +28,6 @@ pytestmark = pytest.mark.services
 def _log(path: Path) -> IO[str]:
     """A log file handed to a child process; it stays open for the child's lifetime."""
     return path.open("w")
-
-
-def _with_vhost(url: str, vhost: str) -> str:
-    u = urlparse(url)
-    return urlunparse(u._replace(path="/" + vhost))
 
 
 @pytest.fixture()
@@ -48,7 +43,7 @@ def pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> I
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"RabbitMQ management API unavailable: {exc}", pytrace=False)
         pytest.skip(f"RabbitMQ management API unavailable: {exc}")
-    admin_url = _with_vhost(amqp_service_url, vhost)
+    admin_url = with_vhost(amqp_service_url, vhost)
     store = RoundStore.from_url(redis_service_url)
     for key in store.client.scan_iter(match=b"fm:*"):  # only the service prefix: other tests use their own
         store.client.delete(key)

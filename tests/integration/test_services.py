@@ -10,10 +10,10 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from ops.fleet import with_vhost
 from ops.services import Deployment, aggregator_pid
 
 pytestmark = pytest.mark.services
@@ -31,7 +31,7 @@ def test_up_status_down(amqp_service_url: str, redis_service_url: str, tmp_path:
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
     mgmt = Management()
-    amqp = urlunsplit(urlsplit(amqp_service_url)._replace(path="/" + vhost))
+    amqp = with_vhost(amqp_service_url, vhost)
     args = ["--amqp-url", amqp, "--redis-url", redis_service_url, "--run-dir", str(tmp_path)]
     dep = Deployment(amqp_url=amqp, redis_url=redis_service_url, run_dir=tmp_path)
     try:
