@@ -15,6 +15,8 @@ Fields (a msgpack map with string keys)
   model     str    frozen-weights fingerprint, lowercase hex, 16..64 chars
   layout    str    layout hash, lowercase hex, 16..64 chars
   enc       str    "structure" (only the bits inside the device's structure, in order) | "full" (all bits)
+                   | "q4" (mask only: per-element agreement inside the structure, 4 bits each, two
+                   per byte, high nibble first; nbits = 4 x elements; see shared/agreement.py)
   bits      bin    np.packbits(..., bitorder="big"); len(bits) == ceil(nbits / 8); padding bits are 0
   nbits     int    number of valid bits in `bits`
   crc32     int    zlib.crc32(bits)
@@ -68,9 +70,9 @@ PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a full mask of a 500M-parameter model is 62.5 MB
 
 MessageType = Literal["hello", "update", "task", "mask", "nack"]
-Encoding = Literal["structure", "full"]
+Encoding = Literal["structure", "full", "q4"]
 TYPES: Final = ("hello", "update", "task", "mask", "nack")
-ENCODINGS: Final = ("structure", "full")
+ENCODINGS: Final = ("structure", "full", "q4")
 REASONS: Final = (
     "too_large",
     "undecodable",
@@ -479,6 +481,8 @@ def _validate(fields: Mapping[Any, object], expect_type: str | None = None) -> N
             _CHECKS[name](name, fields[name])
     if mtype == "hello" and fields["enc"] != "full":
         raise CodecError("bad_value", "hello must use enc 'full'")
+    if fields.get("enc") == "q4" and (mtype != "mask" or fields["nbits"] % 4):
+        raise CodecError("bad_value", "enc 'q4' is for mask messages, 4 bits per element")
     if "bits" in fields:
         _check_bits(fields["bits"], fields["nbits"], fields["crc32"])
 

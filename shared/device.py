@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from shared import codec
-from shared.bits import pack, popcount, scatter, select, unpack
+from shared.agreement import bernoulli_sample, blend_scores, dequantize, unpack_levels
+from shared.bits import pack, popcount, positions, scatter, select, unpack
 from shared.errors import LayoutMismatch
 from shared.models import MaskedNet, ModelSpec, build_model
 from shared.pruning import one_shot_prune
@@ -24,7 +25,10 @@ class FedMaskConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     local_epochs: int = 5
     prune_last_k: int = 2
-    prune_rho: float = 0.2
+    prune_rho: float = 0.2            # 1.0: no pruning (every element stays in the structure)
+    upload: str = "threshold"         # threshold: the hard mask | sample: one Bernoulli draw of sigmoid(S)
+    share: float = 1.0                # agreement downlink: how far scores move to the fleet's logit
+    clip: float = 0.02                # agreement downlink: theta clipped to [clip, 1 - clip]
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -69,7 +73,7 @@ class DeviceRuntime:
         # always knows when a device trained on a mask older than the one it last sent.
         self.last_stats = local_train(self.model, self.x, self.y, self.cfg.local_epochs, self.cfg.train,
                                       seed=derive_seed(self.seed, "round", task.round, self.device_id))
-        inside = select(pack(self.model.mask_bits()), self.structure, self.nbits)
+        inside = select(pack(self._upload_bits(task.round)), self.structure, self.nbits)
         st = self.last_stats
         return codec.make_update(
             device=self.device_id, round=task.round, model=self.fingerprint, layout=self.layout,
@@ -78,16 +82,38 @@ class DeviceRuntime:
                               train_seconds=st.seconds))
 
     def handle_mask(self, msg: codec.Message) -> None:
-        """Adopt a merged mask: scores keep their magnitude and take the received sign."""
+        """Adopt a merged mask: scores keep their magnitude and take the received sign; or, for an
+        agreement downlink (enc "q4"), blend the fleet's agreement into the scores."""
         self._check_peer(msg)
         if self.structure is None or msg.bits is None or msg.version is None:
             raise RuntimeError("mask message before pruning, or without bits/version")
         if msg.version <= self.mask_version:
             return  # a redelivered or re-published mask: already applied
+        if msg.enc == "q4":
+            self._apply_agreement(msg.bits, msg.version)
+            return
         inside = np.frombuffer(msg.bits, dtype=np.uint8)
         full = unpack(scatter(inside, self.structure, self.nbits), self.nbits)
         self.model.apply_mask_bits(full)
         self.mask_version = msg.version
+
+    def _upload_bits(self, round_id: int) -> np.ndarray:
+        if self.cfg.upload == "threshold":
+            return self.model.mask_bits()
+        if self.cfg.upload == "sample":  # unbiased 1-bit estimate of sigmoid(S) per element
+            probs = 1.0 / (1.0 + np.exp(-self.model.scores_flat().astype(np.float64)))
+            drawn = bernoulli_sample(probs, derive_seed(self.seed, "upload", round_id, self.device_id))
+            return drawn & self.model.structure_bits().astype(bool)
+        raise ValueError(f"unknown upload {self.cfg.upload!r}; choose threshold or sample")
+
+    def _apply_agreement(self, data: bytes, version: int) -> None:
+        assert self.structure is not None
+        where = positions(self.structure, self.nbits)
+        theta = dequantize(unpack_levels(data, len(where)))
+        scores = self.model.scores_flat()
+        scores[where] = blend_scores(scores[where], theta, share=self.cfg.share, clip=self.cfg.clip)
+        self.model.set_scores(scores)
+        self.mask_version = version
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return evaluate(self.model, x, y)

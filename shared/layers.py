@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MASK_MODES = ("ste", "sigmoid")
+MASK_MODES = ("ste", "sigmoid", "bernoulli")
 
 
 class _SigmoidSTE(torch.autograd.Function):
@@ -34,6 +34,14 @@ class _SigmoidSTE(torch.autograd.Function):
         return grad * sig * (1 - sig) / ctx.temperature, None
 
 
+def _bernoulli_ste(scores: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """FedPM's stochastic mask: forward m ~ Bernoulli(sigmoid(S / T)), drawn afresh at every call;
+    backward straight through to the probability (dm/dp = 1), then the sigmoid's derivative."""
+    p = torch.sigmoid(scores / temperature)
+    m = torch.bernoulli(p.detach(), generator=generator)
+    return m + p - p.detach()
+
+
 class MaskedTensor(nn.Module):
     """One frozen weight tensor and the scores that choose which of its elements are on.
 
@@ -48,6 +56,7 @@ class MaskedTensor(nn.Module):
         self.layer_index = layer_index
         self.kind = kind
         self.dense = dense
+        self.personal = False  # a personal head: dense, trained on the device, outside the wire layout
         w = torch.from_numpy(np.array(weight, dtype=np.float32))
         self.weight: Tensor
         if dense:
@@ -59,6 +68,7 @@ class MaskedTensor(nn.Module):
         self.register_buffer("structure", torch.ones_like(w, dtype=torch.bool))
         self.mode = "ste"
         self.temperature = 1.0
+        self.generator: torch.Generator | None = None  # seeds "bernoulli" draws (set by local_train)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -80,6 +90,8 @@ class MaskedTensor(nn.Module):
             m: Tensor = _SigmoidSTE.apply(self.scores, self.temperature)  # type: ignore[no-untyped-call]
         elif self.mode == "sigmoid":
             m = torch.sigmoid(self.scores / self.temperature)
+        elif self.mode == "bernoulli":
+            m = _bernoulli_ste(self.scores, self.temperature, self.generator)
         else:
             raise ValueError(f"unknown mask mode {self.mode!r}; choose one of {MASK_MODES}")
         return self.weight * m * self.structure

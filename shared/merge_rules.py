@@ -12,6 +12,8 @@ Each rule is one small class over packed bits; all of them call the same kernel
 - affinity: like paper in the body; in the pruned layers each device votes only with the
           participants whose pruned structure overlaps its own at least `min_jaccard`.
 - consensus: a device's bit changes only under a supermajority (>= q of the overlapping voters).
+- agreement: per-element agreement of the participants' Bernoulli samples, sent as 4-bit levels
+          (shared/agreement.py); devices blend it into their scores. Needs `upload="sample"`.
 - local:  nothing is merged (each device keeps its own bits); a diagnostic floor, not a product rule.
 """
 
@@ -23,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from shared.aggregate import merge_masks, vote_counts
+from shared.agreement import posterior_mean
 from shared.bits import pack, popcount, unpack
 
 
@@ -110,6 +113,22 @@ class ConsensusRule:
 
 
 @dataclass(frozen=True)
+class AgreementRule:
+    """The downlink is the agreement theta, not bits (`downlink == "q4"`); `merge` gives the
+    thresholded view (theta > 1/2, inside each structure) for callers that need bits."""
+
+    name: str = "agreement"
+    downlink: str = "q4"
+
+    def theta(self, structures: np.ndarray, samples: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        return posterior_mean(structures, samples, ctx.nbits)
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        majority = pack(self.theta(structures, masks, ctx) > 0.5)
+        return np.stack([majority & s for s in structures])
+
+
+@dataclass(frozen=True)
 class LocalRule:
     name: str = "local"
 
@@ -118,7 +137,8 @@ class LocalRule:
 
 
 RULES: dict[str, type] = {"paper": PaperRule, "body": BodyRule, "head": HeadRule, "affinity": AffinityRule,
-                          "consensus": ConsensusRule, "local": LocalRule}
+                          "consensus": ConsensusRule, "local": LocalRule,
+                       "agreement": AgreementRule}
 
 
 def get_rule(name: str) -> MergeRule:

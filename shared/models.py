@@ -37,6 +37,9 @@ class ModelSpec:
     real_gate: str = "o"
     embed_dim: int = 8
     dense: bool = False  # True: train W directly (the FedAvg/Standalone baselines), no mask
+    # True: the output layer has real-valued weights trained on the device and never sent: it is
+    # not part of the masked layout (nbits, fingerprint, structures, wire bits exclude it).
+    personal_head: bool = False
 
     def with_(self, **changes: object) -> ModelSpec:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -55,12 +58,15 @@ class MaskedNet(nn.Module):
 
     # -- construction -------------------------------------------------------------------
     def _tensor(self, name: str, shape: tuple[int, ...], fan_in: int, kind: str,
-                layer_index: int | None = None) -> MaskedTensor:
+                layer_index: int | None = None, head: bool = False) -> MaskedTensor:
         s = self.spec
-        w = frozen_weight(s.seed, name, shape, fan_in, s.init)
+        personal = head and s.personal_head and not s.dense
+        # A personal head starts like a dense baseline's layer (kaiming), not from +-c constants.
+        w = frozen_weight(s.seed, name, shape, fan_in, "kaiming_uniform" if personal else s.init)
         sc = initial_scores(s.seed, name, shape, s.score_spread)
         idx = self._layer if layer_index is None else layer_index
-        t = MaskedTensor(name, w, sc, idx, kind, dense=s.dense)
+        t = MaskedTensor(name, w, sc, idx, kind, dense=s.dense or personal)
+        t.personal = personal
         if layer_index is None:
             self._layer += 1
         self.tensors.append(t)
@@ -73,7 +79,7 @@ class MaskedNet(nn.Module):
             nn.Flatten(),
             MaskedLinear(self._tensor("fc1", (w, d_in), d_in, "fc")), nn.ReLU(),
             MaskedLinear(self._tensor("fc2", (w, w), w, "fc")), nn.ReLU(),
-            MaskedLinear(self._tensor("fc3", (self.spec.num_classes, w), w, "fc")),
+            MaskedLinear(self._tensor("fc3", (self.spec.num_classes, w), w, "fc", head=True)),
         )
 
     def _build_cnn(self) -> nn.Module:
@@ -88,7 +94,7 @@ class MaskedNet(nn.Module):
             nn.MaxPool2d(2),
             nn.Flatten(),
             MaskedLinear(self._tensor("fc1", (w, flat), flat, "fc")), nn.ReLU(),
-            MaskedLinear(self._tensor("fc2", (self.spec.num_classes, w), w, "fc")),
+            MaskedLinear(self._tensor("fc2", (self.spec.num_classes, w), w, "fc", head=True)),
         )
 
     def _build_lstm(self) -> nn.Module:
@@ -104,7 +110,7 @@ class MaskedNet(nn.Module):
             real_ih = frozen_weight(s.seed, f"lstm{i}.ih.real", (h, d_in), d_in, "kaiming_uniform")
             real_hh = frozen_weight(s.seed, f"lstm{i}.hh.real", (h, h), h, "kaiming_uniform")
             layers.append(MaskedLSTMLayer(mih, mhh, real_ih, real_hh, h, s.real_gate))
-        head = MaskedLinear(self._tensor("fc", (vocab, h), h, "fc"))
+        head = MaskedLinear(self._tensor("fc", (vocab, h), h, "fc", head=True))
         return _CharLSTM(emb, layers, head)
 
     # -- forward and penalty ------------------------------------------------------------
@@ -119,13 +125,15 @@ class MaskedNet(nn.Module):
             total = total + t.group_lasso()
         return total / self.nbits
 
-    def set_mask_mode(self, mode: str, temperature: float = 1.0) -> None:
+    def set_mask_mode(self, mode: str, temperature: float = 1.0, seed: int | None = None) -> None:
+        """`seed` seeds the draws of mode "bernoulli" (one generator for the whole model)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for t in self.masked():
-            t.mode, t.temperature = mode, temperature
+            t.mode, t.temperature, t.generator = mode, temperature, gen
 
     # -- flat views ---------------------------------------------------------------------
     def masked(self) -> list[MaskedTensor]:
-        return [t for t in self.tensors if isinstance(t, MaskedTensor)]
+        return [t for t in self.tensors if isinstance(t, MaskedTensor) and not t.personal]
 
     @property
     def nbits(self) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared import codec
+from shared.agreement import pack_levels, quantize
 from shared.bits import popcount, positions, scatter_at, select_at
 from shared.device import derive_seed
 from shared.errors import CodecError
@@ -140,3 +141,27 @@ def mask_message(device: str, merged: np.ndarray, rec: DeviceRecord, *, round_id
     inside = select_at(merged, rec.where(nbits), nbits)
     return codec.make_mask(device=device, round=round_id, model=fingerprint, layout=layout,
                            bits=inside.tobytes(), nbits=rec.inside, version=round_id)
+
+
+def agreement_message(device: str, theta: np.ndarray, rec: DeviceRecord, *, round_id: int,
+                      fingerprint: str, layout: str, nbits: int) -> codec.Message:
+    """Downlink of the agreement rule: theta inside the device's structure as 4-bit levels."""
+    packed, n = pack_levels(quantize(theta[rec.where(nbits)]))
+    return codec.make_mask(device=device, round=round_id, model=fingerprint, layout=layout, bits=packed,
+                           nbits=n, version=round_id, enc="q4")
+
+
+def downlink_messages(rule: MergeRule, ctx: MergeContext, rnd: RoundState, records: dict[str, DeviceRecord], *,
+                      fingerprint: str, layout: str) -> dict[str, codec.Message]:
+    """Every participant's downlink for a closing round: merged bits, or agreement levels for a rule
+    whose downlink is "q4". The simulator and the aggregator service both call this."""
+    kw = {"round_id": rnd.round_id, "fingerprint": fingerprint, "layout": layout, "nbits": ctx.nbits}
+    if getattr(rule, "downlink", "bits") == "q4":
+        devices = sorted(rnd.received)
+        if not devices:
+            return {}
+        structures = np.stack([records[d].structure for d in devices])
+        theta = rule.theta(structures, np.stack([rnd.received[d] for d in devices]), ctx)  # type: ignore[attr-defined]
+        return {d: agreement_message(d, theta, records[d], **kw) for d in devices}  # type: ignore[arg-type]
+    return {d: mask_message(d, merged, records[d], **kw)  # type: ignore[arg-type]
+            for d, merged in merge_round(rule, ctx, rnd, records).items()}

@@ -23,6 +23,7 @@ class TrainConfig:
     momentum: float = 0.9
     batch_size: int = 16
     mask_mode: str = "ste"       # ste: hard forward, sigmoid' backward | sigmoid: soft forward (Eq. 6)
+    #                              | bernoulli: a sampled mask each forward (FedPM)
     temperature: float = 1.0
     lam: float = 0.0             # structured-sparsity coefficient (Eq. 10), per element
     threads: int = 1             # tiny models on a 2-core board run fastest single-threaded
@@ -62,7 +63,7 @@ def local_train(model: MaskedNet, x: np.ndarray, y: np.ndarray, epochs: int, cfg
     """Train for `epochs` passes over (x, y); batch order from PCG64(seed) so runs repeat exactly."""
     torch.set_num_threads(cfg.threads)
     model.train()
-    model.set_mask_mode(cfg.mask_mode, cfg.temperature)
+    model.set_mask_mode(cfg.mask_mode, cfg.temperature, seed=seed)
     opt = _optimizer(model, cfg)
     rng = np.random.Generator(np.random.PCG64(seed))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)

@@ -17,8 +17,7 @@ from shared.models import ModelSpec, build_model
 from shared.rounds import (
     DeviceRecord,
     RoundState,
-    mask_message,
-    merge_round,
+    downlink_messages,
     sample_count,
     sample_devices,
     validate_update,
@@ -79,8 +78,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
             rnd.received[msg.device] = validate_update(env, msg, fingerprint=fp, layout=layout, nbits=nbits,
                                                        rnd=rnd, records=records)
         rnd.state = "closing"
-        for d, merged in merge_round(rule, ctx, rnd, records).items():
-            msg = mask_message(d, merged, records[d], round_id=r, fingerprint=fp, layout=layout, nbits=nbits)
+        for d, msg in downlink_messages(rule, ctx, rnd, records, fingerprint=fp, layout=layout).items():
             records[d].version = msg.version or 0
             bus.publish_downlink(d, codec.encode(msg))
         rnd.state = "closed"
