@@ -103,7 +103,8 @@ class DeviceRuntime:
         if self.cfg.upload == "sample":  # unbiased 1-bit estimate of sigmoid(S) per element
             probs = 1.0 / (1.0 + np.exp(-self.model.scores_flat().astype(np.float64)))
             drawn = bernoulli_sample(probs, derive_seed(self.seed, "upload", round_id, self.device_id))
-            return drawn & self.model.structure_bits().astype(bool)
+            inside: np.ndarray = drawn & self.model.structure_bits().astype(bool)
+            return inside
         raise ValueError(f"unknown upload {self.cfg.upload!r}; choose threshold or sample")
 
     def _apply_agreement(self, data: bytes, version: int) -> None:
