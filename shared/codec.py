@@ -481,7 +481,7 @@ def _validate(fields: Mapping[Any, object], expect_type: str | None = None) -> N
             _CHECKS[name](name, fields[name])
     if mtype == "hello" and fields["enc"] != "full":
         raise CodecError("bad_value", "hello must use enc 'full'")
-    if fields.get("enc") == "q4" and (mtype != "mask" or int(fields["nbits"]) % 4):
+    if fields.get("enc") == "q4" and (mtype != "mask" or fields["nbits"] % 4 != 0):  # type: ignore[operator]
         raise CodecError("bad_value", "enc 'q4' is for mask messages, 4 bits per element")
     if "bits" in fields:
         _check_bits(fields["bits"], fields["nbits"], fields["crc32"])
