@@ -56,7 +56,7 @@ LATE_POLICIES = ("drop", "carry")
 FAULT_ENV = "FEDMASK_FAULT"
 FAULT_POINTS = (
     "consumed",  # an update was decoded and checked, not yet stored (its delivery is unacked)
-    "stored",  # store_update has run, the delivery is not acked yet
+    "stored",  # ingest_update has run, the delivery is not acked yet
     "merging",  # the closer was elected and has read the updates; nothing is published
     "published",  # a merged mask was confirmed by the broker; the round's masks are not all stored
     "published_all",  # every merged mask is published and stored; the round is not marked closed
