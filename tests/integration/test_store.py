@@ -206,6 +206,26 @@ def test_closing_round_is_found_and_mark_closed_is_idempotent(store: RoundStore)
         store.rounds_in_state("bogus")
 
 
+def test_carry_update_outcomes(store: RoundStore) -> None:
+    open_one(store, 1, sampled=("d1", "d2", "d3"), quorum=3)
+    close(store, 1)
+    open_one(store, 2, sampled=("d2", "d3"), quorum=3)
+    assert store.carry_update(9, "d1", b"late-1", T0 + 1) == "unknown_round"
+    assert store.carry_update(2, "d1", b"late-1", T0 + 1) == "carried"
+    assert store.carry_update(2, "d1", b"other", T0 + 2) == "duplicate"  # a redelivery changes nothing
+    assert store.carry_update(2, "d2", b"late-2", T0 + 2) == "sampled"  # its fresh update supersedes it
+    assert ingest(store, 2, "d2", b"fresh-2") == "stored"
+    # Membership before duplicates: still "sampled" once the fresh update is in, not a duplicate of it.
+    assert store.carry_update(2, "d2", b"late-2", T0 + 3) == "sampled"
+    # ...and a carried device's own update for the round is not_sampled, not a duplicate of the carried one.
+    assert ingest(store, 2, "d1", b"own-2") == "not_sampled"
+    info = store.info(2)
+    assert info is not None and info.carried == ["d1"] and info.received == ["d2"]
+    assert store.updates(2) == {"d1": b"late-1", "d2": b"fresh-2"}
+    close(store, 2)
+    assert store.carry_update(2, "d4", b"late-4", T0 + 4) == "closed"
+
+
 def test_round_keys_share_a_hash_tag(store: RoundStore) -> None:
     open_one(store, 7)
     assert ingest(store, 7, "d1", b"a") == "stored"
