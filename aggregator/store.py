@@ -46,9 +46,9 @@ import redis
 from redis.commands.core import Script
 
 from shared.errors import ConfigError, FedMaskError
+from shared.rounds import UpdateStatus
 
 STATES: Final = ("open", "closing", "closed")
-UpdateStatus = Literal["stored", "duplicate", "closed", "not_sampled", "unknown_round"]
 CarryStatus = Literal["carried", "duplicate", "sampled", "closed", "unknown_round"]
 _UPDATE_STATUSES: Final = get_args(UpdateStatus)
 _CARRY_STATUSES: Final = get_args(CarryStatus)
