@@ -128,6 +128,13 @@ def test_every_rule_has_a_hand_made_case() -> None:
     assert set(EXPECTED) == set(RULES)
 
 
+@pytest.mark.parametrize("q", [0.5, 0.4, 0.3])
+def test_consensus_at_or_below_half_is_the_majority_and_a_tie_keeps_the_own_bit(q: float) -> None:
+    """With q <= 0.5 a tie (e3, e8, e12, e15) meets both supermajorities; it used to give every
+    voter a 1. Now a tie keeps the device's own bit and otherwise the majority wins: the paper rule."""
+    assert merged(ConsensusRule(q=q)) == PAPER
+
+
 def test_consensus_between_half_and_the_default() -> None:
     # q = 0.6: 3 of 5 (e1), 2 of 3 (e7, e10, e14) and 3 of 4 (e13) now suffice; ties still keep own bits.
     assert merged(ConsensusRule(q=0.6)) == PAPER
