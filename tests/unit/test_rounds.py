@@ -1,4 +1,5 @@
-"""Round logic and merge rules: validation reasons, sampling, structure safety."""
+"""Round logic: sampling, round membership (the table in tests/membership_cases.py), downlink masks; and
+two random-input properties of the merge rules (their hand-made cases are in test_merge_rules.py)."""
 
 from __future__ import annotations
 
