@@ -19,9 +19,9 @@ from shared.rounds import (
     RoundState,
     mask_message,
     merge_round,
+    receive_update,
     sample_count,
     sample_devices,
-    validate_update,
 )
 from shared.sim.result import Progress, SimResult, mean_accuracy
 from shared.train import local_train
@@ -76,8 +76,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
             pre_merge[d] = devices[d].evaluate(by_id[d].test.x, by_id[d].test.y)[1]
         for env in bus.take_uplink():
             msg = codec.decode(env.body, expect_type="update")
-            rnd.received[msg.device] = validate_update(env, msg, fingerprint=fp, layout=layout, nbits=nbits,
-                                                       rnd=rnd, records=records)
+            receive_update(env, msg, fingerprint=fp, layout=layout, nbits=nbits, rnd=rnd, records=records)
         rnd.state = "closing"
         for d, merged in merge_round(rule, ctx, rnd, records).items():
             msg = mask_message(d, merged, records[d], round_id=r, fingerprint=fp, layout=layout, nbits=nbits)
