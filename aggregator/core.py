@@ -30,6 +30,7 @@ from shared.rounds import (
     mask_message,
     merge_round,
     quorum_count,
+    refusal,
     sample_count,
     sample_devices,
     unpack_update,
@@ -56,7 +57,7 @@ LATE_POLICIES = ("drop", "carry")
 FAULT_ENV = "FEDMASK_FAULT"
 FAULT_POINTS = (
     "consumed",  # an update was decoded and checked, not yet stored (its delivery is unacked)
-    "stored",  # store_update has run, the delivery is not acked yet
+    "stored",  # ingest_update has run, the delivery is not acked yet
     "merging",  # the closer was elected and has read the updates; nothing is published
     "published",  # a merged mask was confirmed by the broker; the round's masks are not all stored
     "published_all",  # every merged mask is published and stored; the round is not marked closed
@@ -94,12 +95,7 @@ class AggregatorCore:
         try:
             msg = codec.decode(body)
             env = Envelope(routing_key, user_id or "", body)
-            # Identity first: a device on its own (broker-checked) key naming another device inside
-            # is a spoof, and must be counted as one, not as a routing slip.
             check_sender(env, msg, fingerprint=self.fingerprint, layout=self.layout)
-            parts = routing_key.split(".")
-            if len(parts) != 3 or parts[1] != msg.device or parts[2] != msg.type:
-                raise CodecError("routing_mismatch", f"key {routing_key!r} for a {msg.type} from {msg.device!r}")
             if msg.type == "hello":
                 return self._hello(msg)
             if msg.type == "update":
@@ -147,7 +143,7 @@ class AggregatorCore:
         if status == "closed":
             self.store.mark_reported(msg.device, msg.round)
             return self._late(msg, body, now)
-        raise CodecError(status, f"round {msg.round}, device {msg.device}")
+        raise refusal(status, msg)  # not_sampled or unknown_round
 
     def _late(self, msg: codec.Message, body: bytes, now: float) -> Decision:
         """An update for a round that already closed, handled by the newest round's late policy:

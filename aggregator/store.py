@@ -21,7 +21,7 @@ Key layout (prefix <p>, default "fm:"):
   <p>config                    hash    the running aggregator's task, width, seed, merge, fingerprint
   <p>counters                  hash    name -> int; the store itself counts nothing, callers do
 
-A round's keys share the hash tag {r<r>}, so store_update and close_round (the hot, contended
+A round's keys share the hash tag {r<r>}, so admit_update and close_round (the hot, contended
 scripts) run unchanged on Redis Cluster. open_round spans slots (round:current and two rounds).
 Every script in lua/ names its KEYS and ARGV in a header; each is registered once per store
 (EVALSHA, with redis-py reloading it after a SCRIPT FLUSH or a restart).
@@ -39,21 +39,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, cast, get_args
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.commands.core import Script
 
 from shared.errors import ConfigError, FedMaskError
+from shared.rounds import UpdateStatus
 
 STATES: Final = ("open", "closing", "closed")
-UpdateStatus = Literal["stored", "duplicate", "closed", "not_sampled", "unknown_round"]
 CarryStatus = Literal["carried", "duplicate", "sampled", "closed", "unknown_round"]
-_CARRY_STATUSES: Final = ("carried", "duplicate", "sampled", "closed", "unknown_round")
-_UPDATE_STATUSES: Final = ("stored", "duplicate", "closed", "not_sampled", "unknown_round")
-_LUA = ("open_round", "store_update", "carry_update", "close_round", "mark_closed", "set_mask", "register_device",
-        "touch")
+_UPDATE_STATUSES: Final = get_args(UpdateStatus)
+_CARRY_STATUSES: Final = get_args(CarryStatus)
+_LUA = ("open_round", "admit_update", "close_round", "mark_closed", "set_mask", "register_device", "touch")
 _SOURCES: Final = {name: files("aggregator").joinpath(f"lua/{name}.lua").read_text("utf-8") for name in _LUA}
 _MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a time
 
@@ -249,13 +248,9 @@ class RoundStore:
             raw = self.client.get(self._k("device", device_id, "mask_version"))
         return int(cast(bytes, raw)) if raw is not None else 0
 
-    def set_mask(self, device_id: str, packed: bytes, version: int) -> None:
-        """Store the merged mask only if `version` is newer than the stored one (a replay is a no-op)."""
-        dk = self._k("device", device_id)
-        self._run("set_mask", [dk + ":mask", dk + ":mask_version"], [bytes(packed), int(version)])
-
     def set_masks(self, masks: dict[str, bytes], version: int) -> None:
-        """set_mask for many devices in one round trip (a round's close stores up to K masks)."""
+        """Store each device's merged mask, in one round trip (a round's close stores up to K masks); a
+        device's mask is written only if `version` is newer than its stored one (a replay is a no-op)."""
         with self._guard("set_masks"):
             pipe = self.client.pipeline(transaction=False)
             for device_id, packed in masks.items():
@@ -323,32 +318,30 @@ class RoundStore:
                          closed_at=float(h["closed_at"]) if "closed_at" in h else None,
                          policy=cast(dict[str, object], json.loads(h.get("policy", "{}"))))
 
-    def store_update(self, round_id: int, device_id: str, body: bytes, now: float = 0.0) -> UpdateStatus:
-        """Persist an update at most once: "stored", "duplicate", "closed", "not_sampled" or "unknown_round"."""
-        keys = [self._rk(round_id, p) for p in ("round", "sampled", "received")]
-        keys += [self._rk(round_id, "update", device_id), self._rk(round_id, "arrivals")]
-        res = _s(self._run("store_update", keys, [device_id, bytes(body), _num(now, "now")]))
-        if res not in _UPDATE_STATUSES:
-            raise StoreError(f"store_update returned {res!r}")
-        return cast(UpdateStatus, res)
+    def _admit_keys(self, round_id: int, device_id: str, joins: str) -> list[str]:
+        """admit_update's KEYS: round, sampled, the set the device joins (received or carried), its
+        update, arrivals."""
+        return [self._rk(round_id, "round"), self._rk(round_id, "sampled"), self._rk(round_id, joins),
+                self._rk(round_id, "update", device_id), self._rk(round_id, "arrivals")]
 
     def ingest_update(self, round_id: int, device_id: str, body: bytes, now: float) -> tuple[UpdateStatus, bool]:
-        """store_update, the device's heartbeat and the closer election in one round trip (the hot
-        path: one call per update). Returns (status, whether this call was elected to close)."""
-        rkeys = [self._rk(round_id, p) for p in ("round", "sampled", "received")]
+        """Persist a round's own update at most once, with the device's heartbeat and the closer
+        election, in one round trip (the hot path: one call per update). Returns (status, whether this
+        call was elected to close); status is "stored", "duplicate", "closed", "not_sampled" or
+        "unknown_round" (aggregator/lua/admit_update.lua)."""
+        keys = self._admit_keys(round_id, device_id, "received")
         dk = self._k("device", device_id)
         with self._guard("ingest_update"):
             pipe = self.client.pipeline(transaction=False)
-            self._scripts["store_update"](keys=[*rkeys, self._rk(round_id, "update", device_id),
-                                                self._rk(round_id, "arrivals")],
-                                          args=[device_id, bytes(body), _num(now, "now")], client=pipe)
+            self._scripts["admit_update"](keys=keys, args=[device_id, bytes(body), _num(now, "now"), "store"],
+                                          client=pipe)
             self._scripts["touch"](keys=[dk, self._k("devices"), self._k("devices:alive")],
                                    args=[device_id, _num(now, "now")], client=pipe)
-            self._scripts["close_round"](keys=[rkeys[0], rkeys[2]], args=[_num(now, "now")], client=pipe)
+            self._scripts["close_round"](keys=[keys[0], keys[2]], args=[_num(now, "now")], client=pipe)
             status_raw, _, elected = pipe.execute()
         status = _s(status_raw)
         if status not in _UPDATE_STATUSES:
-            raise StoreError(f"store_update returned {status!r}")
+            raise StoreError(f"admit_update returned {status!r}")
         return cast(UpdateStatus, status), int(elected) == 1
 
     def note_update(self, device_id: str, round_id: int, counter: str) -> None:
@@ -361,11 +354,10 @@ class RoundStore:
 
     def carry_update(self, round_id: int, device_id: str, body: bytes, now: float) -> CarryStatus:
         """Merge a late update of an earlier round into open round `round_id` (at most once)."""
-        keys = [self._rk(round_id, p) for p in ("round", "sampled", "carried")]
-        keys += [self._rk(round_id, "update", device_id), self._rk(round_id, "arrivals")]
-        res = _s(self._run("carry_update", keys, [device_id, bytes(body), _num(now, "now")]))
+        keys = self._admit_keys(round_id, device_id, "carried")
+        res = _s(self._run("admit_update", keys, [device_id, bytes(body), _num(now, "now"), "carry"]))
         if res not in _CARRY_STATUSES:
-            raise StoreError(f"carry_update returned {res!r}")
+            raise StoreError(f"admit_update returned {res!r}")
         return cast(CarryStatus, res)
 
     def set_pending(self, device_id: str, round_id: int, body: bytes) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -381,8 +380,6 @@ class _Job(NamedTuple):
     out: _Words
 
 
-# Below this many words per thread, starting threads costs more than it saves.
-_MIN_WORDS_PER_THREAD = 1 << 15
 # Block widths are tuned for this many devices; more devices get proportionally narrower
 # blocks so that a block's rows still fit in cache.
 _TUNED_DEVICES = 24
@@ -396,13 +393,10 @@ def merge_masks(
     vote_region: np.ndarray | None = None,
     min_voters: int = 2,
     block_bytes: int = 1 << 16,
-    threads: int = 1,
 ) -> U8:
     """Merged masks, one row per device (see module docstring); bit-identical to the reference.
 
     `block_bytes`: how much of each device's vector one block covers (for up to 24 devices).
-    `threads`: worker threads splitting the blocks; numpy releases the GIL inside each call,
-    but a call is only microseconds long, so extra threads pay off only on idle cores.
     """
     _check_inputs(structures, masks, nbits, vote_region, min_voters)
     n, nbytes = structures.shape
@@ -422,17 +416,5 @@ def merge_masks(
     bw = max(1, min(block_bytes * min(n, _TUNED_DEVICES) // (n * _ALIGN), total))
     region = None if vote_region is None else _Words(vote_region[None, :])
     job = _Job(_Words(structures), _Words(masks), region, _Words(out))
-    blocks = -(-total // bw)
-    threads = max(1, min(threads, blocks, total // _MIN_WORDS_PER_THREAD))
-    if threads == 1:
-        _Kernel(n, bw, threshold, region is not None).run(job, 0, total)
-        return out
-    cuts = [bw * (blocks * t // threads) for t in range(threads)] + [total]
-    with ThreadPoolExecutor(threads) as pool:
-        futures = [
-            pool.submit(_Kernel(n, bw, threshold, region is not None).run, job, a, b)
-            for a, b in itertools.pairwise(cuts)
-        ]
-        for f in futures:
-            f.result()
+    _Kernel(n, bw, threshold, region is not None).run(job, 0, total)
     return out

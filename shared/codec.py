@@ -9,7 +9,7 @@ np.int64 an int). `decode` is strict: the wire types below, exactly.
 
 Fields (a msgpack map with string keys)
   v         int    PROTOCOL_VERSION; checked before anything else
-  type      str    "hello" | "update" | "task" | "mask" | "nack"
+  type      str    "hello" | "update" | "task" | "mask"
   device    str    1..64 chars of [A-Za-z0-9_.-]
   round     int    0 .. 2**63-1 (hello: the round the device joins at)
   model     str    frozen-weights fingerprint, lowercase hex, 16..64 chars
@@ -25,14 +25,12 @@ Fields (a msgpack map with string keys)
   stats     map    optional keys: samples (int >= 0), loss (finite float), accuracy (float 0..1),
                    train_seconds (finite float >= 0)
   deadline  float  unix seconds, finite, >= 0
-  reason    str    1..256 chars
 
 Fields per type (every type also has v, type, device, round, model, layout):
   hello    enc bits nbits crc32                     enc must be "full": the bits are the device's structure
   update   enc bits nbits crc32 version [stats]
   task     enc bits nbits crc32 version deadline
   mask     enc bits nbits crc32 version
-  nack     reason
 
 Reason codes
   too_large        input longer than max_bytes
@@ -69,9 +67,9 @@ from shared.errors import CodecError
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a full mask of a 500M-parameter model is 62.5 MB
 
-MessageType = Literal["hello", "update", "task", "mask", "nack"]
+MessageType = Literal["hello", "update", "task", "mask"]
 Encoding = Literal["structure", "full", "q4"]
-TYPES: Final = ("hello", "update", "task", "mask", "nack")
+TYPES: Final = ("hello", "update", "task", "mask")
 ENCODINGS: Final = ("structure", "full", "q4")
 REASONS: Final = (
     "too_large",
@@ -91,12 +89,10 @@ REASONS: Final = (
 
 _MAX_INT = 2**63 - 1
 _MAX_CRC = 2**32 - 1
-_MAX_REASON_CHARS = 256
-_MAX_STR_BYTES = 1024  # longest str msgpack may build; the longest legal one is a 256-char reason
+_MAX_STR_BYTES = 1024  # longest str msgpack may build; the longest legal one is 64 chars
 _MAX_CONTAINER = 32  # longest map/array msgpack may build; a message has at most 12 keys
 _DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX_RE = re.compile(r"[0-9a-f]{16,64}")
-_REASON_RE = re.compile(f".{{1,{_MAX_REASON_CHARS}}}", re.DOTALL)
 
 _COMMON = ("v", "type", "device", "round", "model", "layout")
 _BITS_FIELDS = ("enc", "bits", "nbits", "crc32")
@@ -105,11 +101,10 @@ _REQUIRED: Final[Mapping[str, frozenset[str]]] = {
     "update": frozenset((*_COMMON, *_BITS_FIELDS, "version")),
     "task": frozenset((*_COMMON, *_BITS_FIELDS, "version", "deadline")),
     "mask": frozenset((*_COMMON, *_BITS_FIELDS, "version")),
-    "nack": frozenset((*_COMMON, "reason")),
 }
 _OPTIONAL: Final[Mapping[str, frozenset[str]]] = {"update": frozenset({"stats"})}
 # Wire order of the keys; bits go last so a message's header is a readable prefix.
-_ORDER = (*_COMMON, "enc", "nbits", "crc32", "version", "stats", "deadline", "reason", "bits")
+_ORDER = (*_COMMON, "enc", "nbits", "crc32", "version", "stats", "deadline", "bits")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +133,6 @@ class Message:
     version: int | None = None
     stats: Stats | None = None
     deadline: float | None = None
-    reason: str | None = None
 
     def unpack(self) -> npt.NDArray[np.bool_]:
         """The `nbits` valid bits as a bool array."""
@@ -287,11 +281,6 @@ def make_mask(
     packed, n, crc = _bits(bits, nbits)
     head = _head(device, round, model, layout)
     return _checked(Message(type="mask", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version))
-
-
-def make_nack(*, device: str, round: int, model: str, layout: str, reason: str) -> Message:
-    """The aggregator refusing a device's message for `round`, with a short reason."""
-    return _checked(Message(type="nack", **_head(device, round, model, layout), reason=reason))
 
 
 # ---------------------------------------------------------------- conversion
@@ -443,7 +432,6 @@ _CHECKS: Final[Mapping[str, Check]] = {
     "version": _uint(_MAX_INT),
     "stats": _stats,
     "deadline": _float(0.0),
-    "reason": _text(_REASON_RE, f"1..{_MAX_REASON_CHARS} chars"),
     "bits": _bin,
 }
 

@@ -11,7 +11,8 @@ Each rule is one small class over packed bits; all of them call the same kernel
 - head:   the mirror of body: vote only inside the pruned layers; the body stays personal.
 - affinity: like paper in the body; in the pruned layers each device votes only with the
           participants whose pruned structure overlaps its own at least `min_jaccard`.
-- consensus: a device's bit changes only under a supermajority (>= q of the overlapping voters).
+- consensus: a device's bit changes only under a supermajority (>= q of the overlapping voters);
+            a tie keeps the device's own bit.
 - agreement: per-element agreement of the participants' Bernoulli samples, sent as 4-bit levels
           (shared/agreement.py); devices blend it into their scores. Needs `upload="sample"`.
 - local:  nothing is merged (each device keeps its own bits); a diagnostic floor, not a product rule.
@@ -91,8 +92,8 @@ class AffinityRule:
 @dataclass(frozen=True)
 class ConsensusRule:
     """Supermajority: a device's bit changes only when at least `q` of the voters whose structures
-    contain the element hold the other bit (q = 0.5 is close to the paper's rule; ties aside).
-    Weak majorities of unrelated devices no longer overwrite personal bits."""
+    contain the element hold the other bit; a tie keeps the device's own bit. Weak majorities of
+    unrelated devices no longer overwrite personal bits. With q <= 0.5 this is the paper's rule."""
 
     name: str = "consensus"
     q: float = 0.8
@@ -103,6 +104,11 @@ class ConsensusRule:
         o = ones.astype(np.int32)
         strong_one = (v >= 2) & (o >= self.q * v)
         strong_zero = (v >= 2) & ((v - o) >= self.q * v)
+        # Both hold only when q <= 0.5 (never at the default): then the majority decides, and a tie
+        # keeps each device's own bit instead of giving every voter a 1.
+        both = strong_one & strong_zero
+        strong_one &= ~both | (2 * o > v)
+        strong_zero &= ~both | (2 * o < v)
         out = np.empty_like(masks)
         for i in range(len(masks)):
             own = unpack(masks[i], ctx.nbits)

@@ -1,13 +1,17 @@
 """Round logic, pure: sampling, update validation, quorum, merging, downlink messages.
 
-The simulator's RoundCoordinator keeps state in memory; the aggregator service keeps the same
-state in Redis and calls these same functions, so the same seeds give the same masks.
+The simulator keeps round state in memory; the aggregator service keeps the same state in Redis and
+calls these same functions, so the same seeds give the same masks. Round membership (which update a
+round takes) is decided in the service by aggregator/lua/admit_update.lua, atomically; admit_update
+below is its in-memory copy for the simulator, and tests/membership_cases.py is the one table of cases
+both are tested against (tests/integration/test_membership_rules.py runs it on real Redis).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -69,14 +73,23 @@ class RoundState:
     state: str = "open"
 
 
+UpdateStatus = Literal["stored", "duplicate", "closed", "not_sampled", "unknown_round"]
+"""What a round makes of a device's update: admit_update here, admit_update.lua (mode store) in Redis."""
+
+
 def check_sender(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str) -> None:
-    """Identity and model checks that need no round state (the broker has verified env.user_id)."""
+    """Identity, model and routing checks that need no round state (the broker has verified env.user_id).
+    Identity first: a device on its own key naming another device inside is a spoof, and is counted as
+    one, not as a routing slip."""
     if env.user_id != msg.device:
         raise CodecError("spoofed_device", f"user {env.user_id!r} sent a message naming {msg.device!r}")
     if msg.model != fingerprint:
         raise CodecError("wrong_model", f"fingerprint {msg.model} != {fingerprint}")
     if msg.layout != layout:
         raise CodecError("wrong_layout", f"layout {msg.layout} != {layout}")
+    parts = env.routing_key.split(".")
+    if len(parts) != 3 or parts[1] != msg.device or parts[2] != msg.type:
+        raise CodecError("routing_mismatch", f"key {env.routing_key!r} for a {msg.type} from {msg.device!r}")
 
 
 def check_update(msg: codec.Message, rec: DeviceRecord | None) -> DeviceRecord:
@@ -96,27 +109,49 @@ def unpack_update(msg: codec.Message, rec: DeviceRecord | None, nbits: int) -> n
     return scatter_at(np.frombuffer(msg.bits, dtype=np.uint8), rec.where(nbits), nbits)
 
 
-def validate_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, nbits: int,
-                    rnd: RoundState | None, records: dict[str, DeviceRecord]) -> np.ndarray:
-    """Check an update against the round and the device's structure; return its packed full mask.
+def admit_update(rnd: RoundState | None, device: str) -> UpdateStatus:
+    """Whether round `rnd` (None: never opened) takes `device`'s update: the checks of
+    aggregator/lua/admit_update.lua in mode store, in its order. Membership before duplicates (a device
+    the round did not sample is refused every time); duplicates before the round's state (a redelivery
+    after the close is still a no-op, not a late update)."""
+    if rnd is None:
+        return "unknown_round"
+    if device not in rnd.sampled:
+        return "not_sampled"
+    if device in rnd.received:
+        return "duplicate"
+    if rnd.state != "open":
+        return "closed"
+    return "stored"
 
-    Raises CodecError with a stable reason; the pipeline dead-letters with that reason. (The
-    aggregator service runs check_sender and unpack_update, and leaves round membership to the
-    atomic Redis script, which is the authority there.)
+
+def refusal(status: UpdateStatus, msg: codec.Message) -> CodecError:
+    """The dead-letter reason of an update the round refused ("closed" is a late update: round_closed)."""
+    if status == "closed":
+        return CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update")
+    return CodecError(status, f"round {msg.round}, device {msg.device}")
+
+
+def receive_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, nbits: int,
+                   rnd: RoundState | None, records: dict[str, DeviceRecord]) -> UpdateStatus:
+    """The simulator's intake of one update, in the aggregator service's order: sender, then the
+    device's structure, then round membership. Records the update's packed full mask in rnd.received
+    and returns "stored", or returns "duplicate" (the first update stands, as in Redis); anything else
+    raises CodecError with the reason the service dead-letters with.
+
+    `rnd` is the state of the round the update names (None, or another round's: never opened here).
+    The simulator has no late updates, so a closed round is always round_closed (the "drop" policy).
     """
     check_sender(env, msg, fingerprint=fingerprint, layout=layout)
-    rec = records.get(msg.device)
-    if rec is None:
-        raise CodecError("unknown_device", f"{msg.device} has not sent a hello")
-    if rnd is None or msg.round != rnd.round_id:
-        raise CodecError("unknown_round", f"round {msg.round} is not the open round")
-    if rnd.state != "open":
-        raise CodecError("round_closed", f"round {msg.round} is {rnd.state}")
-    if msg.device not in rnd.sampled:
-        raise CodecError("not_sampled", f"{msg.device} was not sampled for round {msg.round}")
-    if msg.device in rnd.received:
-        raise CodecError("duplicate", f"{msg.device} already delivered round {msg.round}")
-    return unpack_update(msg, rec, nbits)
+    rec = check_update(msg, records.get(msg.device))
+    status = admit_update(rnd if rnd is not None and rnd.round_id == msg.round else None, msg.device)
+    if status == "duplicate":
+        return status
+    if status != "stored":
+        raise refusal(status, msg)
+    assert rnd is not None  # admitted, so the round exists
+    rnd.received[msg.device] = unpack_update(msg, rec, nbits)
+    return status
 
 
 def merge_round(rule: MergeRule, ctx: MergeContext, rnd: RoundState,

@@ -108,10 +108,8 @@ class Worker:
                 self.device.save(self.state_path)
                 self._record(type="mask", version=msg.version, bytes_down=len(d.body))
                 log.info("%s applied merged mask v%d", self.device_id, self.device.mask_version)
-            elif msg.type == "nack":
-                log.warning("%s: aggregator refused round %d: %s", self.device_id, msg.round, msg.reason)
             else:
-                raise CodecError("wrong_type", f"a device receives task, mask or nack, not {msg.type}")
+                raise CodecError("wrong_type", f"a device receives task or mask, not {msg.type}")
         except (CodecError, LayoutMismatch) as err:
             log.error("%s dropped a bad downlink message: %s", self.device_id, err)
             return Outcome.reject(getattr(err, "reason", "layout_mismatch"))

@@ -18,9 +18,9 @@ from shared.rounds import (
     DeviceRecord,
     RoundState,
     downlink_messages,
+    receive_update,
     sample_count,
     sample_devices,
-    validate_update,
 )
 from shared.sim.result import Progress, SimResult, mean_accuracy
 from shared.train import local_train
@@ -75,8 +75,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
             pre_merge[d] = devices[d].evaluate(by_id[d].test.x, by_id[d].test.y)[1]
         for env in bus.take_uplink():
             msg = codec.decode(env.body, expect_type="update")
-            rnd.received[msg.device] = validate_update(env, msg, fingerprint=fp, layout=layout, nbits=nbits,
-                                                       rnd=rnd, records=records)
+            receive_update(env, msg, fingerprint=fp, layout=layout, nbits=nbits, rnd=rnd, records=records)
         rnd.state = "closing"
         for d, msg in downlink_messages(rule, ctx, rnd, records, fingerprint=fp, layout=layout).items():
             records[d].version = msg.version or 0

@@ -1,4 +1,4 @@
-"""shared/amqp.py and ops/enroll.py against a real RabbitMQ.
+"""shared/amqp/ and ops/enroll.py against a real RabbitMQ.
 
 Isolation: each test gets a unique namespace (a prefix on every exchange and queue name) on the
 fixture's vhost and deletes its topology afterwards, so only AMQP access is needed. Enrolment tests
@@ -33,7 +33,6 @@ from shared.amqp import (
     Delivery,
     Outcome,
     Publisher,
-    declare_device_queue,
     declare_topology,
     delete_topology,
     device_queue,
@@ -103,8 +102,7 @@ def drain(settings: AmqpSettings, queue: str, n: int, timeout: float = 10.0) -> 
 def settings(amqp_service_url: str) -> Iterator[AmqpSettings]:
     s = AmqpSettings.from_url(amqp_service_url, namespace=f"test-{uuid.uuid4().hex[:10]}.")
     with Publisher(s, declare=True), open_channel(s) as ch:
-        for d in DEVICES:
-            declare_device_queue(ch, d, namespace=s.namespace)
+        declare_topology(ch, namespace=s.namespace, device_ids=DEVICES)
     yield s
     delete_topology(s, device_ids=DEVICES)
 
@@ -151,8 +149,7 @@ def test_definitions_json_matches_the_declared_topology() -> None:
 
 def test_topology_declare_is_idempotent(settings: AmqpSettings) -> None:
     with Publisher(settings, declare=True), open_channel(settings) as ch:  # second and third time
-        declare_topology(ch, namespace=settings.namespace)
-        declare_device_queue(ch, "dev-1", namespace=settings.namespace)
+        declare_topology(ch, namespace=settings.namespace, device_ids=("dev-1",))
     assert queue_depth(settings, q(settings, AGGREGATOR_QUEUE)) == 0
 
 

@@ -138,7 +138,7 @@ def test_round_store_to_a_refused_endpoint(capture: pytest.LogCaptureFixture, sc
     s = RoundStore.from_url(f"{scheme}://fedmask-test:{IN_URL}@127.0.0.1:{_refused_port()}/0", prefix="creds:")
     errors = []
     try:
-        for op in (s.ping, lambda: s.store_update(1, "d1", b"x", 0.0), s.counters):
+        for op in (s.ping, lambda: s.ingest_update(1, "d1", b"x", 0.0), s.counters):
             with pytest.raises(StoreError) as caught:
                 op()
             assert "refused" in str(caught.value).lower() or "connect" in str(caught.value).lower()

@@ -120,14 +120,14 @@ def test_every_store_operation_works_as_the_aggregator_user(acl_user: AclUser) -
         call("touch", "d1", T0 + 5)
         assert call("alive", T0 + 1) == ["d1"]
         assert call("current_round") is None
-        call("open_round", 1, sampled=["d1", "d2", "d3"], deadline=T0 + 60, quorum=2, now=T0, policy={"q": 0.6})
+        call("open_round", 1, sampled=["d1", "d2", "d3"], deadline=T0 + 60, quorum=3, now=T0, policy={"q": 0.6})
         call("mark_tasked", ["d1", "d2", "d3"], 1)
-        assert call("store_update", 1, "d1", b"u1", T0 + 1) == "stored"
-        assert call("store_update", 1, "d1", b"u1", T0 + 1) == "duplicate"
+        assert call("ingest_update", 1, "d1", b"u1", T0 + 1) == ("stored", False)
+        assert call("ingest_update", 1, "d1", b"u1", T0 + 1) == ("duplicate", False)
         call("mark_reported", "d1", 1)
         assert call("busy", ["d1", "d2", "d4"], 2, 2) == {"d2"}
-        assert call("store_update", 1, "d2", b"u2", T0 + 2) == "stored"
-        assert call("try_close", 1, T0 + 3)
+        assert call("ingest_update", 1, "d2", b"u2", T0 + 2) == ("stored", False)  # 2 of 3
+        assert call("try_close", 1, T0 + 60)  # the deadline
         assert call("rounds_in_state", "closing") == [1]
         call("mark_late", 1, "d3")
         call("set_pending", "d3", 1, b"late-3")
@@ -136,7 +136,7 @@ def test_every_store_operation_works_as_the_aggregator_user(acl_user: AclUser) -
         call("mark_closed", 1, T0 + 4)
         info = call("info", 1)
         assert info is not None and info.state == "closed" and info.late == ["d3"]  # type: ignore[attr-defined]
-        call("set_mask", "d1", b"\x01\x02", 1)
+        call("set_masks", {"d1": b"\x01\x02"}, 1)
         assert call("mask", "d1") == (b"\x01\x02", 1) and call("mask_version", "d1") == 1
         call("open_round", 2, sampled=["d1", "d2"], deadline=T0 + 120, quorum=2, now=T0 + 5)
         assert call("take_pending") == [("d3", 1, b"late-3")]

@@ -75,15 +75,16 @@ def test_touch_and_alive(store: RoundStore) -> None:
     assert store.client.hget(store.prefix + "device:d2", "last_seen") == repr(T0 + 50).encode()
 
 
-def test_set_mask_only_advances(store: RoundStore) -> None:
+def test_set_masks_only_advance(store: RoundStore) -> None:
     assert store.mask("d1") is None and store.mask_version("d1") == 0
-    store.set_mask("d1", b"\x01\x02", 1)
-    assert store.mask("d1") == (b"\x01\x02", 1)
-    store.set_mask("d1", b"\x09", 1)  # replay of the same version: no-op
-    store.set_mask("d1", b"\x09", 0)
-    assert store.mask("d1") == (b"\x01\x02", 1)
-    store.set_mask("d1", bytes(range(256)), 3)
+    store.set_masks({"d1": b"\x01\x02", "d2": b"\x05"}, 1)
+    assert store.mask("d1") == (b"\x01\x02", 1) and store.mask("d2") == (b"\x05", 1)
+    store.set_masks({"d1": b"\x09"}, 1)  # replay of the same version: no-op
+    store.set_masks({"d1": b"\x09", "d2": b"\x06"}, 0)
+    assert store.mask("d1") == (b"\x01\x02", 1) and store.mask("d2") == (b"\x05", 1)
+    store.set_masks({"d1": bytes(range(256))}, 3)  # one device advances, the other keeps its version
     assert store.mask("d1") == (bytes(range(256)), 3) and store.mask_version("d1") == 3
+    assert store.mask("d2") == (b"\x05", 1)
 
 
 # -- rounds -------------------------------------------------------------------------------
@@ -109,29 +110,46 @@ def test_open_round_rules(store: RoundStore) -> None:
         store.open_round(6, sampled=[], deadline=T0, quorum=1, now=T0)
 
 
-def test_store_update_outcomes(store: RoundStore) -> None:
-    assert store.store_update(1, "d1", b"x") == "unknown_round"
+def ingest(store: RoundStore, r: int, device: str, body: bytes, now: float = T0 + 1) -> str:
+    """ingest_update's status, for tests where the closer election does not matter."""
+    return store.ingest_update(r, device, body, now)[0]
+
+
+def test_ingest_update_outcomes(store: RoundStore) -> None:
+    assert ingest(store, 1, "d1", b"x") == "unknown_round"
     open_one(store, 1, quorum=3)
-    assert store.store_update(1, "d1", b"body-1") == "stored"
-    assert store.store_update(1, "d1", b"other") == "duplicate"  # a redelivery changes nothing
-    assert store.store_update(1, "d9", b"x") == "not_sampled"
-    assert store.store_update(1, "d2", b"\x00\xff" * 1000) == "stored"
+    assert ingest(store, 1, "d1", b"body-1") == "stored"
+    assert ingest(store, 1, "d1", b"other") == "duplicate"  # a redelivery changes nothing
+    assert ingest(store, 1, "d9", b"x") == "not_sampled"
+    assert ingest(store, 1, "d2", b"\x00\xff" * 1000) == "stored"
     info = store.info(1)
     assert info is not None and info.received == ["d1", "d2"]
     assert store.updates(1) == {"d1": b"body-1", "d2": b"\x00\xff" * 1000}
     close(store, 1)
-    assert store.store_update(1, "d3", b"late") == "closed"
-    assert store.store_update(1, "d1", b"body-1") == "duplicate"
-    assert store.store_update(1, "d9", b"x") == "not_sampled"
+    assert ingest(store, 1, "d3", b"late") == "closed"
+    assert ingest(store, 1, "d1", b"body-1") == "duplicate"
+    assert ingest(store, 1, "d9", b"x") == "not_sampled"
     store.mark_late(1, "d3")
     info = store.info(1)
     assert info is not None and info.late == ["d3"] and info.received == ["d1", "d2"]
     assert set(store.updates(1)) == {"d1", "d2"}
 
 
+def test_ingest_update_heartbeats_and_elects_the_closer_on_the_quorum(store: RoundStore) -> None:
+    enrol(store, "d1", "d2", "d3")
+    open_one(store, 1, quorum=2)
+    assert store.ingest_update(1, "d1", b"a", T0 + 5) == ("stored", False)
+    assert store.ingest_update(1, "d2", b"b", T0 + 6) == ("stored", True)  # the quorum: elected
+    assert store.ingest_update(1, "d3", b"c", T0 + 7) == ("closed", False)  # closing: late, nobody elected
+    assert store.alive(T0 + 6) == ["d2", "d3"]
+    info = store.info(1)
+    assert info is not None and info.state == "closing" and info.closing_at == T0 + 6
+    assert info.arrivals == {"d1": 5.0, "d2": 6.0}
+
+
 def test_try_close_not_ready_then_deadline(store: RoundStore) -> None:
     open_one(store, 1, quorum=2, deadline=T0 + 60)
-    assert store.store_update(1, "d1", b"a") == "stored"
+    assert store.ingest_update(1, "d1", b"a", T0 + 1) == ("stored", False)
     assert not store.try_close(1, T0 + 59)
     assert not store.try_close(2, T0 + 1000)  # unknown round
     assert store.try_close(1, T0 + 60)  # deadline passed with 1 of 2
@@ -146,10 +164,9 @@ def test_try_close_deadline_with_no_updates(store: RoundStore) -> None:
 
 
 def test_try_close_exactly_one_winner(store: RoundStore) -> None:
-    open_one(store, 1, quorum=2)
-    store.store_update(1, "d1", b"a")
+    open_one(store, 1, quorum=2, deadline=T0 + 60)
+    assert ingest(store, 1, "d1", b"a") == "stored"
     assert not store.try_close(1, T0 + 1)
-    store.store_update(1, "d2", b"b")
     n = 8
     barrier = threading.Barrier(n)
     results: list[bool] = []
@@ -157,7 +174,7 @@ def test_try_close_exactly_one_winner(store: RoundStore) -> None:
 
     def racer() -> None:
         barrier.wait()
-        won = store.try_close(1, T0 + 2)
+        won = store.try_close(1, T0 + 60)  # the deadline, with 1 of 2
         with lock:
             results.append(won)
 
@@ -189,9 +206,29 @@ def test_closing_round_is_found_and_mark_closed_is_idempotent(store: RoundStore)
         store.rounds_in_state("bogus")
 
 
+def test_carry_update_outcomes(store: RoundStore) -> None:
+    open_one(store, 1, sampled=("d1", "d2", "d3"), quorum=3)
+    close(store, 1)
+    open_one(store, 2, sampled=("d2", "d3"), quorum=3)
+    assert store.carry_update(9, "d1", b"late-1", T0 + 1) == "unknown_round"
+    assert store.carry_update(2, "d1", b"late-1", T0 + 1) == "carried"
+    assert store.carry_update(2, "d1", b"other", T0 + 2) == "duplicate"  # a redelivery changes nothing
+    assert store.carry_update(2, "d2", b"late-2", T0 + 2) == "sampled"  # its fresh update supersedes it
+    assert ingest(store, 2, "d2", b"fresh-2") == "stored"
+    # Membership before duplicates: still "sampled" once the fresh update is in, not a duplicate of it.
+    assert store.carry_update(2, "d2", b"late-2", T0 + 3) == "sampled"
+    # ...and a carried device's own update for the round is not_sampled, not a duplicate of the carried one.
+    assert ingest(store, 2, "d1", b"own-2") == "not_sampled"
+    info = store.info(2)
+    assert info is not None and info.carried == ["d1"] and info.received == ["d2"]
+    assert store.updates(2) == {"d1": b"late-1", "d2": b"fresh-2"}
+    close(store, 2)
+    assert store.carry_update(2, "d4", b"late-4", T0 + 4) == "closed"
+
+
 def test_round_keys_share_a_hash_tag(store: RoundStore) -> None:
     open_one(store, 7)
-    store.store_update(7, "d1", b"a")
+    assert ingest(store, 7, "d1", b"a") == "stored"
     keys = {k.decode() for k in store.client.scan_iter(match=store.prefix + "{r7}:*")}
     assert {store.prefix + "{r7}:" + s for s in ("round", "sampled", "received", "update:d1")} <= keys
 
@@ -214,7 +251,7 @@ def test_unreachable_redis_raises_store_error_without_password() -> None:
     assert time.monotonic() - start < 10
     assert "s3cret-pw" not in str(caught.value) and caught.value.__cause__ is None
     with pytest.raises(StoreError):
-        s.store_update(1, "d1", b"x")
+        s.ingest_update(1, "d1", b"x", T0)
     assert redact_url(url) == "redis://admin:***@127.0.0.1:1/0"
 
 

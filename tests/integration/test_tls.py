@@ -359,8 +359,7 @@ def test_round_store_over_rediss_with_the_ca(pki: Pki, tls_redis: TlsRedis) -> N
         s.ping()
         s.register_device("d1", profile="pi4", fingerprint="ab" * 8, structure=b"\xf0", now=T0)
         s.open_round(1, sampled=["d1"], deadline=T0 + 60, quorum=1, now=T0)
-        assert s.store_update(1, "d1", b"update over TLS", T0 + 1) == "stored"
-        assert s.try_close(1, T0 + 2)
+        assert s.ingest_update(1, "d1", b"update over TLS", T0 + 1) == ("stored", True)  # quorum 1: elected
         assert s.updates(1) == {"d1": b"update over TLS"}
         conn = s.client.connection_pool.get_connection()
         try:

@@ -46,7 +46,7 @@ class _FlakyCore:
     def handle(self, routing_key: str, user_id: str | None, body: bytes) -> Decision:
         self.calls += 1
         if self.calls <= self.failures:
-            raise StoreError("redis store_update failed: ConnectionError", retryable=self.retryable)
+            raise StoreError("redis ingest_update failed: ConnectionError", retryable=self.retryable)
         return ACK
 
     def tick(self) -> None:

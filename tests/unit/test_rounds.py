@@ -1,4 +1,5 @@
-"""Round logic and merge rules: validation reasons, sampling, structure safety."""
+"""Round logic: sampling, round membership (the table in tests/membership_cases.py), downlink masks; and
+two random-input properties of the merge rules (their hand-made cases are in test_merge_rules.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,18 @@ import pytest
 
 from shared import codec
 from shared.bits import pack, popcount, unpack
-from shared.errors import CodecError
 from shared.merge_rules import RULES, MergeContext, get_rule
 from shared.rounds import (
     DeviceRecord,
     RoundState,
     mask_message,
     quorum_count,
+    receive_update,
     sample_count,
     sample_devices,
-    validate_update,
 )
 from shared.transport import Envelope
+from tests import membership_cases as membership
 
 FP, LAYOUT, NBITS = "a" * 32, "b" * 32, 50
 
@@ -47,57 +48,42 @@ def test_sampling_is_deterministic_and_seeded() -> None:
     assert quorum_count(10, 0.7) == 7
 
 
-@pytest.mark.parametrize(
-    "case,reason",
-    [
-        ("spoof", "spoofed_device"),
-        ("model", "wrong_model"),
-        ("layout", "wrong_layout"),
-        ("unknown", "unknown_device"),
-        ("round", "unknown_round"),
-        ("closed", "round_closed"),
-        ("not_sampled", "not_sampled"),
-        ("duplicate", "duplicate"),
-        ("length", "bad_length"),
-    ],
-)
-def test_every_rejection_has_its_reason(case: str, reason: str) -> None:
-    records = {"a": _record(1), "b": _record(2), "c": _record(3)}
-    rnd = RoundState(round_id=3, sampled=["a", "b"], deadline=0, quorum=2)
-    dev, user, msg = "a", "a", _update("a", records["a"])
-    if case == "spoof":
-        user = "b"
-    elif case == "model":
-        msg = _update("a", records["a"], model="c" * 32)
-    elif case == "layout":
-        msg = _update("a", records["a"], layout="c" * 32)
-    elif case == "unknown":
-        dev = user = "z"
-        msg = _update("z", records["a"])
-    elif case == "round":
-        msg = _update("a", records["a"], round_id=9)
-    elif case == "closed":
-        rnd.state = "closing"
-    elif case == "not_sampled":
-        dev = user = "c"
-        msg = _update("c", records["c"])
-    elif case == "duplicate":
-        rnd.received["a"] = np.zeros(7, np.uint8)
-    elif case == "length":
-        msg = codec.make_update(device="a", round=3, model=FP, layout=LAYOUT, bits=np.ones(3, bool), version=0)
-    env = Envelope(f"device.{dev}.update", user, codec.encode(msg))
-    with pytest.raises(CodecError) as err:
-        validate_update(env, msg, fingerprint=FP, layout=LAYOUT, nbits=NBITS, rnd=rnd, records=records)
-    assert err.value.reason == reason
+@pytest.fixture(scope="module")
+def model() -> membership.Model:
+    return membership.model()
 
 
-def test_valid_update_scatters_into_structure() -> None:
+@pytest.mark.parametrize("case", membership.SIMULATED, ids=lambda c: c.name)
+def test_membership_table_through_the_simulators_path(case: membership.Case, model: membership.Model) -> None:
+    """The table the service's Lua path is held to as well (tests/integration/test_membership_rules.py)."""
+    result = membership.simulated(case, model)
+    assert result.outcome == case.expected
+    named = next((r for r in case.rounds if r.id == case.round), None)
+    if named is not None:  # only a stored update joins the round
+        stored = {case.device} if case.expected == "stored" else set()
+        assert result.received[named.id] == sorted(set(named.delivered) | stored)
+
+
+def test_stored_update_scatters_into_structure() -> None:
     records = {"a": _record(1)}
     rnd = RoundState(round_id=3, sampled=["a"], deadline=0, quorum=1)
     msg = _update("a", records["a"])
-    full = validate_update(Envelope("device.a.update", "a", b""), msg, fingerprint=FP, layout=LAYOUT,
-                           nbits=NBITS, rnd=rnd, records=records)
-    assert np.array_equal(full, records["a"].structure)  # all ones inside = the structure itself
+    status = receive_update(Envelope("device.a.update", "a", b""), msg, fingerprint=FP, layout=LAYOUT,
+                            nbits=NBITS, rnd=rnd, records=records)
+    assert status == "stored"
+    assert np.array_equal(rnd.received["a"], records["a"].structure)  # all ones inside = the structure itself
+
+
+def test_a_duplicate_keeps_the_first_update() -> None:
+    records = {"a": _record(1)}
+    rnd = RoundState(round_id=3, sampled=["a"], deadline=0, quorum=1)
+    env = Envelope("device.a.update", "a", b"")
+    first = codec.make_update(device="a", round=3, model=FP, layout=LAYOUT, bits=np.zeros(records["a"].inside, bool),
+                              version=0)
+    kw = dict(fingerprint=FP, layout=LAYOUT, nbits=NBITS, rnd=rnd, records=records)
+    assert receive_update(env, first, **kw) == "stored"  # type: ignore[arg-type]
+    assert receive_update(env, _update("a", records["a"]), **kw) == "duplicate"  # type: ignore[arg-type]
+    assert not rnd.received["a"].any()
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))

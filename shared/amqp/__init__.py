@@ -1,0 +1,74 @@
+"""RabbitMQ adapter: the only package in the project that imports pika.
+
+Everything pika raises is translated into `AmqpError` here (connection.py), so callers see the
+project's own errors. The package is split by job, and callers import from `shared.amqp` itself:
+
+  settings.py         AmqpSettings (URL, heartbeat, prefetch, namespace, TLS), AmqpError, device names
+  connection.py       connecting and error translation; open_channel, queue_depth
+  broker_topology.py  the exchanges, queues and bindings as data; declare_topology, delete_topology
+  publisher.py        Publisher: confirmed uplink and downlink publishes
+  consumer.py         Consumer, Delivery, Outcome: manual acks, a handler thread, dead letters
+"""
+
+from shared.amqp.broker_topology import (
+    AGGREGATOR_QUEUE,
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
+    DOWNLINK_EXCHANGE,
+    UPLINK_BINDING,
+    UPLINK_EXCHANGE,
+    BindingSpec,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+    declare_topology,
+    delete_topology,
+    device_topology,
+    topology,
+)
+from shared.amqp.connection import open_channel, queue_depth
+from shared.amqp.consumer import MAX_REASON_CHARS, REASON_HEADER, Consumer, DeadLetterMode, Delivery, Outcome
+from shared.amqp.publisher import CONTENT_TYPE, Publisher
+from shared.amqp.settings import (
+    DEVICE_QUEUE_PREFIX,
+    DEVICE_USER_PREFIX,
+    AmqpError,
+    AmqpSettings,
+    device_queue,
+    device_user,
+    validate_device_id,
+)
+
+__all__ = [
+    "AGGREGATOR_QUEUE",
+    "CONTENT_TYPE",
+    "DEAD_EXCHANGE",
+    "DEAD_QUEUE",
+    "DEVICE_QUEUE_PREFIX",
+    "DEVICE_USER_PREFIX",
+    "DOWNLINK_EXCHANGE",
+    "MAX_REASON_CHARS",
+    "REASON_HEADER",
+    "UPLINK_BINDING",
+    "UPLINK_EXCHANGE",
+    "AmqpError",
+    "AmqpSettings",
+    "BindingSpec",
+    "Consumer",
+    "DeadLetterMode",
+    "Delivery",
+    "ExchangeSpec",
+    "Outcome",
+    "Publisher",
+    "QueueSpec",
+    "Topology",
+    "declare_topology",
+    "delete_topology",
+    "device_queue",
+    "device_topology",
+    "device_user",
+    "open_channel",
+    "queue_depth",
+    "topology",
+    "validate_device_id",
+]

@@ -1,0 +1,399 @@
+"""`Consumer`: one queue consumed with manual acks; a handler turns each `Delivery` into an `Outcome`.
+
+Threading. pika is not thread-safe. `Consumer` keeps its connection in the thread that calls `run`
+and calls the handler in one worker thread, so a handler that trains for minutes never starves
+heartbeats; the handler's `Outcome` is settled back on the connection thread through
+`add_callback_threadsafe`, and only if the delivery's connection is still the live one (a tag from a
+dead connection is dropped: the broker has already requeued it).
+
+Dead letters. A rejected delivery must reach dead.letters once, with a machine-readable reason, and
+leave the source queue. RabbitMQ's own dead-lettering cannot add headers, so the consumer channel
+runs in AMQP transaction mode and a reject is `publish(fedmask.dead, headers x-reject-reason=...)`
+plus `ack(original)` committed together: if the connection drops before the commit neither happens
+and the broker redelivers the original, so a client crash can neither lose the message nor
+dead-letter it twice. Acks and requeues are committed the same way, in batches: whatever settled
+while the previous commit was in flight goes into the next one.
+A device's consumer cannot write to fedmask.dead (its permissions allow fedmask.uplink only), so on
+device queues a reject is a plain `nack(requeue=False)`: the queue's x-dead-letter-exchange moves it
+to dead.letters with RabbitMQ's x-death headers (reason "rejected"), and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import queue as queue_mod
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import pika  # type: ignore[import-untyped, unused-ignore]
+import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
+
+from shared.amqp.broker_topology import DEAD_EXCHANGE
+from shared.amqp.connection import _amqp_errors, _close_quietly, _connect
+from shared.amqp.settings import DEVICE_QUEUE_PREFIX, AmqpError, AmqpSettings
+
+log = logging.getLogger("fedmask.amqp")
+
+REASON_HEADER: Final = "x-reject-reason"
+MAX_REASON_CHARS: Final = 256
+_MAX_UNCOMMITTED: Final = 64  # settlements per transaction at most (bounded by prefetch in practice)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    routing_key: str
+    user_id: str | None  # message property, validated by the broker
+    body: bytes
+    headers: dict[str, Any]
+    redelivered: bool
+    delivery_tag: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the consumer does with a delivery: ack it, reject it to dead.letters with a reason
+    (a short machine-readable code, at most 256 chars), or requeue it for another try."""
+
+    action: Literal["ack", "reject", "requeue"]
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.action not in ("ack", "reject", "requeue"):
+            raise ValueError(f"unknown outcome {self.action!r}")
+        if self.action == "reject" and not self.reason:
+            raise ValueError("a reject needs a reason")
+
+    @staticmethod
+    def ack() -> Outcome:
+        return Outcome("ack")
+
+    @staticmethod
+    def reject(reason: str) -> Outcome:
+        return Outcome("reject", reason[:MAX_REASON_CHARS])
+
+    @staticmethod
+    def requeue() -> Outcome:
+        return Outcome("requeue")
+
+
+@dataclass(eq=False)
+class _Link:
+    """One live connection of a consumer. `open` goes False, on the connection thread, before the
+    connection is closed or abandoned; outcomes for its deliveries are then dropped."""
+
+    connection: Any
+    channel: Any
+    open: bool = True
+    accepting: bool = True  # False while draining: queued deliveries are left for redelivery
+    uncommitted: int = 0  # settlements sent but not yet committed (connection thread only)
+
+
+@dataclass(frozen=True)
+class _Work:
+    link: _Link
+    delivery: Delivery
+    exchange: str
+    properties: Any
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+DeadLetterMode = Literal["auto", "republish", "native"]
+
+
+class Consumer:
+    """Consume one queue with manual acks; see the module docstring for threading and dead letters.
+
+    handler(delivery) -> Outcome runs in one worker thread, one delivery at a time, in delivery order.
+    A handler that raises is retried (requeued after `requeue_delay`) and rejected with reason
+    "handler_error" on its `max_attempts`-th failure; attempts are counted in process and, on quorum
+    queues, from the broker's x-delivery-count. `dead_letter`: "republish" (reason header, needs
+    write permission on fedmask.dead), "native" (nack without requeue), "auto" (native on device
+    queues, republish elsewhere).
+    """
+
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        queue: str,
+        handler: Callable[[Delivery], Outcome],
+        *,
+        prefetch: int | None = None,
+        dead_letter: DeadLetterMode = "auto",
+        max_attempts: int = 5,
+        requeue_delay: float = 1.0,
+        stop_grace: float = 30.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.handler = handler
+        self.prefetch = prefetch if prefetch is not None else settings.prefetch
+        if dead_letter == "auto":
+            dead_letter = "native" if queue.startswith(settings.namespace + DEVICE_QUEUE_PREFIX) else "republish"
+        self.dead_letter: DeadLetterMode = dead_letter
+        self.max_attempts = max_attempts
+        self.requeue_delay = requeue_delay
+        self.stop_grace = stop_grace
+        self.max_backoff = max_backoff
+        self.connections = 0  # successful connect+consume cycles; >1 means it reconnected
+        self.error: AmqpError | None = None  # set when start_in_thread's run ended on a fatal error
+        self._work: queue_mod.Queue[_Work | None] = queue_mod.Queue()
+        self._link: _Link | None = None
+        self._ready = threading.Event()
+        self._busy = threading.Event()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._failures: OrderedDict[str, int] = OrderedDict()
+        self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None
+        self._consumed = False
+
+    # -- lifecycle
+
+    def run(self, stop: threading.Event) -> None:
+        """Block until `stop` is set. Reconnects with exponential backoff (capped at max_backoff) when
+        the connection drops; raises AmqpError when the broker refuses the consumer outright (bad
+        credentials, no read permission, no such queue)."""
+        worker = threading.Thread(target=self._work_loop, args=(stop,), name=f"amqp-handler:{self.queue}", daemon=True)
+        worker.start()
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    self._serve(stop)
+                    continue  # graceful: stop is set
+                except AmqpError as e:
+                    if not e.retryable:
+                        raise
+                    problem, trace = str(e), False
+                except Exception as e:  # a bug must not kill the service's only consumer
+                    problem, trace = f"unexpected {type(e).__name__}: {e}", True
+                if self._consumed:
+                    backoff = 0.5  # it worked for a while: start the backoff over
+                log.warning("consumer of %s: %s; reconnecting in %.1f s", self.queue, problem, backoff, exc_info=trace)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+        finally:
+            self._work.put(None)
+            worker.join(timeout=self.stop_grace)
+
+    def start_in_thread(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("consumer already started")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run_capturing, args=(self._stop,),
+                                        name=f"amqp-consumer:{self.queue}", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """True once consuming has started; raises the fatal error if the consumer gave up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.error is not None:
+                raise self.error
+            if self._ready.wait(0.05):
+                return True
+        return False
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop a consumer started with start_in_thread: finish the delivery in hand, settle it, close."""
+        if self._stop is None or self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout if timeout is not None else self.stop_grace + 5)
+        self._thread, self._stop = None, None
+
+    def _run_capturing(self, stop: threading.Event) -> None:
+        try:
+            self.run(stop)
+        except AmqpError as e:
+            self.error = e
+            log.error("consumer of %s gave up: %s", self.queue, e)
+
+    # -- connection thread
+
+    def _serve(self, stop: threading.Event) -> None:
+        """One connection's life: returns after a graceful stop, raises AmqpError otherwise."""
+        self._consumed = False
+        connection = _connect(self.settings, f"consumer:{self.queue}")
+        link: _Link | None = None
+        try:
+            with _amqp_errors(f"consume {self.queue}", self.settings.redacted()):
+                channel = connection.channel()
+                channel.basic_qos(prefetch_count=self.prefetch)
+                channel.tx_select()
+                link = _Link(connection, channel)
+                channel.add_on_cancel_callback(self._on_cancel)
+                channel.basic_consume(self.queue, functools.partial(self._on_message, link), auto_ack=False)
+            self._link = link
+            self._consumed = True
+            self.connections += 1
+            self._ready.set()
+            log.info("consuming %s on %s (prefetch %d)", self.queue, self.settings.redacted(), self.prefetch)
+            # From here on every failure is the connection's, whatever the reply code (406 is also how
+            # RabbitMQ reports consumer_timeout): reconnect.
+            with _amqp_errors(f"consume {self.queue}", self.settings.redacted(), retryable=True):
+                while not stop.is_set():
+                    connection.process_data_events(time_limit=0.25)
+                self._drain(link)
+        except _Cancelled:
+            raise AmqpError(f"consumer of {self.queue} was cancelled by the broker (queue deleted?)",
+                            retryable=True) from None
+        finally:
+            self._ready.clear()
+            if link is not None:
+                link.open = False
+                link.accepting = False
+            self._link = None
+            _close_quietly(connection)
+
+    def _drain(self, link: _Link) -> None:
+        """Graceful stop: no new deliveries, let the one in hand finish and settle, leave the rest
+        unacked (closing the channel returns them to the queue)."""
+        link.accepting = False
+        for tag in list(link.channel.consumer_tags):
+            link.channel.basic_cancel(tag)
+        deadline = time.monotonic() + self.stop_grace
+        while (self._busy.is_set() or self._pending) and time.monotonic() < deadline:
+            link.connection.process_data_events(time_limit=0.05)
+
+    def _on_cancel(self, _frame: Any) -> None:
+        raise _Cancelled()
+
+    def _on_message(self, link: _Link, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        delivery = Delivery(
+            routing_key=method.routing_key,
+            user_id=properties.user_id,
+            body=body,
+            headers=_plain(properties.headers or {}),
+            redelivered=bool(method.redelivered),
+            delivery_tag=int(method.delivery_tag),
+        )
+        self._work.put(_Work(link, delivery, method.exchange, properties))
+
+    def _settle(self, work: _Work, outcome: Outcome) -> None:
+        """Runs on the connection thread. Settlements are committed in batches: the commit is sent
+        when no other settlement is waiting (or after _MAX_UNCOMMITTED). A batch is still all or
+        nothing, and every update it acks was persisted before its Outcome existed; if the connection
+        drops before the commit, the broker redelivers the batch and the idempotent store acks the
+        repeats. One commit per message cost a broker round trip each (docs/results.md)."""
+        link = work.link
+        tag = work.delivery.delivery_tag
+        try:
+            if link is not self._link or not link.open or not link.channel.is_open:
+                log.info("dropped the %s of delivery %d: its connection is gone, the broker redelivers it",
+                         outcome.action, tag)
+                return
+            channel = link.channel
+            if outcome.action == "ack":
+                channel.basic_ack(tag)
+            elif outcome.action == "requeue":
+                channel.basic_nack(tag, requeue=True)
+            elif self.dead_letter == "republish":
+                channel.basic_publish(self.settings.namespace + DEAD_EXCHANGE, work.delivery.routing_key,
+                                      work.delivery.body, self._dead_properties(work, outcome.reason))
+                channel.basic_ack(tag)
+            else:
+                log.warning("rejected delivery %s from %s: %s", work.delivery.routing_key, self.queue, outcome.reason)
+                channel.basic_nack(tag, requeue=False)
+            link.uncommitted += 1
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+                last = self._pending == 0
+        if link.uncommitted and (last or link.uncommitted >= _MAX_UNCOMMITTED) and link.channel.is_open:
+            link.channel.tx_commit()
+            link.uncommitted = 0
+
+    def _dead_properties(self, work: _Work, reason: str) -> Any:
+        p = work.properties
+        headers = dict(p.headers or {})
+        headers.update({
+            REASON_HEADER: reason[:MAX_REASON_CHARS],
+            "x-original-exchange": work.exchange,
+            "x-original-routing-key": work.delivery.routing_key,
+            "x-original-queue": self.queue,
+            "x-rejected-by": self.settings.username,
+            "x-rejected-at": int(time.time()),
+        })
+        if p.user_id:
+            headers["x-original-user-id"] = p.user_id
+        # user_id is dropped: the property must equal the publishing connection's user, which is now ours.
+        return pika.BasicProperties(
+            content_type=p.content_type, content_encoding=p.content_encoding, message_id=p.message_id,
+            correlation_id=p.correlation_id, timestamp=p.timestamp, type=p.type, app_id=p.app_id,
+            delivery_mode=pika.DeliveryMode.Persistent, headers=headers,
+        )
+
+    # -- worker thread
+
+    def _work_loop(self, stop: threading.Event) -> None:
+        while True:
+            work = self._work.get()
+            if work is None:
+                return
+            self._busy.set()  # before the accepting check, so a drain never misses a delivery in hand
+            try:
+                if not (work.link.open and work.link.accepting):
+                    continue  # from a dead or draining connection: the broker redelivers it
+                outcome = self._call_handler(work.delivery)
+                if outcome.action == "requeue" and self.requeue_delay > 0:
+                    stop.wait(self.requeue_delay)  # an immediate requeue would spin on a failing dependency
+                self._schedule(work, outcome)
+            finally:
+                self._busy.clear()
+
+    def _call_handler(self, delivery: Delivery) -> Outcome:
+        try:
+            outcome = self.handler(delivery)
+            if not isinstance(outcome, Outcome):
+                raise TypeError(f"handler returned {type(outcome).__name__}, not Outcome")
+            return outcome
+        except Exception as e:
+            key = hashlib.sha256(delivery.routing_key.encode() + b"\0" + delivery.body).hexdigest()
+            attempts = self._failures.pop(key, 0) + 1
+            count = delivery.headers.get("x-delivery-count")
+            if isinstance(count, int):
+                attempts = max(attempts, count + 1)
+            if attempts >= self.max_attempts:
+                log.exception("handler failed on %s (attempt %d): rejecting", delivery.routing_key, attempts)
+                return Outcome.reject("handler_error")
+            self._failures[key] = attempts
+            while len(self._failures) > 1024:
+                self._failures.popitem(last=False)
+            log.warning("handler failed on %s (attempt %d of %d): %s: %s; requeueing", delivery.routing_key,
+                        attempts, self.max_attempts, type(e).__name__, e)
+            return Outcome.requeue()
+
+    def _schedule(self, work: _Work, outcome: Outcome) -> None:
+        link = work.link
+        if not link.open:
+            log.info("dropped the %s of delivery %d: its connection is gone, the broker redelivers it",
+                     outcome.action, work.delivery.delivery_tag)
+            return
+        with self._pending_lock:
+            self._pending += 1
+        try:
+            link.connection.add_callback_threadsafe(functools.partial(self._settle, work, outcome))
+        except (pika.exceptions.AMQPError, OSError):
+            with self._pending_lock:
+                self._pending -= 1
+            log.info("dropped the %s of delivery %d: its connection closed, the broker redelivers it",
+                     outcome.action, work.delivery.delivery_tag)
