@@ -37,15 +37,16 @@ Choice = dict[str, Any]   # knob changes applied together (see VariantConfig.wit
 Grid = list[list[Choice]]  # axes; a grid point takes one choice from every axis
 
 
-def _dense_opt(kind: str, momentum: float, lrs: tuple[float, ...]) -> list[Choice]:
-    return [{"weight_optimizer": kind, "momentum": momentum, "weight_lr": lr} for lr in lrs]
+def _dense_opt(kind: str, momentum: float | None, lrs: tuple[float, ...]) -> list[Choice]:
+    extra = {} if momentum is None else {"momentum": momentum}  # Adam has no momentum knob
+    return [{"weight_optimizer": kind, "weight_lr": lr, **extra} for lr in lrs]
 
 
 def _score_opt(kind: str, lrs: tuple[float, ...]) -> list[Choice]:
-    # weight_optimizer follows the scores' (train.py builds one optimizer for both groups), so the
-    # recorded config says what actually trained a personal head.
-    momentum = 0.9 if kind == "sgd" else 0.0
-    return [{"optimizer": kind, "weight_optimizer": kind, "momentum": momentum, "lr": lr} for lr in lrs]
+    # weight_optimizer follows the scores' (train.py builds one optimizer, the scores' kind, for
+    # every group), so the recorded config says what actually trains a personal head.
+    extra = {"momentum": 0.9} if kind == "sgd" else {}
+    return [{"optimizer": kind, "weight_optimizer": kind, "lr": lr, **extra} for lr in lrs]
 
 
 def _axis(knob: str, values: tuple[Any, ...]) -> list[Choice]:
@@ -56,7 +57,7 @@ def _axis(knob: str, values: tuple[Any, ...]) -> list[Choice]:
 # wants ~10x momentum SGD's rate; Adam centres on 1e-3). Batch 16/32: small devices, few batches.
 _DENSE: Grid = [
     _dense_opt("sgd", 0.0, (0.01, 0.03, 0.1, 0.3)) + _dense_opt("sgd", 0.9, (0.003, 0.01, 0.03, 0.1))
-    + _dense_opt("adam", 0.0, (1e-4, 3e-4, 1e-3, 3e-3)),
+    + _dense_opt("adam", None, (1e-4, 3e-4, 1e-3, 3e-3)),
     _axis("batch_size", (16, 32)),
 ]
 # Scores only decide a sign through a sigmoid, so their useful rates are far larger than weights'
@@ -199,15 +200,18 @@ def tune(variant: str, p: TaskPreset, data: FederatedDataset, spec: ModelSpec, *
     return TuningRecord(data.task, part, variant, budget, done, choose(done))
 
 
-def partition_key(task: str, partition: str = "shards", alpha: float = 0.5, holdout: str | None = None,
-                  default_holdout: str | None = None) -> str | None:
-    """Name of a non-default data split (None: the task's default), e.g. "dirichlet0.5"."""
+def data_split(task: str, p: TaskPreset, partition: str = "shards", alpha: float = 0.5,
+               holdout: str | None = None) -> dict[str, Any]:
+    """The data split a tuning file is for; "key" names a non-default one (None: the task's
+    default split), e.g. "dirichlet0.5" or "holdout-recording", and is its folder suffix."""
+    preset_holdout = p.data_options.get("holdout")
     parts = []
     if partition != "shards" and task in ("mnist", "digits"):
         parts.append(f"{partition}{alpha:g}")
-    if holdout is not None and holdout != (default_holdout or "recording") and task == "activity":
+    if task == "activity" and holdout is not None and holdout != (preset_holdout or "recording"):
         parts.append(f"holdout-{holdout}")
-    return "-".join(parts) or None
+    return {"key": "-".join(parts) or None, "partition": partition,
+            "alpha": alpha if partition == "dirichlet" else None, "holdout": holdout or preset_holdout}
 
 
 def tuned_path(task: str, variant: str, partition: str | None = None, root: Path | None = None) -> Path:
@@ -233,12 +237,23 @@ def load_tuned(task: str, variant: str, p: TaskPreset, partition: str | None = N
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     default = default_config(variant, p)
     path = tuned_path(task, variant, partition, root)
+    shown = path.relative_to(TUNED_DIR.parents[1]) if path.is_relative_to(TUNED_DIR.parents[1]) else path
     if not path.exists():
-        return Tuned(default, f"default (no tuning file {path})")
+        return Tuned(default, f"default (no tuning file {shown})")
     raw = json.loads(path.read_text())
     if raw.get("task") != task or raw.get("variant") != variant:
         raise ValueError(f"{path} holds {raw.get('task')}/{raw.get('variant')}, not {task}/{variant}")
-    return Tuned(VariantConfig.from_json(raw["chosen"]["config"], default), str(path))
+    return Tuned(VariantConfig.from_json(raw["chosen"]["config"], default), str(shown))
+
+
+def changes_from(cfg: VariantConfig, base: VariantConfig) -> dict[str, Any]:
+    """The knobs where `cfg` differs from `base` (TrainConfig's fields flattened), for tables."""
+    def flat(c: VariantConfig) -> dict[str, Any]:
+        raw = c.to_json()
+        return {**raw.pop("train"), **raw}
+
+    a, b = flat(cfg), flat(base)
+    return {k: v for k, v in a.items() if b.get(k) != v}
 
 
 def _key(cfg: VariantConfig) -> str:

@@ -91,7 +91,10 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
         final = {"fedavg-ft": p.local_epochs, "standalone": p.final_local_epochs}.get(variant, 0)
         return VariantConfig(variant, p.dense_train, p.local_epochs, final_local_epochs=final)
     if variant in ("fedmask", "fedmask-local"):
-        return VariantConfig(variant, p.mask_train, p.local_epochs, final_local_epochs=p.final_local_epochs,
+        # train.py trains every group with the scores' optimizer kind: record that kind for the
+        # weights too (no change in behaviour), so a config says what actually runs.
+        scores = p.mask_train.with_(weight_optimizer=p.mask_train.optimizer)
+        return VariantConfig(variant, scores, p.local_epochs, final_local_epochs=p.final_local_epochs,
                              merge=p.merge if variant == "fedmask" else "local")
     # FedPM trains scores with Adam (lr 0.1) through sampled masks, and has no sparsity term
     # (the group lasso would pull sigmoid(S) down, biasing the very samples devices upload).
