@@ -9,7 +9,6 @@ the evaluation seeds 0, 1, 2.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -101,33 +100,43 @@ GRIDS: dict[str, Grid] = {
 }
 
 
+def grid_size(variant: str) -> int:
+    return math.prod(len(axis) for axis in GRIDS[variant])
+
+
+def grid_point(variant: str, base: VariantConfig, index: int) -> VariantConfig:
+    """Point `index` of the variant's grid (mixed radix over its axes, the last axis fastest)."""
+    changes: Choice = {}
+    for axis in reversed(GRIDS[variant]):
+        index, pick = divmod(index, len(axis))
+        changes.update(axis[pick])
+    return base.with_(**changes)
+
+
 def grid_points(variant: str, base: VariantConfig) -> list[VariantConfig]:
-    """Every distinct config of the variant's grid, applied over `base`, in a fixed order."""
-    out: list[VariantConfig] = []
-    seen: set[str] = set()
-    for combo in itertools.product(*GRIDS[variant]):
-        changes: Choice = {}
-        for choice in combo:
-            changes.update(choice)
-        cfg = base.with_(**changes)
-        key = _key(cfg)
-        if key not in seen:
-            seen.add(key)
-            out.append(cfg)
-    return out
+    """Every distinct config of the variant's grid, applied over `base`, in index order."""
+    points = (grid_point(variant, base, i) for i in range(grid_size(variant)))
+    return list({_key(p): p for p in points}.values())
 
 
 def draw_trials(variant: str, default: VariantConfig, trials: int, seed: int = TUNE_SEED) -> list[VariantConfig]:
-    """`trials` distinct configs: the default first, then grid points in a seeded random order."""
+    """`trials` distinct configs: the default first, then grid points in a seeded random order
+    (only the drawn points are built: the largest grid has thousands)."""
     if trials < 1:
         raise ValueError("trials must be at least 1")
-    points = [p for p in grid_points(variant, default) if _key(p) != _key(default)]
-    if trials - 1 > len(points):
-        raise ValueError(f"{variant}'s grid has {len(points)} configs besides the default; "
-                         f"ask for at most {len(points) + 1} trials")
     rng = np.random.Generator(np.random.PCG64(derive_seed(seed, "tune", variant)))
-    order = rng.permutation(len(points))[: trials - 1]
-    return [default, *(points[i] for i in order)]
+    out, seen = [default], {_key(default)}
+    for i in rng.permutation(grid_size(variant)):
+        if len(out) == trials:
+            break
+        cfg = grid_point(variant, default, int(i))
+        if _key(cfg) not in seen:
+            seen.add(_key(cfg))
+            out.append(cfg)
+    if len(out) < trials:
+        raise ValueError(f"{variant}'s grid has {len(out) - 1} configs besides the default; "
+                         f"ask for at most {len(out)} trials")
+    return out
 
 
 @dataclass(frozen=True)
