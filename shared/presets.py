@@ -1,7 +1,8 @@
 """Per-task defaults: model, federation shape and local-training hyper-parameters.
 
 Hyper-parameters were chosen on the devices' VALIDATION splits (never on test); the sweeps
-that chose them are recorded in docs/experiments.md.
+that chose them are recorded in docs/experiments.md. These are the variants' defaults; a config
+chosen by `fedmask tune` (shared/tuned/) is read with `tuned_config`.
 """
 
 from __future__ import annotations
