@@ -1,15 +1,20 @@
 """Per-task defaults: model, federation shape and local-training hyper-parameters.
 
 Hyper-parameters were chosen on the devices' VALIDATION splits (never on test); the sweeps
-that chose them are recorded in docs/experiments.md.
+that chose them are recorded in docs/experiments.md. These are the variants' defaults; a config
+chosen by `fedmask tune` (shared/tuned/) is read with `tuned_config`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shared.models import ModelSpec
 from shared.train import TrainConfig
+
+if TYPE_CHECKING:
+    from shared.sim.tuning import Tuned
 
 
 @dataclass(frozen=True)
@@ -65,3 +70,12 @@ def preset(task: str) -> TaskPreset:
         return PRESETS[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def tuned_config(task: str, variant: str, partition: str | None = None) -> Tuned:
+    """The variant's config chosen by `fedmask tune` (shared/tuned/<task>[-<partition>]/<variant>.json),
+    or its default when no tuning file exists; `.origin` says which."""
+    # Imported here: the simulator is heavier than this module, which services import for model_spec.
+    from shared.sim.tuning import load_tuned
+
+    return load_tuned(task, variant, preset(task), partition)

@@ -12,6 +12,7 @@ from ops.cli.pipeline import aggregator, devices, worker
 from ops.cli.rounds import round_
 from ops.cli.services import services
 from ops.cli.simulate import simulate
+from ops.cli.tune import tune_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,3 +31,4 @@ main.add_command(devices)
 main.add_command(round_)
 main.add_command(services)
 main.add_command(demo)
+main.add_command(tune_cmd)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ops.cli.common import Bar, build_run
+from ops.cli.tune import variants_experiment
 from shared.device import FedMaskConfig
 from shared.sim.result import SimResult
 from shared.sim.runner import run_method
@@ -31,12 +32,26 @@ from shared.sim.runner import run_method
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-devices", type=click.Path(path_type=Path), default=None,
               help="save the first FedMask run's device states here (input to `fedmask export`)")
+@click.option("--variants", default=None, help="named variants (tuned configs) over --seeds seeds, e.g. "
+              "fedmask,fedmask-agree,fedpm,fedavg-ft; replaces --methods/--merges")
+@click.option("--seeds", type=int, default=3, show_default=True, help="with --variants: seeds --seed .. --seed+N-1")
+@click.option("--partition", type=click.Choice(["shards", "dirichlet"]), default="shards", show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration")
 @click.option("--quiet", is_flag=True)
 def experiment(task: str, methods: str, merges: str, out: Path, devices: int | None, rounds: int | None,
                width: int | None, final_local_epochs: int | None, eval_every: int | None, holdout: str | None,
-               lam: float | None, seed: int, save_devices: Path | None, quiet: bool) -> None:
+               lam: float | None, seed: int, save_devices: Path | None, variants: str | None, seeds: int,
+               partition: str, alpha: float, quiet: bool) -> None:
     """Run METHODS on TASK; write results.csv, results.md, results.json, accuracy_vs_communication.png."""
-    setup = build_run(task, devices, width, seed, holdout=holdout)
+    if variants:
+        if final_local_epochs is not None or lam is not None or save_devices is not None:
+            raise click.UsageError("--variants runs each variant's tuned config: drop --final-local-epochs, "
+                                   "--lam and --save-devices (tune them with `fedmask tune`)")
+        names = [v.strip() for v in variants.split(",") if v.strip()]
+        variants_experiment(task, names, list(range(seed, seed + seeds)), out, devices, width, rounds,
+                            eval_every, partition, alpha, holdout, quiet)
+        return
+    setup = build_run(task, devices, width, seed, partition=partition, alpha=alpha, holdout=holdout)
     p = setup.preset
     rounds = rounds or p.rounds
     every = eval_every or max(1, rounds // 10)

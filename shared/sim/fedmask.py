@@ -12,11 +12,12 @@ from shared import codec
 from shared.bits import pack
 from shared.data import DeviceData, FederatedDataset
 from shared.device import DeviceRuntime, FedMaskConfig, derive_seed
-from shared.merge_rules import MergeContext, get_rule
+from shared.merge_rules import MergeContext, MergeRule, get_rule
 from shared.models import ModelSpec, build_model
 from shared.rounds import (
     DeviceRecord,
     RoundState,
+    agreement_message,
     downlink_messages,
     receive_update,
     sample_count,
@@ -30,9 +31,13 @@ from shared.transport import InMemoryTransport
 def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, rounds: int,
                 sample_rate: float, seed: int, merge: str = "paper", final_local_epochs: int = 0,
                 eval_every: int = 0, progress: Progress | None = None,
-                save_dir: Path | None = None) -> SimResult:
+                save_dir: Path | None = None, broadcast_final: bool = False) -> SimResult:
     """Run FedMask for `rounds` rounds. With final_local_epochs > 0 every device adapts its last
-    mask locally before evaluation, exactly as FedAvg-FT fine-tunes the global model."""
+    mask locally before evaluation, exactly as FedAvg-FT fine-tunes the global model.
+
+    broadcast_final (agreement rule only): after the last round, the devices that did not take
+    part in it also receive its agreement, so with share 1 every device holds the one global model
+    FedPM evaluates (bytes counted in downlink_bytes and extra["final_broadcast_bytes"])."""
     start = time.perf_counter()
     rule = get_rule(merge)
     net = build_model(spec)
@@ -91,6 +96,10 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
         if progress:
             progress(r, rounds, point)
 
+    broadcast_bytes = bus.down.bytes
+    if broadcast_final and rounds:
+        _broadcast_agreement(rule, ctx, rnd, records, devices, bus, fingerprint=fp, layout=layout)
+    broadcast_bytes = bus.down.bytes - broadcast_bytes
     before_final = mean_accuracy(_accuracies(devices, by_id, "test"))
     if final_local_epochs:
         for d, dev in devices.items():
@@ -113,8 +122,28 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
                "structure_density": float(np.mean([r.inside / nbits for r in records.values()])),
                "pre_merge_accuracy": mean_accuracy(pre_merge),
                "final_local_epochs": final_local_epochs, "accuracy_before_final_adaptation": before_final,
-               "model_fingerprint": fp},
+               "model_fingerprint": fp, "final_broadcast_bytes": broadcast_bytes},
     )
+
+
+def _broadcast_agreement(rule: MergeRule, ctx: MergeContext, rnd: RoundState, records: dict[str, DeviceRecord],
+                         devices: dict[str, DeviceRuntime], bus: InMemoryTransport, *, fingerprint: str,
+                         layout: str) -> None:
+    """The closed round's agreement, over the real codec, to every device that did not receive it."""
+    if getattr(rule, "downlink", "bits") != "q4":
+        raise ValueError(f"broadcast_final needs the agreement rule, not {rule.name!r}")
+    if not rnd.received:
+        return
+    got = sorted(rnd.received)
+    theta = rule.theta(np.stack([records[d].structure for d in got]),  # type: ignore[attr-defined]
+                       np.stack([rnd.received[d] for d in got]), ctx)
+    for d in sorted(set(devices) - set(got)):
+        msg = agreement_message(d, theta, records[d], round_id=rnd.round_id, fingerprint=fingerprint,
+                                layout=layout, nbits=ctx.nbits)
+        records[d].version = rnd.round_id
+        bus.publish_downlink(d, codec.encode(msg))
+        for body in bus.take_downlink(d):
+            devices[d].handle_mask(codec.decode(body, expect_type="mask"))
 
 
 def _accuracies(devices: dict[str, DeviceRuntime], by_id: dict[str, DeviceData], split: str) -> dict[str, float]:

@@ -32,7 +32,7 @@ class SimResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        cleaned: dict[str, Any] = _clean(asdict(self))
+        cleaned: dict[str, Any] = clean_json(asdict(self))
         return cleaned
 
 
@@ -41,12 +41,12 @@ def mean_accuracy(accs: dict[str, float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def _clean(obj: Any) -> Any:
+def clean_json(obj: Any) -> Any:
     """JSON has no NaN: write null, so strict parsers (jq, JS) read the file."""
     if isinstance(obj, float):
         return obj if np.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: clean_json(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     return obj

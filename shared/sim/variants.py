@@ -1,0 +1,135 @@
+"""Named method variants, each one complete configuration, and one way to run any of them.
+
+A variant is what a results table calls a row: FedMask with the majority rule, the same with no
+merge, the agreement merge, FedPM's one global model, and the dense baselines. Its config holds
+every knob the run needs beyond the task's federation shape (devices, rounds, sample rate, model),
+which stays the same for every variant so that they are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.data import FederatedDataset
+from shared.device import FedMaskConfig
+from shared.models import ModelSpec
+from shared.rounds import sample_count
+from shared.sim.baselines import run_baseline
+from shared.sim.fedmask import run_fedmask
+from shared.sim.result import Progress, SimResult
+from shared.train import TrainConfig
+
+if TYPE_CHECKING:  # presets reads tuned configs through this module: no runtime import back
+    from shared.presets import TaskPreset
+
+DENSE_VARIANTS = ("fedavg", "fedavg-ft", "standalone", "topk")
+MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedpm")
+VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS)
+_TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """Everything a variant's run needs beyond the task's federation shape.
+
+    `train` is the dense weights' TrainConfig for the baselines (weight_optimizer, weight_lr) and
+    the scores' for the FedMask family (optimizer, lr; weight_lr then trains a personal head)."""
+
+    variant: str
+    train: TrainConfig
+    local_epochs: int
+    final_local_epochs: int = 0    # fedavg-ft: fine-tune epochs; FedMask family: local adaptation
+    topk_fraction: float = 0.1     # topk only
+    merge: str | None = None       # FedMask family only
+    prune_rho: float = 0.2         # 1.0: no pruning
+    prune_last_k: int = 2
+    upload: str = "threshold"
+    share: float = 1.0
+    personal_head: bool = False
+    broadcast_final: bool = False  # fedpm: the last agreement reaches every device before evaluation
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
+
+    @property
+    def dense(self) -> bool:
+        return self.variant in DENSE_VARIANTS
+
+    def with_(self, **changes: Any) -> VariantConfig:
+        """Change knobs by name; TrainConfig's fields (lr, batch_size, ...) go to `train`."""
+        train = {k: v for k, v in changes.items() if k in _TRAIN_FIELDS}
+        own = {k: v for k, v in changes.items() if k not in _TRAIN_FIELDS}
+        unknown = set(own) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown knobs {sorted(unknown)} for a variant config")
+        return replace(self, train=self.train.with_(**train), **own)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], base: VariantConfig) -> VariantConfig:
+        """Knobs read over `base` (the variant's default), so a file written before a knob existed
+        still loads; an unknown knob is an error, not silently dropped."""
+        raw = dict(raw)
+        if raw.pop("variant", base.variant) != base.variant:
+            raise ValueError(f"config is for another variant than {base.variant!r}")
+        return base.with_(**raw.pop("train", {}), **raw)
+
+    def fedmask_config(self) -> FedMaskConfig:
+        return FedMaskConfig(train=self.train, local_epochs=self.local_epochs, prune_last_k=self.prune_last_k,
+                             prune_rho=self.prune_rho, upload=self.upload, share=self.share)
+
+
+def default_config(variant: str, p: TaskPreset) -> VariantConfig:
+    """The variant's configuration before tuning: the task preset's settings where the variant
+    has them (today's defaults), FedPM's published choices for the agreement variants."""
+    if variant in DENSE_VARIANTS:
+        final = {"fedavg-ft": p.local_epochs, "standalone": p.final_local_epochs}.get(variant, 0)
+        return VariantConfig(variant, p.dense_train, p.local_epochs, final_local_epochs=final)
+    if variant in ("fedmask", "fedmask-local"):
+        # train.py trains every group with the scores' optimizer kind: record that kind for the
+        # weights too (no change in behaviour), so a config says what actually runs.
+        scores = p.mask_train.with_(weight_optimizer=p.mask_train.optimizer)
+        return VariantConfig(variant, scores, p.local_epochs, final_local_epochs=p.final_local_epochs,
+                             merge=p.merge if variant == "fedmask" else "local")
+    # FedPM trains scores with Adam (lr 0.1) through sampled masks, and has no sparsity term
+    # (the group lasso would pull sigmoid(S) down, biasing the very samples devices upload).
+    agree = p.mask_train.with_(mask_mode="bernoulli", optimizer="adam", weight_optimizer="adam", lr=0.1,
+                               weight_lr=1e-2, lam=0.0)
+    if variant == "fedmask-agree":
+        return VariantConfig(variant, agree, p.local_epochs, final_local_epochs=p.final_local_epochs,
+                             merge="agreement", upload="sample", share=0.5, personal_head=True, prune_rho=0.5)
+    if variant == "fedpm":
+        return VariantConfig(variant, agree, p.local_epochs, merge="agreement", upload="sample", share=1.0,
+                             prune_rho=1.0, broadcast_final=True)
+    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+
+
+def run_variant(cfg: VariantConfig, data: FederatedDataset, spec: ModelSpec, *, rounds: int, sample_rate: float,
+                seed: int, eval_every: int = 0, progress: Progress | None = None,
+                save_devices: Path | None = None) -> SimResult:
+    """Run one variant; the result's `method` is the variant's name, and extra["downloads"] and
+    extra["downlink_bits_per_param"] say what the downlink cost per model or mask received:
+    8 * downlink_bytes / (params * downloads), downloads = one per participant per round (the
+    merged mask, or the global model) plus any final downloads (fedavg-ft, the fedpm broadcast)."""
+    if cfg.dense:
+        r = run_baseline(cfg.variant, data, spec, cfg.train, rounds=rounds, sample_rate=sample_rate,
+                         local_epochs=cfg.local_epochs, seed=seed, topk_fraction=cfg.topk_fraction,
+                         final_local_epochs=cfg.final_local_epochs, eval_every=eval_every, progress=progress)
+        per_round = 0 if cfg.variant == "standalone" else sample_count(len(data.devices), rate=sample_rate)
+        downloads = rounds * per_round + (len(data.devices) if cfg.variant == "fedavg-ft" else 0)
+    else:
+        r = run_fedmask(data, spec.with_(personal_head=cfg.personal_head), cfg.fedmask_config(), rounds=rounds,
+                        sample_rate=sample_rate, seed=seed, merge=cfg.merge or "paper",
+                        final_local_epochs=cfg.final_local_epochs, eval_every=eval_every, progress=progress,
+                        save_dir=save_devices, broadcast_final=cfg.broadcast_final)
+        last_round_left_out = len(data.devices) - sample_count(len(data.devices), rate=sample_rate)
+        downloads = r.extra["updates"] + (last_round_left_out if cfg.broadcast_final and rounds else 0)
+    down_bits = 8 * r.downlink_bytes / (r.params * downloads) if downloads else 0.0
+    return replace(r, method=cfg.variant,
+                   extra={**r.extra, "downloads": downloads, "downlink_bits_per_param": down_bits,
+                          "config": cfg.to_json()})
