@@ -1,6 +1,6 @@
 """`make up | down | status`: bring up RabbitMQ, Redis and the aggregator on one machine.
 
-Where a Docker engine answers, ops/docker-compose.yml runs all three. Otherwise the services at
+Where a Docker engine answers, ops/deploy/docker-compose.yml runs all three. Otherwise the services at
 FEDMASK_AMQP_URL / FEDMASK_REDIS_URL are used; if they are local and not running, the machine's own
 rabbitmq-server and redis-server are started (and remembered, so `down` stops only what `up`
 started); the aggregator runs in the background with a pid file and a log file in the run dir.
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from shared.errors import FedMaskError
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPOSE_FILE = ROOT / "ops" / "docker-compose.yml"
+COMPOSE_FILE = ROOT / "ops" / "deploy" / "docker-compose.yml"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MANAGEMENT_PORT = 15672
 
@@ -212,7 +212,7 @@ def up(dep: Deployment, say: Any) -> str:
     """Returns "docker" or "local": how the services run."""
     dep.run_dir.mkdir(parents=True, exist_ok=True)
     if docker_available() and COMPOSE_FILE.exists():
-        say("Docker found: starting ops/docker-compose.yml (rabbitmq, redis, aggregator) ...")
+        say("Docker found: starting ops/deploy/docker-compose.yml (rabbitmq, redis, aggregator) ...")
         subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "up", "-d", "--build", "--wait"], check=True)
         return "docker"
     ensure_rabbitmq(dep, say)
