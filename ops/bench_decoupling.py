@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ops.control.rounds import RoundPlan
 from ops.demo import fleet_profiles
-from ops.driver import RoundPlan
 from ops.fleet import Fleet, FleetSpec
 from shared.presets import preset
 

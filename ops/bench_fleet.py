@@ -32,7 +32,7 @@ import pika  # type: ignore[import-untyped, unused-ignore]
 import redis
 
 from aggregator.store import RoundStore
-from ops.enroll import Management
+from ops.control.enrolment import Management
 from shared import codec
 from shared.amqp import DEAD_QUEUE, REASON_HEADER, AmqpSettings, Publisher, device_queue
 from shared.bits import pack, pad_mask, popcount

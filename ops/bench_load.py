@@ -50,7 +50,7 @@ from ops.bench_fleet import (
     sandbox,
 )
 from ops.bench_pipeline import wait_for
-from ops.driver import wait_closed
+from ops.control.rounds import wait_closed
 from shared.amqp import Publisher
 
 BAD_KINDS = ("duplicate", "wrong_length", "not_sampled", "undecodable")

@@ -45,7 +45,7 @@ from ops.bench_fleet import (
     sandbox,
 )
 from ops.bench_report import top_functions
-from ops.driver import wait_closed
+from ops.control.rounds import wait_closed
 from shared.amqp import AGGREGATOR_QUEUE, Consumer, Delivery, Outcome, queue_depth
 
 INGEST_TARGET_RATIO = 0.7  # from the issue: ingest >= 0.7 x the broker's raw delivery rate

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.store import RoundInfo, RoundStore
-from ops.driver import RoundPlan
+from ops.control.rounds import RoundPlan
 from ops.fleet import Fleet, FleetSpec
 from shared.errors import FedMaskError
 

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
-from ops.driver import RoundPlan, RunLog, run_rounds
-from ops.enroll import Management
+from ops.control.enrolment import Management
+from ops.control.rounds import RoundPlan, RunLog, run_rounds
 from ops.services import Deployment, ensure_rabbitmq, ensure_redis, start_aggregator, stop_aggregator
 from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError

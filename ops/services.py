@@ -217,7 +217,7 @@ def up(dep: Deployment, say: Any) -> str:
         return "docker"
     ensure_rabbitmq(dep, say)
     ensure_redis(dep, say)
-    from ops.enroll import Management
+    from ops.control.enrolment import Management
 
     vhost = urlsplit(dep.amqp_url).path.lstrip("/") or "/"
     host = dep.amqp_host[0]
@@ -255,7 +255,7 @@ def status(dep: Deployment) -> dict[str, Any]:
     out["aggregator"]["up"] = out["aggregator"]["pid"] is not None
     if out["redis"]["up"]:
         from aggregator.store import RoundStore
-        from ops.driver import round_summary
+        from ops.control.rounds import round_summary
 
         try:
             store = RoundStore.from_url(dep.redis_url)

@@ -99,7 +99,7 @@ def devices() -> None:
 def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_password: str, vhost: str,
            amqp_host: str, amqp_port: int, out: Path | None) -> None:
     """Create each device's broker user, queue and permissions; print or write its connection URL."""
-    from ops.enroll import Management, ManagementError
+    from ops.control.enrolment import Management, ManagementError
 
     mgmt = Management(api_url, admin_user, admin_password)
     try:

@@ -41,7 +41,7 @@ import redis
 from aggregator.core import AggregatorCore
 from aggregator.service import AggregatorService, ServiceSettings
 from aggregator.store import RoundStore
-from ops.enroll import Management, ManagementError
+from ops.control.enrolment import Management, ManagementError
 from shared import codec
 from shared.amqp import (
     AGGREGATOR_QUEUE,

@@ -33,7 +33,7 @@ def _log(path: Path) -> IO[str]:
 @pytest.fixture()
 def pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
     from aggregator.store import RoundStore
-    from ops.enroll import Management
+    from ops.control.enrolment import Management
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
     mgmt = Management()

@@ -27,7 +27,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_up_status_down(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> None:
     from aggregator.store import RoundStore
-    from ops.enroll import Management
+    from ops.control.enrolment import Management
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
     mgmt = Management()
