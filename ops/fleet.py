@@ -23,7 +23,9 @@ from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
 from ops.control.enrolment import Management
 from ops.control.rounds import RoundPlan, RunLog, run_rounds
-from ops.services import Deployment, ensure_rabbitmq, ensure_redis, start_aggregator, stop_aggregator
+from ops.services.aggregator_process import start_aggregator, stop_aggregator
+from ops.services.deployment import Deployment
+from ops.services.local_servers import ensure_rabbitmq, ensure_redis
 from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError
 from shared.presets import model_spec

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ops.fleet import with_vhost
-from ops.services import Deployment, aggregator_pid
+from ops.services.aggregator_process import aggregator_pid
+from ops.services.deployment import Deployment
 
 pytestmark = pytest.mark.services
 
