@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ def test_a_running_server_is_left_alone(tmp_path: Path, monkeypatch: pytest.Monk
 def test_refusals_say_what_to_install_or_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Any,
                                              package: str, env: str) -> None:
     monkeypatch.setattr(local_servers, "reachable", lambda _h, _p: False)
-    monkeypatch.setattr(local_servers.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
     with pytest.raises(FedMaskError, match=f"{server.title} at 10.0.0.9:1 is not reachable \\({env}\\)"):
         start_if_needed(server, ("10.0.0.9", 1), _dep(tmp_path), print, lambda: [])
     with pytest.raises(FedMaskError, match=f"not running and not installed.*`apt install {package}`.*set {env}"):
@@ -46,14 +48,14 @@ def test_a_started_server_is_remembered_and_stopped_by_down(tmp_path: Path, monk
     up = {"now": False}
     monkeypatch.setattr(local_servers, "reachable", lambda _h, _p: up["now"])
     monkeypatch.setattr(local_servers, "wait_port", lambda *_a: None)
-    monkeypatch.setattr(local_servers.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     ran: list[list[str]] = []
 
     def run(cmd: list[str], **_kw: Any) -> None:
         ran.append(cmd)
         up["now"] = True
 
-    monkeypatch.setattr(local_servers.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     dep, said = _dep(tmp_path / "run"), list[str]()
     dep.run_dir.mkdir()
     ensure_redis(dep, said.append)
