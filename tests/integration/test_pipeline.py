@@ -15,7 +15,7 @@ from typing import IO
 import numpy as np
 import pytest
 
-from ops.fleet import with_vhost
+from ops.fleet.workers import with_vhost
 from shared.data import FederatedDataset, load_task
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.presets import model_spec, preset

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.fleet import with_vhost
+from ops.fleet.workers import with_vhost
 from ops.services.aggregator_process import aggregator_pid
 from ops.services.deployment import Deployment
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ops.bench.merge_kernel import naive_merge, run_aggregate_bench
 from shared import bits
 from shared.aggregate import merge_masks, merge_masks_reference, vote_counts
-from shared.bench_aggregate import naive_merge, run_aggregate_bench
 
 
 def packed(rows: list[list[int]]) -> np.ndarray:

@@ -35,7 +35,9 @@ import numpy as np
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore, redact_url
-from ops.bench_fleet import (
+from ops.bench.pipeline import wait_for
+from ops.control.rounds import wait_closed
+from ops.fleet.emulated import (
     DEFAULT_REDIS_URL,
     BenchError,
     BenchModel,
@@ -49,8 +51,6 @@ from ops.bench_fleet import (
     percentile,
     sandbox,
 )
-from ops.bench_pipeline import wait_for
-from ops.control.rounds import wait_closed
 from shared.amqp import Publisher
 
 BAD_KINDS = ("duplicate", "wrong_length", "not_sampled", "undecodable")

@@ -21,7 +21,7 @@ import numpy as np
 
 from aggregator.store import RoundInfo, RoundStore
 from ops.control.rounds import RoundPlan
-from ops.fleet import Fleet, FleetSpec
+from ops.fleet.workers import Fleet, FleetSpec
 from shared.errors import FedMaskError
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ops.control.rounds import RoundPlan
-from ops.demo import fleet_profiles
-from ops.fleet import Fleet, FleetSpec
+from ops.demo.run import fleet_profiles
+from ops.fleet.workers import Fleet, FleetSpec
 from shared.presets import preset
 
 
