@@ -35,20 +35,19 @@ import numpy as np
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore, redact_url
+from ops.bench.figures import host_load, percentile
 from ops.bench.pipeline import wait_for
+from ops.bench.raw_broker import BrokerAdmin
 from ops.control.rounds import wait_closed
 from ops.fleet.emulated import (
     DEFAULT_REDIS_URL,
     BenchError,
     BenchModel,
-    BrokerAdmin,
     DevicePublishers,
     EmulatedDevice,
     Outgoing,
     Sandbox,
-    host_load,
     make_devices,
-    percentile,
     sandbox,
 )
 from shared.amqp import Publisher

@@ -29,21 +29,20 @@ from typing import Any
 
 from aggregator.service import AggregatorService, ServiceSettings
 from aggregator.store import RoundInfo, redact_url
-from ops.bench.adapter_floor import adapter_floor, rate, raw_drain
+from ops.bench.adapter_floor import adapter_floor
+from ops.bench.figures import host_load, percentile, rate
+from ops.bench.raw_broker import BrokerAdmin, raw_drain
 from ops.bench.report import top_functions
 from ops.control.rounds import wait_closed
 from ops.fleet.emulated import (
     DEFAULT_REDIS_URL,
     BenchError,
     BenchModel,
-    BrokerAdmin,
     DevicePublishers,
     EmulatedDevice,
     Outgoing,
     Sandbox,
-    host_load,
     make_devices,
-    percentile,
     sandbox,
 )
 from shared.amqp import AGGREGATOR_QUEUE, Consumer, Delivery, Outcome, queue_depth

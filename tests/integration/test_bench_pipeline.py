@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from ops.bench.adapter_floor import MB
+from ops.bench.figures import MB
 from ops.bench.load import LoadBenchConfig, run_load_bench
 from ops.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
 from ops.control.enrolment import Management, ManagementError
