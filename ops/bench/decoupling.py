@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.control.rounds import RoundPlan
-from ops.demo.run import fleet_profiles
-from ops.fleet.workers import Fleet, FleetSpec
+from ops.fleet.workers import Fleet, FleetSpec, fleet_profiles
 from shared.presets import preset
 
 

@@ -9,7 +9,6 @@ step did not happen: a round that did not close, a worker that died, a device wi
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -21,7 +20,7 @@ import numpy as np
 
 from aggregator.store import RoundInfo, RoundStore
 from ops.control.rounds import RoundPlan
-from ops.fleet.workers import Fleet, FleetSpec
+from ops.fleet.workers import Fleet, FleetSpec, fleet_profiles, worker_stats
 from shared.errors import FedMaskError
 
 
@@ -41,30 +40,6 @@ class DemoSettings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/1"
     out: Path = Path("runs/demo")
-
-
-def fleet_profiles(ids: list[str], workers: int, pi4: int) -> dict[str, str]:
-    if not 0 <= pi4 <= workers <= len(ids):
-        raise FedMaskError(f"need 0 <= pi4 ({pi4}) <= workers ({workers}) <= devices with data ({len(ids)})")
-    return {d: ("pi4" if i < pi4 else "jetson") for i, d in enumerate(ids[:workers])}
-
-
-def _worker_stats(state_dir: Path, device: str) -> dict[str, Any]:
-    """Bytes both ways, and the board's turnaround per task: task received -> update sent."""
-    up = down = 0
-    board_s: list[float] = []
-    tasked: dict[int, float] = {}
-    path = state_dir / f"{device}.stats.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        rec = json.loads(line)
-        up += rec.get("bytes_up", 0)
-        down += rec.get("bytes_down", 0)
-        if rec["type"] == "task":
-            tasked[rec["round"]] = rec["t"]
-        elif rec["type"] == "update":
-            board_s.append(rec["t"] - tasked.get(rec["round"], rec["t"] - rec["board_s"]))
-    return {"bytes_up": up, "bytes_down": down, "updates": len(board_s),
-            "median_turnaround_s": statistics.median(board_s) if board_s else None}
 
 
 def evaluate_devices(task: str, profiles: dict[str, str], state_dir: Path, seed: int) -> dict[str, dict[str, Any]]:
@@ -87,7 +62,7 @@ def evaluate_devices(task: str, profiles: dict[str, str], state_dir: Path, seed:
         local_train(dev.model, dev.x, dev.y, p.final_local_epochs, cfg.train, seed=derive_seed(seed, "final", d))
         out[d] = {"profile": profile, "mask_version": dev.mask_version, "accuracy_merged": merged_acc,
                   "accuracy_final": dev.evaluate(data[d].test.x, data[d].test.y)[1],
-                  **_worker_stats(state_dir, d)}
+                  **worker_stats(state_dir, d)}
     return out
 
 
@@ -107,8 +82,8 @@ def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
     with Fleet(spec, say=say) as fleet:
         run = fleet.run_rounds(s.rounds, plan, on_round=lambda i: _say_round(say, i))
         store = RoundStore.from_url(s.redis_url)
-        _wait_outstanding(store, fleet, list(profiles), s.deadline_s, say)
-        _wait_last_masks(store, fleet, profiles)
+        fleet.wait_outstanding(s.deadline_s)
+        fleet.wait_last_masks()
         counters = store.counters()
         # Re-read every round: late updates keep arriving (and are listed) after a round closed.
         final = [store.info(r.round_id) or r for r in run.rounds]
@@ -124,37 +99,6 @@ def _say_round(say: Any, info: RoundInfo) -> None:
     t = (info.closed_at or info.opened_at) - info.opened_at
     say(f"round {info.round_id:>3} closed in {t:5.1f}s: {len(info.received)}/{len(info.sampled)} received "
         f"(quorum {info.quorum}), {len(info.carried)} carried in, {len(info.late)} late")
-
-
-def _wait_outstanding(store: RoundStore, fleet: Fleet, ids: list[str], timeout_s: float, say: Any) -> None:
-    """Let slow boards finish the task they hold, so the report counts the work they did (their late
-    update is handled by the policy like any other; no new round will merge it)."""
-    last = store.current_round() or 0
-    end = time.time() + timeout_s
-    busy = store.busy(ids, last + 1, max_staleness=last + 1)
-    if busy:
-        say(f"waiting for {len(busy)} boards still training: {', '.join(sorted(busy))} ...")
-    while busy and time.time() < end:
-        fleet.check_alive()
-        time.sleep(0.5)
-        busy = store.busy(ids, last + 1, max_staleness=last + 1)
-
-
-def _wait_last_masks(store: RoundStore, fleet: Fleet, profiles: dict[str, str], timeout_s: float = 30.0) -> None:
-    """The last round's participants persist the mask they were sent before the fleet stops."""
-    end = time.time() + timeout_s
-    while time.time() < end:
-        fleet.check_alive()
-        pending = [d for d in profiles if _saved_version(fleet.state_dir, d) < store.mask_version(d)]
-        if not pending:
-            return
-        time.sleep(0.3)
-
-
-def _saved_version(state_dir: Path, device: str) -> int:
-    path = state_dir / f"{device}.stats.jsonl"
-    versions = [json.loads(line).get("version", 0) for line in path.read_text().splitlines()] if path.exists() else []
-    return max(versions, default=0)
 
 
 def summarize(rounds: list[RoundInfo], devices: dict[str, dict[str, Any]], counters: dict[str, int],
@@ -182,65 +126,3 @@ def summarize(rounds: list[RoundInfo], devices: dict[str, dict[str, Any]], count
         "mean_accuracy_final": float(np.mean([d["accuracy_final"] for d in devices.values()])),
         "counters": counters,
     }
-
-
-def render_table(report: dict[str, Any]) -> str:
-    lines = [f"{'device':<14}{'profile':<8}{'mask v':>7}{'acc merged':>11}{'acc final':>10}{'updates':>8}"
-             f"{'KB up':>9}{'KB down':>9}{'task s':>8}"]
-    for d, r in report["devices"].items():
-        train = "" if r["median_turnaround_s"] is None else f"{r['median_turnaround_s']:.2f}"
-        lines.append(f"{d:<14}{r['profile']:<8}{r['mask_version']:>7}{r['accuracy_merged']:>11.3f}"
-                     f"{r['accuracy_final']:>10.3f}{r['updates']:>8}{r['bytes_up'] / 1e3:>9.1f}"
-                     f"{r['bytes_down'] / 1e3:>9.1f}{train:>8}")
-    lines.append(f"mean personalized accuracy: {report['mean_accuracy_merged']:.3f} with the merged mask, "
-                 f"{report['mean_accuracy_final']:.3f} after final local adaptation")
-    prof = ", ".join(f"{k} {v:.1f}s" for k, v in report["turnaround_seconds_by_profile"].items())
-    lines.append(f"median board turnaround (task received -> update sent): {prof}")
-    lines.append(f"median round time {report['median_round_seconds']:.1f}s over {len(report['rounds'])} rounds; "
-                 f"late updates {report['late']['updates']} (carried {report['late']['carried']}, dropped "
-                 f"{report['late']['dropped']}, expired {report['late']['expired']})")
-    unmerged = [d for d, r in report["devices"].items() if r["mask_version"] == 0]
-    if unmerged:
-        lines.append(f"no merged mask yet (their update was still in flight when the run ended): {', '.join(unmerged)}")
-    if report["close_latency_ms"]:
-        lines.append(f"round close latency p50 {report['close_latency_ms']['p50']:.0f} ms, "
-                     f"max {report['close_latency_ms']['max']:.0f} ms")
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    devices = report["devices"]
-    colors = {"pi4": "tab:red", "jetson": "tab:blue"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    from matplotlib.patches import Patch
-
-    for r in report["rounds"]:
-        ax1.bar(r["round"], r["seconds"], color="0.85", width=0.8)
-        for d, secs in r["arrivals"].items():
-            carried = d in r["carried_devices"]
-            ax1.scatter(r["round"], secs, s=30 if carried else 14, marker="x" if carried else "o", zorder=3,
-                        color=colors.get(devices.get(d, {}).get("profile", ""), "k"))
-    handles = [Patch(color="0.85", label="round open -> closed")]
-    handles += [ax1.scatter([], [], color=c, s=14, label=f"{name} update arrives") for name, c in colors.items()]
-    handles.append(ax1.scatter([], [], color="k", marker="x", s=30, label="late update carried in"))
-    ax1.set(xlabel="round", ylabel="seconds since the round opened",
-            title=f"quorum {report['settings']['quorum']}: rounds close without the slow boards")
-    ax1.legend(handles=handles, fontsize=8)
-    names = list(devices)
-    x = np.arange(len(names))
-    ax2.bar(x - 0.2, [devices[d]["accuracy_merged"] for d in names], 0.4, label="merged mask",
-            color=[colors[devices[d]["profile"]] for d in names], alpha=0.5)
-    ax2.bar(x + 0.2, [devices[d]["accuracy_final"] for d in names], 0.4, label="after final adaptation",
-            color=[colors[devices[d]["profile"]] for d in names])
-    ax2.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax2.set(ylabel="test accuracy (own data)", ylim=(0, 1), title="personalized accuracy per device")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
