@@ -1,1 +1,2 @@
-"""How FedMask is run: the operator CLI and (later) deployment files."""
+"""How FedMask is run: the `fedmask` CLI (cli/) over the rooms it calls (control/, services/, demo/,
+fleet/, bench/, engine/), and the deployment files (deploy/)."""

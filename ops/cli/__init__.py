@@ -1,4 +1,5 @@
-"""`fedmask`: one console entry point. Commands only parse flags, build settings and call shared/."""
+"""`fedmask`: one console entry point. Commands only parse flags, build settings and call the rest of ops/
+(or shared/, aggregator/, worker/)."""
 
 from __future__ import annotations
 

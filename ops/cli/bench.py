@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
+from ops.bench.merge_kernel import run_aggregate_bench
+from ops.bench.report import format_aggregate
 from ops.cli.common import write_json
-from shared.bench_aggregate import run_aggregate_bench
 
 
 @click.group()
@@ -32,15 +33,10 @@ def aggregate(devices: int, params: int, repeats: int, seed: int, as_json: bool)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    click.echo(f"naive reference : {r['naive_seconds'] * 1e3:9.1f} ms  (np.unpackbits, default int64 sums)")
-    click.echo(f"tuned naive     : {r['tuned_naive_seconds'] * 1e3:9.1f} ms  (np.unpackbits, uint16 sums)")
-    click.echo(f"packed kernel   : {r['kernel_seconds'] * 1e3:9.1f} ms  "
-               f"({r['kernel_params_per_second'] / 1e6:,.0f} M params/s, {r['kernel_mb_per_second']:,.0f} MB/s in)")
-    click.echo(f"speedup         : {r['speedup']:.1f}x vs the naive reference, "
-               f"{r['speedup_vs_tuned_naive']:.1f}x vs the tuned one; output bit-identical: {r['identical']}")
+    click.echo(format_aggregate(r))
 
 
-# -- pipeline benchmarks: emulated devices through the real RabbitMQ and Redis (ops/bench_*.py) --------
+# -- pipeline benchmarks: emulated devices through the real RabbitMQ and Redis (ops/bench/) --------
 
 _BENCH_REDIS = "redis://127.0.0.1:6379/14"
 
@@ -79,8 +75,8 @@ def pipeline(devices: int, params: int, rounds: int, task: str, seed: int, repea
     """Aggregator ingest rate vs the broker's raw rate, and round close latency (emulated devices)."""
     from tqdm import tqdm
 
-    from ops.bench_pipeline import PipelineBenchConfig, run_pipeline_bench
-    from ops.bench_report import format_pipeline
+    from ops.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
+    from ops.bench.report import format_pipeline
     from shared.errors import FedMaskError
 
     cfg = PipelineBenchConfig(devices=devices, params=params, rounds=rounds, task=task, seed=seed, profile=profile,
@@ -115,8 +111,8 @@ def load(devices: int, rounds: int, params: int, sample_rate: float, quorum: flo
     and an exact accounting of every update (exit 1 if any vanished)."""
     from tqdm import tqdm
 
-    from ops.bench_load import LoadBenchConfig, run_load_bench
-    from ops.bench_report import format_load
+    from ops.bench.load import LoadBenchConfig, run_load_bench
+    from ops.bench.report import format_load
     from shared.errors import FedMaskError
 
     cfg = LoadBenchConfig(devices=devices, rounds=rounds, params=params, sample_rate=sample_rate, quorum=quorum,
@@ -147,8 +143,8 @@ def load(devices: int, rounds: int, params: int, sample_rate: float, quorum: flo
 def decoupling(devices: int, pi4: int, rounds: int, quorum: float, late: str, amqp_url: str, redis_url: str,
                out: Path, as_json: bool) -> None:
     """Median round time of a mixed Pi 4 / Jetson fleet vs an all-Jetson fleet (real pipeline)."""
-    from ops.bench_decoupling import run_decoupling_bench
-    from ops.cli.common import write_json
+    from ops.bench.decoupling import run_decoupling_bench
+    from ops.bench.report import format_decoupling
     from shared.errors import FedMaskError
 
     try:
@@ -161,8 +157,4 @@ def decoupling(devices: int, pi4: int, rounds: int, quorum: float, late: str, am
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    for name in ("mixed", "all_jetson"):
-        f = r[name]
-        click.echo(f"{name:<11} median round {f['median_round_seconds']:6.2f}s  rounds {f['round_seconds']}  "
-                   f"sampled {f['sampled_per_round']}  carried {f['carried']}  late {f['late']}")
-    click.echo(f"ratio mixed / all-jetson: {r['median_ratio']:.2f} (target <= 1.3: {'met' if r['met'] else 'NOT met'})")
+    click.echo(format_decoupling(r))

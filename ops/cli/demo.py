@@ -33,7 +33,8 @@ def demo(workers: int, pi4: int, rounds: int, quorum: float, late: str, max_stal
     """A mixed Pi 4 / Jetson fleet of worker processes trains FedMask on activity data through
     RabbitMQ and Redis; prints per-device accuracy, bytes, round times per profile and late updates,
     and writes report.json and pipeline.png under --out."""
-    from ops.demo import DemoSettings, plot, render_table, run_demo
+    from ops.demo.report import plot, render_table
+    from ops.demo.run import DemoSettings, run_demo
 
     s = DemoSettings(workers=workers, pi4=pi4, rounds=rounds, quorum=quorum, late=late, max_staleness=max_staleness,
                      deadline_s=deadline, seed=seed, amqp_url=amqp_url, redis_url=redis_url, out=out)

@@ -62,22 +62,14 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, merge: str, width: 
 def worker(device_id: str, profile: str, task: str, amqp_url: str, state_dir: Path, width: int | None,
            seed: int) -> None:
     """Run one device: prune once, hello, then train on every task and apply every merged mask."""
-    from shared.amqp import AmqpSettings
-    from shared.data import load_task
-    from shared.device import FedMaskConfig
-    from shared.presets import model_spec, preset
-    from worker.runtime import Worker
+    from ops.fleet.board import NoLocalData, board_worker
 
     _log(True)
-    p = preset(task)
-    data = load_task(task, num_devices=p.devices, seed=seed, **p.data_options)  # type: ignore[arg-type]
-    mine = {d.device_id: d for d in data.devices}.get(device_id)
-    if mine is None:
-        raise click.ClickException(f"no local data for {device_id!r}; {task} devices are "
-                                   f"{', '.join(d.device_id for d in data.devices[:5])}, ...")
-    w = Worker(device_id, model_spec(task, width=width, seed=seed),
-               FedMaskConfig(train=p.mask_train, local_epochs=p.local_epochs), (mine.train.x, mine.train.y),
-               amqp=AmqpSettings.from_url(amqp_url), state_dir=state_dir, seed=seed, profile=profile)
+    try:
+        w = board_worker(device_id, profile=profile, task=task, amqp_url=amqp_url, state_dir=state_dir, width=width,
+                         seed=seed)
+    except NoLocalData as exc:
+        raise click.ClickException(str(exc)) from exc
     w.run()
 
 
@@ -99,7 +91,7 @@ def devices() -> None:
 def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_password: str, vhost: str,
            amqp_host: str, amqp_port: int, out: Path | None) -> None:
     """Create each device's broker user, queue and permissions; print or write its connection URL."""
-    from ops.enroll import Management, ManagementError
+    from ops.control.enrolment import Management, ManagementError
 
     mgmt = Management(api_url, admin_user, admin_password)
     try:

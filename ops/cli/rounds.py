@@ -19,29 +19,12 @@ def round_() -> None:
 
 
 def _core(amqp_url: str, redis_url: str, task: str | None, width: int | None, seed: int) -> Any:
-    """An AggregatorCore for opening rounds. Task, width and seed default to those the running
-    aggregator recorded in Redis, so tasks name the model the aggregator validates against."""
-    from aggregator.core import AggregatorCore
-    from aggregator.store import RoundStore
-    from shared.amqp import AmqpSettings, Publisher
-    from shared.presets import model_spec
+    from ops.control.rounds import AggregatorMismatch, core_for_running_aggregator
 
-    store = RoundStore.from_url(redis_url)
-    cfg = store.config()
-    if not cfg and task is None:
-        raise click.ClickException("no aggregator has started against this Redis yet: run `make up` "
-                                   "(or `fedmask aggregator run`), or pass --task")
-    task = task or cfg["task"]
-    if width is None and cfg.get("width") and task == cfg.get("task"):
-        width = int(cfg["width"])
-    model_seed = int(cfg.get("seed", seed))  # --seed is the sampling seed; the model's is the aggregator's
-    spec = model_spec(task, width=width, seed=model_seed)
-    core = AggregatorCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), spec)
-    if cfg and core.fingerprint != cfg.get("fingerprint"):
-        raise click.ClickException(
-            f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}), "
-            f"not {task} (width {width or 'preset'}): drop --task/--width to use the aggregator's")
-    return core
+    try:
+        return core_for_running_aggregator(amqp_url, redis_url, task, width, seed)
+    except AggregatorMismatch as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def plan_options(f: Any) -> Any:
@@ -68,7 +51,7 @@ def plan_options(f: Any) -> Any:
 
 
 def _plan(kw: dict[str, Any]) -> Any:
-    from ops.driver import RoundPlan
+    from ops.control.rounds import RoundPlan
 
     rate = kw["sample_rate"] if kw["sample_rate"] is not None or kw["count"] is not None else 1.0
     return RoundPlan(rate=rate, devices=kw["count"], quorum=kw["quorum"], deadline_s=kw["deadline"],
@@ -109,7 +92,7 @@ def _info(redis_url: str, round_id: int | None, store: Any = None) -> Any:
 @click.option("--json", "as_json", is_flag=True)
 def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
     """State of ROUND (default: the newest), with per-device latency."""
-    from ops.driver import render_round, round_rows, round_summary
+    from ops.control.rounds import render_round, round_rows, round_summary
 
     store, info = _info(redis_url, round_id)
     now = time.time()
@@ -126,7 +109,7 @@ def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
 @click.option("--once", is_flag=True, help="print one snapshot and exit")
 def round_watch(redis_url: str, interval: float, once: bool) -> None:
     """A live table of the newest round: sampled, received, carried, late, per-device latency (Ctrl-C stops)."""
-    from ops.driver import render_round
+    from ops.control.rounds import render_round
 
     store = None
     try:
@@ -150,7 +133,7 @@ def round_watch(redis_url: str, interval: float, once: bool) -> None:
 def round_run(rounds: int, as_json: bool, **kw: Any) -> None:
     """Open R rounds back to back, each once the previous one closed, with a progress bar."""
     from aggregator.store import RoundStore
-    from ops.driver import round_summary, run_rounds
+    from ops.control.rounds import round_summary, run_rounds
 
     core = _core(kw["amqp_url"], kw["redis_url"], kw["task"], kw["width"], kw["seed"])
     store: RoundStore = core.store

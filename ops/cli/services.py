@@ -13,7 +13,7 @@ from shared.errors import FedMaskError
 
 
 def _deployment(kw: dict[str, Any]) -> Any:
-    from ops.services import Deployment
+    from ops.services.deployment import Deployment
 
     return Deployment(amqp_url=kw["amqp_url"], redis_url=kw["redis_url"], run_dir=kw["run_dir"],
                       task=kw.get("task") or "activity", width=kw.get("width"), merge=kw.get("merge") or "head")
@@ -41,7 +41,7 @@ def services() -> None:
 @click.option("--merge", envvar="FEDMASK_MERGE", default="head", show_default=True)
 def up(**kw: Any) -> None:
     """Docker compose if a Docker engine answers; else local services and a background aggregator."""
-    from ops.services import up as _up
+    from ops.services.lifecycle import up as _up
 
     try:
         mode = _up(_deployment(kw), _say)
@@ -56,7 +56,7 @@ def up(**kw: Any) -> None:
 @run_dir_opt
 def down(**kw: Any) -> None:
     """Drain and stop the aggregator; stop the broker and Redis only if `up` started them."""
-    from ops.services import down as _down
+    from ops.services.lifecycle import down as _down
 
     _down(_deployment(kw), _say)
 
@@ -68,23 +68,9 @@ def down(**kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool, **kw: Any) -> None:
     """What is up, the aggregator's model, enrolled devices and the newest round. Exit 1 if anything is down."""
-    from ops.services import status as _status
+    from ops.services.lifecycle import healthy, render_status
+    from ops.services.lifecycle import status as _status
 
     st = _status(_deployment(kw))
-    healthy = all(st[k]["up"] for k in ("rabbitmq", "redis", "aggregator"))
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
-    else:
-        for name in ("rabbitmq", "management_api", "redis"):
-            click.echo(f"{name:<15} {'up' if st[name]['up'] else 'DOWN':<5} {st[name]['address']}")
-        agg = st["aggregator"]
-        cfg = agg.get("config") or {}
-        detail = f"pid {agg['pid']}, task {cfg.get('task', '?')}" if agg["up"] else f"not running (log {agg['log']})"
-        click.echo(f"{'aggregator':<15} {'up' if agg['up'] else 'DOWN':<5} {detail}")
-        if "devices" in st:
-            click.echo(f"{'devices':<15} {st['devices']} enrolled")
-        rnd = st.get("round")
-        if rnd:
-            click.echo(f"{'round':<15} {rnd['round']} {rnd['state']}: {rnd['received']}/{rnd['sampled']} received "
-                       f"(quorum {rnd['quorum']}), {rnd['carried']} carried, {rnd['late']} late")
-    raise SystemExit(0 if healthy else 1)
+    click.echo(json.dumps(st, indent=2) if as_json else render_status(st))
+    raise SystemExit(0 if healthy(st) else 1)

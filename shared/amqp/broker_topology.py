@@ -7,7 +7,7 @@ outside tests):
   fedmask.downlink  direct exchange  routing key <id> -> queue device.<id> (classic, dead-letters too)
   fedmask.dead      fanout exchange  -> dead.letters
 
-The same specs are declared over the management HTTP API by ops/enroll.py and written out in
+The same specs are declared over the management HTTP API by ops/control/enrolment.py and written out in
 broker_config/definitions.json, so the names live here once.
 """
 
@@ -49,7 +49,7 @@ class BindingSpec:
 
 @dataclass(frozen=True)
 class Topology:
-    """The topology as data: declared over AMQP here, over the management HTTP API by ops/enroll.py,
+    """The topology as data: declared over AMQP here, over the management HTTP API by ops/control/enrolment.py,
     and written out in broker_config/definitions.json (a test checks the three agree)."""
 
     exchanges: tuple[ExchangeSpec, ...] = ()

@@ -39,7 +39,7 @@ import redis
 
 from aggregator.core import FAULT_ENV, AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
-from ops.enroll import Management
+from ops.control.enrolment import Management
 from shared import codec
 from shared.amqp import AGGREGATOR_QUEUE, DEAD_QUEUE, AmqpSettings, Publisher, queue_depth
 from shared.data import load_task

@@ -34,18 +34,17 @@ from urllib.parse import quote, unquote, urlsplit
 
 import msgpack
 import numpy as np
-import pika  # only to publish without a user_id property, which shared.amqp.Publisher never does
 import pytest
 import redis
 
 from aggregator.core import AggregatorCore
 from aggregator.service import AggregatorService, ServiceSettings
 from aggregator.store import RoundStore
-from ops.enroll import Management, ManagementError
+from ops.bench.raw_broker import publish_without_user_id
+from ops.control.enrolment import Management, ManagementError
 from shared import codec
 from shared.amqp import (
     AGGREGATOR_QUEUE,
-    CONTENT_TYPE,
     DEAD_QUEUE,
     REASON_HEADER,
     UPLINK_EXCHANGE,
@@ -247,14 +246,7 @@ class Attack:
     def publish_without_user_id(self, case: str, settings: AmqpSettings, device_id: str, kind: str,
                                 body: bytes) -> None:
         key = f"device.{device_id}.{kind}"
-
-        def publish() -> None:
-            with open_channel(settings) as channel:
-                channel.confirm_delivery()  # so the publish returns only once the broker has it
-                channel.basic_publish(UPLINK_EXCHANGE, key, body, pika.BasicProperties(
-                    content_type=CONTENT_TYPE, delivery_mode=pika.DeliveryMode.Persistent), mandatory=True)
-
-        self._send(case, key, None, body, publish)
+        self._send(case, key, None, body, lambda: publish_without_user_id(settings, UPLINK_EXCHANGE, key, body))
 
     def _send(self, case: str, key: str, user: str | None, body: bytes, publish: Callable[[], None]) -> None:
         assert case in EXPECTED and case not in {s.case for s in self.sent}, case

@@ -1,4 +1,4 @@
-"""shared/amqp/ and ops/enroll.py against a real RabbitMQ.
+"""shared/amqp/ and ops/control/enrolment.py against a real RabbitMQ.
 
 Isolation: each test gets a unique namespace (a prefix on every exchange and queue name) on the
 fixture's vhost and deletes its topology afterwards, so only AMQP access is needed. Enrolment tests
@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
-from ops.enroll import DeviceCredentials, Management, ManagementError
+from ops.control.enrolment import DeviceCredentials, Management, ManagementError
 from shared.amqp import (
     AGGREGATOR_QUEUE,
     DEAD_QUEUE,

@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from ops.bench_drain import MB
-from ops.bench_fleet import AGGREGATOR_PREFIX, LOCK_KEY, mlp_width_for, with_path
-from ops.bench_load import LoadBenchConfig, run_load_bench
-from ops.bench_pipeline import PipelineBenchConfig, run_pipeline_bench
-from ops.enroll import Management, ManagementError
+from ops.bench.figures import MB
+from ops.bench.load import LoadBenchConfig, run_load_bench
+from ops.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
+from ops.control.enrolment import Management, ManagementError
+from ops.fleet.emulated import AGGREGATOR_PREFIX, LOCK_KEY, mlp_width_for, with_path
 
 pytestmark = pytest.mark.services
 BENCH_DB = "13"  # not 15 (the other service tests) nor 14 (the benchmarks' default)

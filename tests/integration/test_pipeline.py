@@ -15,7 +15,7 @@ from typing import IO
 import numpy as np
 import pytest
 
-from ops.fleet import with_vhost
+from ops.fleet.workers import with_vhost
 from shared.data import FederatedDataset, load_task
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.presets import model_spec, preset
@@ -33,7 +33,7 @@ def _log(path: Path) -> IO[str]:
 @pytest.fixture()
 def pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
     from aggregator.store import RoundStore
-    from ops.enroll import Management
+    from ops.control.enrolment import Management
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
     mgmt = Management()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ops.fleet import with_vhost
-from ops.services import Deployment, aggregator_pid
+from ops.fleet.workers import with_vhost
+from ops.services.aggregator_process import aggregator_pid
+from ops.services.deployment import Deployment
 
 pytestmark = pytest.mark.services
 
@@ -27,7 +28,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_up_status_down(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> None:
     from aggregator.store import RoundStore
-    from ops.enroll import Management
+    from ops.control.enrolment import Management
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
     mgmt = Management()

@@ -2,7 +2,7 @@
 
 The operator side never merges or closes anything itself: it opens a round (AggregatorCore.start_round,
 which samples and sends tasks), then watches Redis until the aggregator service closes it. Used by
-`fedmask round run`, `fedmask round watch`, the pipeline demo and the decoupling benchmark.
+`fedmask round start|run|watch|status`, `make status`, the pipeline demo and the benchmarks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
+from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError
+from shared.presets import model_spec
 
 # The aggregator's deadline ticker runs every 0.5 s; past this grace a round still open after its
 # deadline means no aggregator is consuming (or it is wedged): say so instead of waiting forever.
@@ -46,6 +48,32 @@ class RunLog:
 
     def durations(self) -> list[float]:
         return [r.closed_at - r.opened_at for r in self.rounds if r.closed_at is not None]
+
+
+class AggregatorMismatch(FedMaskError):
+    """No aggregator has recorded its model in this Redis, or it serves another task or width."""
+
+
+def core_for_running_aggregator(amqp_url: str, redis_url: str, task: str | None, width: int | None,
+                                seed: int) -> AggregatorCore:
+    """An AggregatorCore for opening rounds. Task, width and seed default to those the running
+    aggregator recorded in Redis, so tasks name the model the aggregator validates against."""
+    store = RoundStore.from_url(redis_url)
+    cfg = store.config()
+    if not cfg and task is None:
+        raise AggregatorMismatch("no aggregator has started against this Redis yet: run `make up` "
+                                 "(or `fedmask aggregator run`), or pass --task")
+    task = task or cfg["task"]
+    if width is None and cfg.get("width") and task == cfg.get("task"):
+        width = int(cfg["width"])
+    model_seed = int(cfg.get("seed", seed))  # --seed is the sampling seed; the model's is the aggregator's
+    spec = model_spec(task, width=width, seed=model_seed)
+    core = AggregatorCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), spec)
+    if cfg and core.fingerprint != cfg.get("fingerprint"):
+        raise AggregatorMismatch(
+            f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}), "
+            f"not {task} (width {width or 'preset'}): drop --task/--width to use the aggregator's")
+    return core
 
 
 def wait_closed(store: RoundStore, round_id: int, *, poll_s: float = 0.1, timeout_s: float | None = None,

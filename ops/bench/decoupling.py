@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.demo import fleet_profiles
-from ops.driver import RoundPlan
-from ops.fleet import Fleet, FleetSpec
+from ops.control.rounds import RoundPlan
+from ops.fleet.workers import Fleet, FleetSpec, fleet_profiles
 from shared.presets import preset
 
 

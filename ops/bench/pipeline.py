@@ -11,7 +11,7 @@ The drain including the close (`closed_at`) is reported next to it. The services
 with everything else running there, so `ingest_repeats` (ingest, raw) pairs are measured back to
 back and the pair with the median ratio is reported, with every ratio. Once per run, the adapter
 floor: the aggregator's consumer class with a handler that only acks, against raw, on a long
-queue (ops/bench_drain.py); ingest can never beat it.
+queue (ops/bench/adapter_floor.py); ingest can never beat it.
 
 Close latency: `rounds` more rounds with quorum 1.0; per round closed_at - closing_at from Redis
 (closer elected -> last merged mask confirmed by the broker). Device queues are purged after every
@@ -29,23 +29,22 @@ from typing import Any
 
 from aggregator.service import AggregatorService, ServiceSettings
 from aggregator.store import RoundInfo, redact_url
-from ops.bench_drain import adapter_floor, rate, raw_drain
-from ops.bench_fleet import (
+from ops.bench.adapter_floor import adapter_floor
+from ops.bench.figures import host_load, percentile, rate
+from ops.bench.raw_broker import BrokerAdmin, raw_drain
+from ops.bench.report import top_functions
+from ops.control.rounds import wait_closed
+from ops.fleet.emulated import (
     DEFAULT_REDIS_URL,
     BenchError,
     BenchModel,
-    BrokerAdmin,
     DevicePublishers,
     EmulatedDevice,
     Outgoing,
     Sandbox,
-    host_load,
     make_devices,
-    percentile,
     sandbox,
 )
-from ops.bench_report import top_functions
-from ops.driver import wait_closed
 from shared.amqp import AGGREGATOR_QUEUE, Consumer, Delivery, Outcome, queue_depth
 
 INGEST_TARGET_RATIO = 0.7  # from the issue: ingest >= 0.7 x the broker's raw delivery rate
@@ -65,7 +64,7 @@ class PipelineBenchConfig:
     api_url: str = "http://127.0.0.1:15672"
     profile: bool = False
     ingest_repeats: int = 3
-    floor_messages: int = 1000  # queue length for the adapter floor (see ops/bench_drain.py)
+    floor_messages: int = 1000  # queue length for the adapter floor (see ops/bench/adapter_floor.py)
     publisher_threads: int = 8
     timeout: float = 300.0  # per wait (hellos, one round); a stuck pipeline fails instead of hanging
 

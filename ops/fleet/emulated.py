@@ -9,32 +9,27 @@ removed on exit: device users, the vhost with its queues, the DB's fm: keys.
 An `EmulatedDevice` does not train: it draws its structure and its mask bits with a seeded numpy RNG
 and encodes them with the project's codec exactly as shared.device.DeviceRuntime does, for the real
 model spec's fingerprint and layout, so the aggregator validates them like any worker's messages.
-
-pika is imported here on purpose, although shared/amqp.py is otherwise its only user: the raw
-baseline and the broker-side bookkeeping (purges, dead-letter reads) must not go through the
-adapter that is being measured.
+The broker-side bookkeeping around them (purges, dead-letter reads) is ops/bench/raw_broker.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import numpy as np
-import pika  # type: ignore[import-untyped, unused-ignore]
 import redis
 
 from aggregator.store import RoundStore
-from ops.enroll import Management
+from ops.control.enrolment import Management
 from shared import codec
-from shared.amqp import DEAD_QUEUE, REASON_HEADER, AmqpSettings, Publisher, device_queue
+from shared.amqp import AmqpSettings, Publisher
 from shared.bits import pack, pad_mask, popcount
 from shared.errors import FedMaskError
 from shared.models import ModelSpec, build_model
@@ -222,43 +217,3 @@ def sandbox(amqp_url: str, redis_url: str, api_url: str, devices: int) -> Iterat
             client.delete(key)
         client.delete(LOCK_KEY)
         client.close()
-
-
-# ------------------------------------------------------------------------- broker-side bookkeeping
-
-
-class BrokerAdmin:
-    """A plain pika connection as the admin user: purge device queues, read dead letters, scratch queues."""
-
-    def __init__(self, admin_url: str) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(admin_url))
-        self.channel: Any = self.connection.channel()
-
-    def purge_device_queues(self, device_ids: Sequence[str]) -> dict[str, int]:
-        """Empty every device queue; returns how many messages (tasks, masks) each held."""
-        return {d: int(self.channel.queue_purge(device_queue(d)).method.message_count) for d in device_ids}
-
-    def dead_letter_reasons(self) -> dict[str, int]:
-        """Take every message off dead.letters; count them by their x-reject-reason header."""
-        reasons: dict[str, int] = {}
-        while True:
-            method, props, _body = self.channel.basic_get(DEAD_QUEUE, auto_ack=True)
-            if method is None:
-                return reasons
-            raw = (props.headers or {}).get(REASON_HEADER, "<no reason>")
-            reason = raw.decode() if isinstance(raw, bytes) else str(raw)
-            reasons[reason] = reasons.get(reason, 0) + 1
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
-
-
-def host_load() -> dict[str, float]:
-    """CPU count and 1-minute load average: the services share this host, so figures depend on it."""
-    return {"cpus": float(os.cpu_count() or 0), "loadavg_1m": os.getloadavg()[0]}
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default); NaN for no values."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else math.nan

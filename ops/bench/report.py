@@ -1,4 +1,4 @@
-"""Readable output of the pipeline benchmarks, and the cProfile summary they report."""
+"""Readable output of the benchmarks (`fedmask bench ...` without --json), and the cProfile summary they report."""
 
 from __future__ import annotations
 
@@ -29,10 +29,32 @@ def describe_host(host: dict[str, float] | None) -> str:
     return (f"host: {host['cpus']:.0f} CPUs, shared with RabbitMQ and Redis; 1-min load average "
             f"{host['loadavg_1m']:.2f} before, {host['loadavg_1m_after']:.2f} after")
 
-
-
 def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
+
+
+def format_aggregate(r: dict[str, Any]) -> str:
+    """What `fedmask bench aggregate` prints without --json."""
+    return "\n".join([
+        f"naive reference : {r['naive_seconds'] * 1e3:9.1f} ms  (np.unpackbits, default int64 sums)",
+        f"tuned naive     : {r['tuned_naive_seconds'] * 1e3:9.1f} ms  (np.unpackbits, uint16 sums)",
+        f"packed kernel   : {r['kernel_seconds'] * 1e3:9.1f} ms  "
+        f"({r['kernel_params_per_second'] / 1e6:,.0f} M params/s, {r['kernel_mb_per_second']:,.0f} MB/s in)",
+        f"speedup         : {r['speedup']:.1f}x vs the naive reference, "
+        f"{r['speedup_vs_tuned_naive']:.1f}x vs the tuned one; output bit-identical: {r['identical']}",
+    ])
+
+
+def format_decoupling(r: dict[str, Any]) -> str:
+    """What `fedmask bench decoupling` prints without --json."""
+    lines = []
+    for name in ("mixed", "all_jetson"):
+        f = r[name]
+        lines.append(f"{name:<11} median round {f['median_round_seconds']:6.2f}s  rounds {f['round_seconds']}  "
+                     f"sampled {f['sampled_per_round']}  carried {f['carried']}  late {f['late']}")
+    lines.append(f"ratio mixed / all-jetson: {r['median_ratio']:.2f} "
+                 f"(target <= 1.3: {'met' if r['met'] else 'NOT met'})")
+    return "\n".join(lines)
 
 
 def format_pipeline(r: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""A fleet of worker processes on one machine, for the demo and the decoupling benchmark.
+"""A fleet of real worker processes on one machine, for the demo and the decoupling benchmark.
 
 Everything runs through the real product: the aggregator is the background service `make up`
 starts, devices are enrolled through the management API with their own broker users, and each
@@ -8,8 +8,10 @@ directory, which it resets on start, so it never touches a production deployment
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -21,9 +23,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
-from ops.driver import RoundPlan, RunLog, run_rounds
-from ops.enroll import Management
-from ops.services import Deployment, ensure_rabbitmq, ensure_redis, start_aggregator, stop_aggregator
+from ops.control.enrolment import Management
+from ops.control.rounds import RoundPlan, RunLog, run_rounds
+from ops.services.aggregator_process import start_aggregator, stop_aggregator
+from ops.services.deployment import Deployment
+from ops.services.local_servers import ensure_rabbitmq, ensure_redis
 from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError
 from shared.presets import model_spec
@@ -31,6 +35,40 @@ from shared.presets import model_spec
 
 def with_vhost(url: str, vhost: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + vhost))
+
+
+def fleet_profiles(ids: list[str], workers: int, pi4: int) -> dict[str, str]:
+    """The first `workers` device ids, the first `pi4` of them emulating a Pi 4, the rest a Jetson."""
+    if not 0 <= pi4 <= workers <= len(ids):
+        raise FedMaskError(f"need 0 <= pi4 ({pi4}) <= workers ({workers}) <= devices with data ({len(ids)})")
+    return {d: ("pi4" if i < pi4 else "jetson") for i, d in enumerate(ids[:workers])}
+
+
+def _stats_records(state_dir: Path, device: str) -> list[dict[str, Any]]:
+    """What the worker logged in its state dir, one record per task, update and mask."""
+    path = state_dir / f"{device}.stats.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def worker_stats(state_dir: Path, device: str) -> dict[str, Any]:
+    """Bytes both ways, and the board's turnaround per task: task received -> update sent."""
+    up = down = 0
+    board_s: list[float] = []
+    tasked: dict[int, float] = {}
+    for rec in _stats_records(state_dir, device):
+        up += rec.get("bytes_up", 0)
+        down += rec.get("bytes_down", 0)
+        if rec["type"] == "task":
+            tasked[rec["round"]] = rec["t"]
+        elif rec["type"] == "update":
+            board_s.append(rec["t"] - tasked.get(rec["round"], rec["t"] - rec["board_s"]))
+    return {"bytes_up": up, "bytes_down": down, "updates": len(board_s),
+            "median_turnaround_s": statistics.median(board_s) if board_s else None}
+
+
+def saved_mask_version(state_dir: Path, device: str) -> int:
+    """The newest mask version the worker has persisted (0: none yet)."""
+    return max((rec.get("version", 0) for rec in _stats_records(state_dir, device)), default=0)
 
 
 @dataclass
@@ -73,8 +111,8 @@ class Fleet:
 
     def start(self, hello_timeout_s: float = 300.0) -> None:
         s, dep = self.spec, self.deployment
-        for d in (dep.run_dir, self.state_dir, s.run_dir / "logs"):
-            d.mkdir(parents=True, exist_ok=True)
+        for folder in (dep.run_dir, self.state_dir, s.run_dir / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
         ensure_rabbitmq(dep, self.say)
         ensure_redis(dep, self.say)
         u = urlsplit(s.amqp_url)
@@ -130,6 +168,32 @@ class Fleet:
         with Publisher(AmqpSettings.from_url(self.deployment.amqp_url)) as pub:
             core = AggregatorCore(store, pub, model_spec(s.task, width=s.width, seed=s.seed), merge=s.merge)
             return run_rounds(core, store, rounds, plan, on_round=on_round, on_poll=lambda _i: self.check_alive())
+
+    def wait_outstanding(self, timeout_s: float) -> None:
+        """Let slow boards finish the task they hold, so a report counts the work they did (their late
+        update is handled by the policy like any other; no new round will merge it)."""
+        store = RoundStore.from_url(self.spec.redis_url)
+        ids = list(self.spec.devices)
+        last = store.current_round() or 0
+        end = time.time() + timeout_s
+        busy = store.busy(ids, last + 1, max_staleness=last + 1)
+        if busy:
+            self.say(f"waiting for {len(busy)} boards still training: {', '.join(sorted(busy))} ...")
+        while busy and time.time() < end:
+            self.check_alive()
+            time.sleep(0.5)
+            busy = store.busy(ids, last + 1, max_staleness=last + 1)
+
+    def wait_last_masks(self, timeout_s: float = 30.0) -> None:
+        """The last round's participants persist the mask they were sent before the fleet stops."""
+        store = RoundStore.from_url(self.spec.redis_url)
+        end = time.time() + timeout_s
+        while time.time() < end:
+            self.check_alive()
+            pending = [d for d in self.spec.devices if saved_mask_version(self.state_dir, d) < store.mask_version(d)]
+            if not pending:
+                return
+            time.sleep(0.3)
 
     def check_alive(self) -> None:
         dead = {d: p.returncode for d, p in self.procs.items() if p.poll() is not None}

@@ -35,22 +35,21 @@ import numpy as np
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore, redact_url
-from ops.bench_fleet import (
+from ops.bench.figures import host_load, percentile
+from ops.bench.pipeline import wait_for
+from ops.bench.raw_broker import BrokerAdmin
+from ops.control.rounds import wait_closed
+from ops.fleet.emulated import (
     DEFAULT_REDIS_URL,
     BenchError,
     BenchModel,
-    BrokerAdmin,
     DevicePublishers,
     EmulatedDevice,
     Outgoing,
     Sandbox,
-    host_load,
     make_devices,
-    percentile,
     sandbox,
 )
-from ops.bench_pipeline import wait_for
-from ops.driver import wait_closed
 from shared.amqp import Publisher
 
 BAD_KINDS = ("duplicate", "wrong_length", "not_sampled", "undecodable")

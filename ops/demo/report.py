@@ -1,0 +1,70 @@
+"""What `make demo` shows: the per-device table and the two-panel plot of a demo report (ops/demo/run.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def render_table(report: dict[str, Any]) -> str:
+    lines = [f"{'device':<14}{'profile':<8}{'mask v':>7}{'acc merged':>11}{'acc final':>10}{'updates':>8}"
+             f"{'KB up':>9}{'KB down':>9}{'task s':>8}"]
+    for d, r in report["devices"].items():
+        train = "" if r["median_turnaround_s"] is None else f"{r['median_turnaround_s']:.2f}"
+        lines.append(f"{d:<14}{r['profile']:<8}{r['mask_version']:>7}{r['accuracy_merged']:>11.3f}"
+                     f"{r['accuracy_final']:>10.3f}{r['updates']:>8}{r['bytes_up'] / 1e3:>9.1f}"
+                     f"{r['bytes_down'] / 1e3:>9.1f}{train:>8}")
+    lines.append(f"mean personalized accuracy: {report['mean_accuracy_merged']:.3f} with the merged mask, "
+                 f"{report['mean_accuracy_final']:.3f} after final local adaptation")
+    prof = ", ".join(f"{k} {v:.1f}s" for k, v in report["turnaround_seconds_by_profile"].items())
+    lines.append(f"median board turnaround (task received -> update sent): {prof}")
+    lines.append(f"median round time {report['median_round_seconds']:.1f}s over {len(report['rounds'])} rounds; "
+                 f"late updates {report['late']['updates']} (carried {report['late']['carried']}, dropped "
+                 f"{report['late']['dropped']}, expired {report['late']['expired']})")
+    unmerged = [d for d, r in report["devices"].items() if r["mask_version"] == 0]
+    if unmerged:
+        lines.append(f"no merged mask yet (their update was still in flight when the run ended): {', '.join(unmerged)}")
+    if report["close_latency_ms"]:
+        lines.append(f"round close latency p50 {report['close_latency_ms']['p50']:.0f} ms, "
+                     f"max {report['close_latency_ms']['max']:.0f} ms")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices = report["devices"]
+    colors = {"pi4": "tab:red", "jetson": "tab:blue"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from matplotlib.patches import Patch
+
+    for r in report["rounds"]:
+        ax1.bar(r["round"], r["seconds"], color="0.85", width=0.8)
+        for d, secs in r["arrivals"].items():
+            carried = d in r["carried_devices"]
+            ax1.scatter(r["round"], secs, s=30 if carried else 14, marker="x" if carried else "o", zorder=3,
+                        color=colors.get(devices.get(d, {}).get("profile", ""), "k"))
+    handles = [Patch(color="0.85", label="round open -> closed")]
+    handles += [ax1.scatter([], [], color=c, s=14, label=f"{name} update arrives") for name, c in colors.items()]
+    handles.append(ax1.scatter([], [], color="k", marker="x", s=30, label="late update carried in"))
+    ax1.set(xlabel="round", ylabel="seconds since the round opened",
+            title=f"quorum {report['settings']['quorum']}: rounds close without the slow boards")
+    ax1.legend(handles=handles, fontsize=8)
+    names = list(devices)
+    x = np.arange(len(names))
+    ax2.bar(x - 0.2, [devices[d]["accuracy_merged"] for d in names], 0.4, label="merged mask",
+            color=[colors[devices[d]["profile"]] for d in names], alpha=0.5)
+    ax2.bar(x + 0.2, [devices[d]["accuracy_final"] for d in names], 0.4, label="after final adaptation",
+            color=[colors[devices[d]["profile"]] for d in names])
+    ax2.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax2.set(ylabel="test accuracy (own data)", ylim=(0, 1), title="personalized accuracy per device")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""`make up | down | status`: RabbitMQ, Redis and the aggregator on one machine (lifecycle.py says how)."""

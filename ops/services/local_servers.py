@@ -1,0 +1,95 @@
+"""RabbitMQ and Redis on this machine: started if they are local, installed and not running, and
+remembered in the run dir, so that `down` stops only what `up` started."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ops.services.deployment import LOCAL_HOSTS, MANAGEMENT_PORT, ROOT, Deployment, reachable, wait_port
+from shared.errors import FedMaskError
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    name: str  # "rabbitmq" | "redis": the status line and the entry in started.json
+    title: str  # for messages
+    executable: str  # must be on PATH to start it; also its Debian/Ubuntu package name
+    url_env: str  # the variable that points elsewhere instead
+    start_timeout_s: float
+    start_note: str = ""
+
+
+RABBITMQ = LocalServer("rabbitmq", "RabbitMQ", "rabbitmq-server", "FEDMASK_AMQP_URL", 120)
+REDIS = LocalServer("redis", "Redis", "redis-server", "FEDMASK_REDIS_URL", 30, " (AOF on, data in the run dir)")
+
+
+def started_here(dep: Deployment) -> list[str]:
+    return json.loads(dep.started_file.read_text()) if dep.started_file.exists() else []
+
+
+def _remember(dep: Deployment, name: str) -> None:
+    dep.started_file.write_text(json.dumps(sorted({*started_here(dep), name})))
+
+
+def start_if_needed(server: LocalServer, address: tuple[str, int], dep: Deployment, say: Any,
+                    command: Callable[[], list[str]]) -> None:
+    """Start `server` with `command` unless it already answers at `address`; when it cannot be
+    started (not local, not installed), say what to install or set."""
+    host, port = address
+    if not reachable(host, port):
+        if host not in LOCAL_HOSTS:
+            raise FedMaskError(f"{server.title} at {host}:{port} is not reachable ({server.url_env})")
+        if shutil.which(server.executable) is None:
+            raise FedMaskError(f"{server.title} is not running and not installed: install it (Debian/Ubuntu: "
+                               f"`apt install {server.executable}`), or install Docker, or set {server.url_env}")
+        say(f"starting {server.executable}{server.start_note} ...")
+        subprocess.run(command(), check=True, capture_output=True)
+        _remember(dep, server.name)
+        wait_port(host, port, server.start_timeout_s, server.title)
+    say(f"{server.name:<10} up on {host}:{port}")
+
+
+def ensure_rabbitmq(dep: Deployment, say: Any) -> None:
+    start_if_needed(RABBITMQ, dep.amqp_host, dep, say, lambda: ["rabbitmq-server", "-detached"])
+    host = dep.amqp_host[0]
+    if host in LOCAL_HOSTS and not reachable(host, MANAGEMENT_PORT) and shutil.which("rabbitmq-plugins"):
+        say("enabling the management plugin (device enrolment uses its HTTP API) ...")
+        subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_management"], check=True, capture_output=True)
+        wait_port(host, MANAGEMENT_PORT, 60, "the RabbitMQ management API")
+
+
+def ensure_redis(dep: Deployment, say: Any) -> None:
+    port = dep.redis_host[1]
+    start_if_needed(REDIS, dep.redis_host, dep, say, lambda: ["redis-server", str(_local_redis_conf(dep, port))])
+
+
+def _local_redis_conf(dep: Deployment, port: int) -> Path:
+    """broker_config/redis.conf, minus the production-only paths (ACL file, data dir) that a
+    development machine does not have; data and log go to the run dir."""
+    data = dep.run_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    keep = [line for line in (ROOT / "broker_config" / "redis.conf").read_text().splitlines()
+            if line.split(" ", 1)[0] not in ("aclfile", "dir", "port", "daemonize", "logfile", "pidfile")]
+    conf = data / "redis.conf"
+    conf.write_text("\n".join([*keep, f"port {port}", f"dir {data.resolve()}", "daemonize yes",
+                               f"logfile {(data / 'redis.log').resolve()}",
+                               f"pidfile {(data / 'redis.pid').resolve()}"]) + "\n")
+    return conf
+
+
+def stop_started(dep: Deployment, say: Any) -> None:
+    """Stop the servers `up` started (never ones that were already running), then forget them."""
+    started = started_here(dep)
+    if REDIS.name in started:
+        subprocess.run(["redis-cli", "-p", str(dep.redis_host[1]), "shutdown"], capture_output=True)
+        say("redis-server stopped (make up had started it)")
+    if RABBITMQ.name in started:
+        subprocess.run(["rabbitmqctl", "stop"], capture_output=True)
+        say("rabbitmq-server stopped (make up had started it)")
+    dep.started_file.unlink(missing_ok=True)
