@@ -3,9 +3,10 @@
 `decode` treats its input as hostile: it bounds the size, lets msgpack allocate nothing a crafted
 header asks for, and then checks every field. Any failure is a `CodecError` whose `reason` is one of
 the stable codes below (the pipeline copies it into the dead-letter reason header); `detail` names the
-field. `encode` runs the same checks, so nothing this module emits is rejected by `decode`; before
-checking, it turns Python/NumPy numbers into their field's wire type (an int deadline becomes a float,
-np.int64 an int). `decode` is strict: the wire types below, exactly.
+field. `encode` runs the same checks (the field table and the checks are shared/codec_checks.py), so
+nothing this module emits is rejected by `decode`; before checking, it turns Python/NumPy numbers into
+their field's wire type (an int deadline becomes a float, np.int64 an int). `decode` is strict: the
+wire types below, exactly.
 
 Fields (a msgpack map with string keys)
   v         int    PROTOCOL_VERSION; checked before anything else
@@ -51,10 +52,8 @@ Reason codes
 
 from __future__ import annotations
 
-import math
-import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -62,15 +61,17 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from shared.codec_checks import ENCODINGS as ENCODINGS
+from shared.codec_checks import ORDER as _ORDER
+from shared.codec_checks import PROTOCOL_VERSION as PROTOCOL_VERSION
+from shared.codec_checks import TYPES as TYPES
+from shared.codec_checks import validate
 from shared.errors import CodecError
 
-PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a full mask of a 500M-parameter model is 62.5 MB
 
 MessageType = Literal["hello", "update", "task", "mask"]
 Encoding = Literal["structure", "full", "q4"]
-TYPES: Final = ("hello", "update", "task", "mask")
-ENCODINGS: Final = ("structure", "full", "q4")
 REASONS: Final = (
     "too_large",
     "undecodable",
@@ -87,24 +88,8 @@ REASONS: Final = (
     "bad_crc",
 )
 
-_MAX_INT = 2**63 - 1
-_MAX_CRC = 2**32 - 1
 _MAX_STR_BYTES = 1024  # longest str msgpack may build; the longest legal one is 64 chars
 _MAX_CONTAINER = 32  # longest map/array msgpack may build; a message has at most 12 keys
-_DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_HEX_RE = re.compile(r"[0-9a-f]{16,64}")
-
-_COMMON = ("v", "type", "device", "round", "model", "layout")
-_BITS_FIELDS = ("enc", "bits", "nbits", "crc32")
-_REQUIRED: Final[Mapping[str, frozenset[str]]] = {
-    "hello": frozenset(_COMMON + _BITS_FIELDS),
-    "update": frozenset((*_COMMON, *_BITS_FIELDS, "version")),
-    "task": frozenset((*_COMMON, *_BITS_FIELDS, "version", "deadline")),
-    "mask": frozenset((*_COMMON, *_BITS_FIELDS, "version")),
-}
-_OPTIONAL: Final[Mapping[str, frozenset[str]]] = {"update": frozenset({"stats"})}
-# Wire order of the keys; bits go last so a message's header is a readable prefix.
-_ORDER = (*_COMMON, "enc", "nbits", "crc32", "version", "stats", "deadline", "bits")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,7 +132,7 @@ class Message:
 def encode(msg: Message) -> bytes:
     """Validate `msg` and pack it; raises CodecError exactly where `decode` would."""
     fields = _to_wire(msg)
-    _validate(fields)
+    validate(fields)
     packed: bytes = msgpack.packb(fields)
     return packed
 
@@ -176,14 +161,14 @@ def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect_type: str 
         raise CodecError("undecodable", f"{type(exc).__name__}: {str(exc)[:80]}") from exc
     if type(obj) is not dict:
         raise CodecError("not_a_map", f"top level is {type(obj).__name__}")
-    _validate(obj, expect_type)
+    validate(obj, expect_type)
     return _from_wire(obj)
 
 
 def message_size(msg: Message) -> int:
     """Exactly len(encode(msg)), without copying the bits; validates like `encode`."""
     fields = _to_wire(msg)
-    _validate(fields)
+    validate(fields)
     bits = fields.pop("bits", None)
     # Removing a key keeps the map header one byte (fixmap holds up to 15 keys; a message has <= 12).
     size = len(msgpack.packb(fields))
@@ -304,7 +289,7 @@ def _head(device: str, round: int, model: str, layout: str) -> dict[str, Any]:
 
 
 def _checked(msg: Message) -> Message:
-    _validate(_to_wire(msg))
+    validate(_to_wire(msg))
     return msg
 
 
@@ -338,150 +323,3 @@ def _from_wire(fields: Mapping[str, Any]) -> Message:
     if "stats" in kwargs:
         kwargs["stats"] = Stats(**kwargs["stats"])
     return Message(**kwargs)
-
-
-# ---------------------------------------------------------------- validation
-
-Check = Callable[[str, object], None]
-
-
-def _show(value: object) -> str:
-    """A short, safe rendering of a hostile value for an error detail."""
-    if isinstance(value, (bool, int, float)):
-        return repr(value)[:40]
-    if isinstance(value, str):
-        return repr(value[:32])
-    return type(value).__name__
-
-
-def _bad_type(name: str, value: object, want: str) -> CodecError:
-    return CodecError("bad_type", f"{name}: expected {want}, got {type(value).__name__}")
-
-
-def _uint(hi: int) -> Check:
-    def check(name: str, value: object) -> None:
-        if type(value) is not int:
-            raise _bad_type(name, value, "int")
-        if not 0 <= value <= hi:
-            raise CodecError("bad_value", f"{name}={_show(value)} not in 0..{hi}")
-
-    return check
-
-
-def _float(lo: float = -math.inf, hi: float = math.inf) -> Check:
-    def check(name: str, value: object) -> None:
-        if type(value) is not float:
-            raise _bad_type(name, value, "float")
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise CodecError("bad_value", f"{name}={_show(value)} not finite in [{lo}, {hi}]")
-
-    return check
-
-
-def _text(pattern: re.Pattern[str], what: str) -> Check:
-    def check(name: str, value: object) -> None:
-        if type(value) is not str:
-            raise _bad_type(name, value, "str")
-        if not pattern.fullmatch(value):
-            raise CodecError("bad_value", f"{name}={_show(value)} is not {what}")
-
-    return check
-
-
-def _choice(allowed: tuple[str, ...]) -> Check:
-    def check(name: str, value: object) -> None:
-        if type(value) is not str:
-            raise _bad_type(name, value, "str")
-        if value not in allowed:
-            raise CodecError("bad_value", f"{name}={_show(value)} not one of {allowed}")
-
-    return check
-
-
-def _bin(name: str, value: object) -> None:
-    if type(value) is not bytes:
-        raise _bad_type(name, value, "bin")
-
-
-_STATS_CHECKS: Final[Mapping[str, Check]] = {
-    "samples": _uint(_MAX_INT),
-    "loss": _float(),
-    "accuracy": _float(0.0, 1.0),
-    "train_seconds": _float(0.0),
-}
-
-
-def _stats(name: str, value: object) -> None:
-    if type(value) is not dict:
-        raise _bad_type(name, value, "map")
-    for key, item in value.items():
-        check = _STATS_CHECKS.get(key)
-        if check is None:
-            raise CodecError("unknown_field", f"{name}.{_show(key)}")
-        check(f"{name}.{key}", item)
-
-
-_CHECKS: Final[Mapping[str, Check]] = {
-    "device": _text(_DEVICE_RE, "1..64 chars of [A-Za-z0-9_.-]"),
-    "round": _uint(_MAX_INT),
-    "model": _text(_HEX_RE, "16..64 lowercase hex digits"),
-    "layout": _text(_HEX_RE, "16..64 lowercase hex digits"),
-    "enc": _choice(ENCODINGS),
-    "nbits": _uint(_MAX_INT),
-    "crc32": _uint(_MAX_CRC),
-    "version": _uint(_MAX_INT),
-    "stats": _stats,
-    "deadline": _float(0.0),
-    "bits": _bin,
-}
-
-
-def _validate(fields: Mapping[Any, object], expect_type: str | None = None) -> None:
-    """Check a decoded (or about-to-be-encoded) map; cheap checks first, the crc last."""
-    if "v" not in fields:
-        raise CodecError("missing_field", "v")
-    if type(fields["v"]) is not int:
-        raise _bad_type("v", fields["v"], "int")
-    if fields["v"] != PROTOCOL_VERSION:
-        raise CodecError("bad_version", f"v={_show(fields['v'])}, this codec speaks {PROTOCOL_VERSION}")
-    if "type" not in fields:
-        raise CodecError("missing_field", "type")
-    mtype = fields["type"]
-    if type(mtype) is not str:
-        raise _bad_type("type", mtype, "str")
-    if mtype not in _REQUIRED:
-        raise CodecError("bad_value", f"type={_show(mtype)} not one of {TYPES}")
-    if expect_type is not None and mtype != expect_type:
-        raise CodecError("wrong_type", f"expected {expect_type}, got {mtype}")
-
-    keys = set(fields)
-    required = _REQUIRED[mtype]
-    allowed = required | _OPTIONAL.get(mtype, frozenset())
-    if unknown := [k for k in keys if k not in _ORDER]:
-        raise CodecError("unknown_field", min(_show(k) for k in unknown))
-    if forbidden := keys - allowed:
-        raise CodecError("forbidden_field", f"{min(forbidden)} in {mtype}")
-    if missing := required - keys:
-        raise CodecError("missing_field", f"{min(missing)} in {mtype}")
-
-    for name in _ORDER[2:]:
-        if name in fields:
-            _CHECKS[name](name, fields[name])
-    if mtype == "hello" and fields["enc"] != "full":
-        raise CodecError("bad_value", "hello must use enc 'full'")
-    if fields.get("enc") == "q4" and (mtype != "mask" or fields["nbits"] % 4 != 0):  # type: ignore[operator]
-        raise CodecError("bad_value", "enc 'q4' is for mask messages, 4 bits per element")
-    if "bits" in fields:
-        _check_bits(fields["bits"], fields["nbits"], fields["crc32"])
-
-
-def _check_bits(bits: Any, nbits: Any, crc: Any) -> None:
-    """Length, padding and crc of already type-checked bits, nbits and crc32."""
-    if len(bits) != (nbits + 7) // 8:
-        raise CodecError("bad_length", f"len(bits)={len(bits)} but nbits={nbits} needs {(nbits + 7) // 8}")
-    tail = nbits % 8
-    if tail and bits[-1] & (0xFF >> tail):
-        raise CodecError("bad_padding", f"padding bits after bit {nbits} are not zero")
-    actual = zlib.crc32(bits)
-    if actual != crc:
-        raise CodecError("bad_crc", f"crc32={crc} but the bits hash to {actual}")
