@@ -1,30 +1,7 @@
 """RoundStore: the only code that talks to Redis about devices and rounds.
 
-Key layout (prefix <p>, default "fm:"):
-  <p>device:<id>               hash    profile, fingerprint, enrolled_at, last_seen,
-                                       tasked (last round it was sent), reported (last round it answered)
-  <p>device:<id>:structure     string  packed structure S_i (written once; never changes)
-  <p>device:<id>:mask          string  packed full merged mask
-  <p>device:<id>:mask_version  int     its version (only ever increases)
-  <p>devices                   set     enrolled ids
-  <p>devices:alive             zset    id -> last heartbeat (unix seconds)
-  <p>round:current             string  newest round id
-  <p>rounds                    zset    every round id ever opened (score = id): rounds_in_state walks it
-  <p>{r<r>}:round              hash    state (open|closing|closed), opened_at, deadline, quorum,
-                                       sampled_count, policy (json), closing_at, closed_at
-  <p>{r<r>}:sampled / :received / :late / :carried   sets of device ids (carried: late updates
-                                       of earlier rounds merged into this one; not in the quorum)
-  <p>{r<r>}:arrivals           hash    id -> unix time its update was stored
-  <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
-  <p>pending:<id>              hash    round, body: a late update waiting for the next round (carry policy)
-  <p>pending                   set     devices with a pending late update
-  <p>config                    hash    the running aggregator's task, width, seed, merge, fingerprint
-  <p>counters                  hash    name -> int; the store itself counts nothing, callers do
-
-A round's keys share the hash tag {r<r>}, so admit_update and close_round (the hot, contended
-scripts) run unchanged on Redis Cluster. open_round spans slots (round:current and two rounds).
-Every script in lua/ names its KEYS and ARGV in a header; each is registered once per store
-(EVALSHA, with redis-py reloading it after a SCRIPT FLUSH or a restart).
+The key layout and the Lua scripts are aggregator/store_keys.py; building a client from a URL (and
+the TLS rules) is aggregator/redis_url.py.
 
 Errors: any redis-py error becomes a StoreError at this boundary; messages never carry the password.
 """
@@ -33,18 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.resources import files
 from typing import Any, Final, Literal, cast, get_args
-from urllib.parse import parse_qs, urlsplit
 
 import redis
-from redis.commands.core import Script
 
+from aggregator.redis_url import client_from_url
+from aggregator.redis_url import redact_url as redact_url
+from aggregator.store_keys import StoreKeys, register_scripts
 from shared.errors import ConfigError, FedMaskError
 from shared.rounds import UpdateStatus
 
@@ -52,8 +27,6 @@ STATES: Final = ("open", "closing", "closed")
 CarryStatus = Literal["carried", "duplicate", "sampled", "closed", "unknown_round"]
 _UPDATE_STATUSES: Final = get_args(UpdateStatus)
 _CARRY_STATUSES: Final = get_args(CarryStatus)
-_LUA = ("open_round", "admit_update", "close_round", "mark_closed", "set_mask", "register_device", "touch")
-_SOURCES: Final = {name: files("aggregator").joinpath(f"lua/{name}.lua").read_text("utf-8") for name in _LUA}
 _MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a time
 
 
@@ -91,18 +64,6 @@ class RoundInfo:
         return self.closed_at - self.closing_at
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
-    except ValueError:
-        return "<unparseable redis url>"
-
-
 def _num(x: float, what: str) -> str:
     if not math.isfinite(x):
         raise StoreError(f"{what} must be finite, got {x!r}")
@@ -115,12 +76,11 @@ def _s(raw: object) -> str:
 
 class RoundStore:
     def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:
-        if "{" in prefix or "}" in prefix:
-            raise ConfigError(f"redis prefix {prefix!r} must not contain braces (they mark the round hash tag)")
+        self.keys = StoreKeys(prefix)  # refuses a prefix with braces
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ConfigError("RoundStore needs a redis client created with decode_responses=False")
         self.client, self.prefix = client, prefix
-        self._scripts: dict[str, Script] = {n: client.register_script(src) for n, src in _SOURCES.items()}
+        self._scripts = register_scripts(client)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "fm:", *, ca_file: str | None = None, cert_file: str | None = None,
@@ -129,32 +89,7 @@ class RoundStore:
         ca_file, or the system store when None) and host name; cert_file/key_file are a client
         certificate for servers with tls-auth-clients yes. TLS options are these arguments: the URL's
         query string may not carry ssl_* options (redis-py would let them override, e.g. ssl_cert_reqs=none)."""
-        try:
-            parts = urlsplit(url)
-            query = parse_qs(parts.query)
-        except ValueError as exc:
-            raise ConfigError(f"bad Redis URL {redact_url(url)}: {exc}") from None
-        if any(name.startswith("ssl") for name in query):
-            raise ConfigError(f"bad Redis URL {redact_url(url)}: TLS options go in from_url's arguments, not the URL")
-        tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
-        given = [what for what, path in tls_files.items() if path is not None]
-        if given and parts.scheme != "rediss":
-            raise ConfigError(f"{', '.join(given)} need a rediss:// URL, got {redact_url(url)}")
-        if key_file is not None and cert_file is None:
-            raise ConfigError("key_file needs cert_file (the client certificate it belongs to)")
-        for what, path in tls_files.items():
-            if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"{what} {path!r} is not a file")
-        tls: dict[str, Any] = {}
-        if parts.scheme == "rediss":
-            tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": ca_file,
-                   "ssl_certfile": cert_file, "ssl_keyfile": key_file, "ssl_min_version": ssl.TLSVersion.TLSv1_2}
-        try:
-            client = redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5.0,
-                                          socket_timeout=30.0, **tls)
-        except ValueError as exc:
-            raise ConfigError(f"bad Redis URL {redact_url(url)}: {exc}") from None
-        return cls(client, prefix)
+        return cls(client_from_url(url, ca_file=ca_file, cert_file=cert_file, key_file=key_file), prefix)
 
     def close(self) -> None:
         self.client.close()
@@ -179,38 +114,30 @@ class RoundStore:
         with self._guard(name):
             return self._scripts[name](keys=keys, args=args)
 
-    def _k(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
-
-    def _rk(self, round_id: int, *parts: str) -> str:
-        return f"{self.prefix}{{r{round_id}}}:" + ":".join(parts)
-
     # -- devices ----------------------------------------------------------------------
     def register_device(self, device_id: str, *, profile: str, fingerprint: str, structure: bytes,
                         now: float) -> None:
         """Enrol a device (idempotent). A hello with a different structure raises StoreError."""
-        dk = self._k("device", device_id)
-        res = _s(self._run("register_device", [dk, dk + ":structure", self._k("devices"), self._k("devices:alive")],
+        res = _s(self._run("register_device", self.keys.register_device(device_id),
                            [device_id, profile, fingerprint, bytes(structure), _num(now, "now")]))
         if res == "structure_changed":
             raise StoreError(f"device {device_id} said hello with a different structure (a structure never changes)")
 
     def device_ids(self) -> list[str]:
         with self._guard("device_ids"):
-            return sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self._k("devices"))))
+            return sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self.keys.key("devices"))))
 
     def structure(self, device_id: str) -> bytes | None:
         with self._guard("structure"):
-            return cast("bytes | None", self.client.get(self._k("device", device_id, "structure")))
+            return cast("bytes | None", self.client.get(self.keys.key("device", device_id, "structure")))
 
     def touch(self, device_id: str, now: float) -> None:
         """Heartbeat; never moves backwards. Ignored for a device that has not said hello."""
-        dk = self._k("device", device_id)
-        self._run("touch", [dk, self._k("devices"), self._k("devices:alive")], [device_id, _num(now, "now")])
+        self._run("touch", self.keys.touch(device_id), [device_id, _num(now, "now")])
 
     def alive(self, since: float) -> list[str]:
         with self._guard("alive"):
-            ids = cast(list[bytes], self.client.zrangebyscore(self._k("devices:alive"), since, "+inf"))
+            ids = cast(list[bytes], self.client.zrangebyscore(self.keys.key("devices:alive"), since, "+inf"))
         return sorted(_s(m) for m in ids)
 
     def mark_tasked(self, device_ids: list[str], round_id: int) -> None:
@@ -218,12 +145,12 @@ class RoundStore:
         with self._guard("mark_tasked"):
             pipe = self.client.pipeline(transaction=False)
             for d in device_ids:
-                pipe.hset(self._k("device", d), "tasked", round_id)
+                pipe.hset(self.keys.key("device", d), "tasked", round_id)
             pipe.execute()
 
     def mark_reported(self, device_id: str, round_id: int) -> None:
         with self._guard("mark_reported"):
-            self.client.hset(self._k("device", device_id), "reported", round_id)
+            self.client.hset(self.keys.key("device", device_id), "reported", round_id)
 
     def busy(self, device_ids: list[str], next_round: int, max_staleness: int) -> set[str]:
         """Devices still training an earlier task that can yet count: tasked in a round within
@@ -232,7 +159,7 @@ class RoundStore:
         with self._guard("busy"):
             pipe = self.client.pipeline(transaction=False)
             for d in device_ids:
-                pipe.hmget(self._k("device", d), ["tasked", "reported"])
+                pipe.hmget(self.keys.key("device", d), ["tasked", "reported"])
             rows = cast(list[list["bytes | None"]], pipe.execute())
         out = set()
         for d, (tasked, reported) in zip(device_ids, rows, strict=True):
@@ -245,7 +172,7 @@ class RoundStore:
 
     def mask_version(self, device_id: str) -> int:
         with self._guard("mask_version"):
-            raw = self.client.get(self._k("device", device_id, "mask_version"))
+            raw = self.client.get(self.keys.key("device", device_id, "mask_version"))
         return int(cast(bytes, raw)) if raw is not None else 0
 
     def set_masks(self, masks: dict[str, bytes], version: int) -> None:
@@ -254,13 +181,13 @@ class RoundStore:
         with self._guard("set_masks"):
             pipe = self.client.pipeline(transaction=False)
             for device_id, packed in masks.items():
-                dk = self._k("device", device_id)
+                dk = self.keys.key("device", device_id)
                 self._scripts["set_mask"](keys=[dk + ":mask", dk + ":mask_version"], args=[bytes(packed), int(version)],
                                           client=pipe)
             pipe.execute()
 
     def mask(self, device_id: str) -> tuple[bytes, int] | None:
-        dk = self._k("device", device_id)
+        dk = self.keys.key("device", device_id)
         with self._guard("mask"):
             packed, version = cast(list["bytes | None"], self.client.mget([dk + ":mask", dk + ":mask_version"]))
         return None if packed is None or version is None else (packed, int(version))
@@ -279,8 +206,9 @@ class RoundStore:
         args: list[Any] = [round_id, _num(now, "now"), _num(deadline, "deadline"), int(quorum), policy_json, *ids]
         for _ in range(5):  # "stale": another opener moved round:current between our read and the script
             cur = self.current_round()
-            keys = [self._k("round:current"), self._k("rounds"), self._rk(round_id, "round"),
-                    self._rk(round_id, "sampled"), self._rk(round_id if cur is None else cur, "round")]
+            keys = [self.keys.key("round:current"), self.keys.key("rounds"), self.keys.in_round(round_id, "round"),
+                    self.keys.in_round(round_id, "sampled"),
+                    self.keys.in_round(round_id if cur is None else cur, "round")]
             res = _s(self._run("open_round", keys, ["" if cur is None else str(cur), *args]))
             if res == "opened":
                 return
@@ -294,16 +222,16 @@ class RoundStore:
 
     def current_round(self) -> int | None:
         with self._guard("current_round"):
-            raw = self.client.get(self._k("round:current"))
+            raw = self.client.get(self.keys.key("round:current"))
         return int(cast(bytes, raw)) if raw is not None else None
 
     def info(self, round_id: int) -> RoundInfo | None:
         with self._guard("info"):
             pipe = self.client.pipeline(transaction=True)  # one slot: a consistent snapshot
-            pipe.hgetall(self._rk(round_id, "round"))
+            pipe.hgetall(self.keys.in_round(round_id, "round"))
             for part in ("sampled", "received", "late", "carried"):
-                pipe.smembers(self._rk(round_id, part))
-            pipe.hgetall(self._rk(round_id, "arrivals"))
+                pipe.smembers(self.keys.in_round(round_id, part))
+            pipe.hgetall(self.keys.in_round(round_id, "arrivals"))
             raw, *sets, arrivals_raw = pipe.execute()
         if not raw:
             return None
@@ -318,24 +246,17 @@ class RoundStore:
                          closed_at=float(h["closed_at"]) if "closed_at" in h else None,
                          policy=cast(dict[str, object], json.loads(h.get("policy", "{}"))))
 
-    def _admit_keys(self, round_id: int, device_id: str, joins: str) -> list[str]:
-        """admit_update's KEYS: round, sampled, the set the device joins (received or carried), its
-        update, arrivals."""
-        return [self._rk(round_id, "round"), self._rk(round_id, "sampled"), self._rk(round_id, joins),
-                self._rk(round_id, "update", device_id), self._rk(round_id, "arrivals")]
-
     def ingest_update(self, round_id: int, device_id: str, body: bytes, now: float) -> tuple[UpdateStatus, bool]:
         """Persist a round's own update at most once, with the device's heartbeat and the closer
         election, in one round trip (the hot path: one call per update). Returns (status, whether this
         call was elected to close); status is "stored", "duplicate", "closed", "not_sampled" or
         "unknown_round" (aggregator/lua/admit_update.lua)."""
-        keys = self._admit_keys(round_id, device_id, "received")
-        dk = self._k("device", device_id)
+        keys = self.keys.admit(round_id, device_id, "received")
         with self._guard("ingest_update"):
             pipe = self.client.pipeline(transaction=False)
             self._scripts["admit_update"](keys=keys, args=[device_id, bytes(body), _num(now, "now"), "store"],
                                           client=pipe)
-            self._scripts["touch"](keys=[dk, self._k("devices"), self._k("devices:alive")],
+            self._scripts["touch"](keys=self.keys.touch(device_id),
                                    args=[device_id, _num(now, "now")], client=pipe)
             self._scripts["close_round"](keys=[keys[0], keys[2]], args=[_num(now, "now")], client=pipe)
             status_raw, _, elected = pipe.execute()
@@ -348,13 +269,13 @@ class RoundStore:
         """mark_reported and incr(counter) in one round trip."""
         with self._guard("note_update"):
             pipe = self.client.pipeline(transaction=False)
-            pipe.hset(self._k("device", device_id), "reported", round_id)
-            pipe.hincrby(self._k("counters"), counter, 1)
+            pipe.hset(self.keys.key("device", device_id), "reported", round_id)
+            pipe.hincrby(self.keys.key("counters"), counter, 1)
             pipe.execute()
 
     def carry_update(self, round_id: int, device_id: str, body: bytes, now: float) -> CarryStatus:
         """Merge a late update of an earlier round into open round `round_id` (at most once)."""
-        keys = self._admit_keys(round_id, device_id, "carried")
+        keys = self.keys.admit(round_id, device_id, "carried")
         res = _s(self._run("admit_update", keys, [device_id, bytes(body), _num(now, "now"), "carry"]))
         if res not in _CARRY_STATUSES:
             raise StoreError(f"admit_update returned {res!r}")
@@ -362,30 +283,30 @@ class RoundStore:
 
     def set_pending(self, device_id: str, round_id: int, body: bytes) -> None:
         """Park a late update until the next round opens; a newer one replaces an older one."""
-        key = self._k("pending", device_id)
+        key = self.keys.key("pending", device_id)
         with self._guard("set_pending"):
             old = self.client.hget(key, "round")
             if old is not None and int(cast(bytes, old)) >= round_id:
                 return
             pipe = self.client.pipeline(transaction=True)
             pipe.hset(key, mapping={"round": round_id, "body": bytes(body)})
-            pipe.sadd(self._k("pending"), device_id)
+            pipe.sadd(self.keys.key("pending"), device_id)
             pipe.execute()
 
     def pending_devices(self) -> set[str]:
         with self._guard("pending_devices"):
-            return {_s(m) for m in cast(set[bytes], self.client.smembers(self._k("pending")))}
+            return {_s(m) for m in cast(set[bytes], self.client.smembers(self.keys.key("pending")))}
 
     def take_pending(self) -> list[tuple[str, int, bytes]]:
         """Remove and return every parked late update as (device, round, body)."""
         with self._guard("take_pending"):
-            devices = sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self._k("pending"))))
+            devices = sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self.keys.key("pending"))))
             out = []
             for d in devices:
                 pipe = self.client.pipeline(transaction=True)
-                pipe.hmget(self._k("pending", d), ["round", "body"])
-                pipe.delete(self._k("pending", d))
-                pipe.srem(self._k("pending"), d)
+                pipe.hmget(self.keys.key("pending", d), ["round", "body"])
+                pipe.delete(self.keys.key("pending", d))
+                pipe.srem(self.keys.key("pending"), d)
                 (r, body), *_ = pipe.execute()
                 if r is not None and body is not None:
                     out.append((d, int(r), bytes(body)))
@@ -393,23 +314,25 @@ class RoundStore:
 
     def mark_late(self, round_id: int, device_id: str) -> None:
         with self._guard("mark_late"):
-            self.client.sadd(self._rk(round_id, "late"), device_id)
+            self.client.sadd(self.keys.in_round(round_id, "late"), device_id)
 
     def try_close(self, round_id: int, now: float) -> bool:
         """open -> closing if the quorum is met or the deadline passed; True for exactly one caller."""
-        keys = [self._rk(round_id, "round"), self._rk(round_id, "received")]
+        keys = [self.keys.in_round(round_id, "round"), self.keys.in_round(round_id, "received")]
         return int(self._run("close_round", keys, [_num(now, "now")])) == 1
 
     def updates(self, round_id: int) -> dict[str, bytes]:
         """device -> stored update body, for every received and carried device (bodies are written
         before the SADD, so a member without a body means the store was tampered with)."""
         with self._guard("updates"):
-            members = self.client.sunion([self._rk(round_id, "received"), self._rk(round_id, "carried")])
+            members = self.client.sunion([self.keys.in_round(round_id, "received"),
+                                          self.keys.in_round(round_id, "carried")])
             devices = sorted(_s(m) for m in cast(set[bytes], members))
             out: dict[str, bytes] = {}
             for i in range(0, len(devices), _MGET_CHUNK):
                 chunk = devices[i:i + _MGET_CHUNK]
-                bodies = cast(list["bytes | None"], self.client.mget([self._rk(round_id, "update", d) for d in chunk]))
+                bodies = cast(list["bytes | None"],
+                              self.client.mget([self.keys.in_round(round_id, "update", d) for d in chunk]))
                 for d, body in zip(chunk, bodies, strict=True):
                     if body is None:
                         raise StoreError(f"round {round_id}: {d} is received but its update is missing")
@@ -418,7 +341,7 @@ class RoundStore:
 
     def mark_closed(self, round_id: int, now: float) -> None:
         """closing -> closed; calling it again on a closed round changes nothing."""
-        res = _s(self._run("mark_closed", [self._rk(round_id, "round")], [_num(now, "now")]))
+        res = _s(self._run("mark_closed", [self.keys.in_round(round_id, "round")], [_num(now, "now")]))
         if res not in ("closed", "already"):
             raise StoreError(f"cannot mark round {round_id} closed: it is {res.replace('_', ' ')}")
 
@@ -427,10 +350,10 @@ class RoundStore:
         if state not in STATES:
             raise StoreError(f"unknown round state {state!r} (one of {', '.join(STATES)})")
         with self._guard("rounds_in_state"):
-            ids = [int(m) for m in cast(list[bytes], self.client.zrange(self._k("rounds"), 0, -1))]
+            ids = [int(m) for m in cast(list[bytes], self.client.zrange(self.keys.key("rounds"), 0, -1))]
             pipe = self.client.pipeline(transaction=False)
             for r in ids:
-                pipe.hget(self._rk(r, "round"), "state")
+                pipe.hget(self.keys.in_round(r, "round"), "state")
             states = cast(list["bytes | None"], pipe.execute())
         return [r for r, s in zip(ids, states, strict=True) if s is not None and _s(s) == state]
 
@@ -438,23 +361,23 @@ class RoundStore:
     def set_config(self, config: dict[str, str]) -> None:
         with self._guard("set_config"):
             pipe = self.client.pipeline(transaction=True)
-            pipe.delete(self._k("config"))
-            pipe.hset(self._k("config"), mapping=config)  # type: ignore[arg-type]
+            pipe.delete(self.keys.key("config"))
+            pipe.hset(self.keys.key("config"), mapping=config)  # type: ignore[arg-type]
             pipe.execute()
 
     def config(self) -> dict[str, str]:
         with self._guard("config"):
-            raw = cast(dict[bytes, bytes], self.client.hgetall(self._k("config")))
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.key("config")))
         return {_s(k): _s(v) for k, v in raw.items()}
 
     # -- counters and health ----------------------------------------------------------
     def incr(self, counter: str, by: int = 1) -> None:
         with self._guard("incr"):
-            self.client.hincrby(self._k("counters"), counter, by)
+            self.client.hincrby(self.keys.key("counters"), counter, by)
 
     def counters(self) -> dict[str, int]:
         with self._guard("counters"):
-            raw = cast(dict[bytes, bytes], self.client.hgetall(self._k("counters")))
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.key("counters")))
         return {_s(k): int(v) for k, v in sorted(raw.items())}
 
     def ping(self) -> None:
