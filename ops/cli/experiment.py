@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ops.cli.common import Bar, build_run
-from ops.cli.tune import variants_experiment
+from shared.sim.tuning import data_split
 
 
 @click.command()
@@ -42,8 +42,24 @@ def experiment(task: str, methods: str, merges: str, out: Path, devices: int | N
             raise click.UsageError("--variants runs each variant's tuned config: drop --final-local-epochs, "
                                    "--lam and --save-devices (tune them with `fedmask tune`)")
         names = [v.strip() for v in variants.split(",") if v.strip()]
-        variants_experiment(task, names, list(range(seed, seed + seeds)), out, devices, width, rounds,
-                            eval_every, partition, alpha, holdout, quiet)
+        if not names or seeds < 1:
+            raise click.UsageError("--variants needs at least one variant and --seeds at least 1")
+        from ops.engine.variants import run_variants, tuned_configs
+
+        setups = {s: build_run(task, devices, width, s, partition=partition, alpha=alpha, holdout=holdout)
+                  for s in range(seed, seed + seeds)}
+        p = setups[seed].preset
+        key = data_split(task, p, partition, alpha, holdout)["key"]
+        try:
+            configs = tuned_configs(task, names, key, say=lambda line: click.echo(line, err=True))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        total = rounds or p.rounds
+        click.echo(run_variants(task, configs, {s: (r.data, r.spec) for s, r in setups.items()}, p,
+                                partition_key=key, rounds=total, eval_every=eval_every or max(1, total // 10),
+                                out=out, progress=lambda label: Bar(label, total, enabled=not quiet),
+                                say=lambda line: click.echo(line, err=True)))
+        click.echo(f"wrote {out}/results.csv, results.md, results.json, accuracy_vs_communication.png")
         return
     from ops.engine.experiment import planned_runs, run_experiment, write_results
 
