@@ -7,7 +7,7 @@ Each rule is one small class over packed bits; all of them call the same kernel
           majority bit of those participants; ties keep the device's own bit.
 - body:   vote only outside the pruned last layers; the pruned (classifier) layers stay personal.
           Motivation: pruning picks overlapping elements on devices with unrelated classes, so a
-          majority there overwrites personal decisions (see docs/merge-rules.md for measurements).
+          majority there overwrites personal decisions (measurements: docs/results.md, "What was tried").
 - head:   the mirror of body: vote only inside the pruned layers; the body stays personal.
 - affinity: like paper in the body; in the pruned layers each device votes only with the
           participants whose pruned structure overlaps its own at least `min_jaccard`.
@@ -143,8 +143,7 @@ class LocalRule:
 
 
 RULES: dict[str, type] = {"paper": PaperRule, "body": BodyRule, "head": HeadRule, "affinity": AffinityRule,
-                          "consensus": ConsensusRule, "local": LocalRule,
-                       "agreement": AgreementRule}
+                          "consensus": ConsensusRule, "agreement": AgreementRule, "local": LocalRule}
 
 
 def get_rule(name: str) -> MergeRule:

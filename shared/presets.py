@@ -1,7 +1,7 @@
 """Per-task defaults: model, federation shape and local-training hyper-parameters.
 
 Hyper-parameters were chosen on the devices' VALIDATION splits (never on test); the sweeps
-that chose them are recorded in docs/experiments.md. These are the variants' defaults; a config
+that chose them are in docs/results.md ("What was tried"). These are the variants' defaults; a config
 chosen by `fedmask tune` (shared/tuned/) is read with `tuned_config`.
 """
 
@@ -38,7 +38,7 @@ _DENSE = TrainConfig(optimizer="adam", weight_optimizer="adam", weight_lr=1e-3, 
 
 # merge "head" and 5 final local epochs: best FedMask validation accuracy on mnist and activity among
 # the rules tried (docs/results.md). Activity uses the time holdout: with the recording holdout the
-# test split is the other arm, which validation cannot see (docs/design.md).
+# test split is the other arm, which validation cannot see (docs/results.md, "Activity data").
 PRESETS: dict[str, TaskPreset] = {
     "activity": TaskPreset("mlp", 256, 10, 20, 1.0, 5, _MASK, _DENSE, merge="head", final_local_epochs=5,
                            data_options={"holdout": "time"}),

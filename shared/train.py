@@ -14,7 +14,7 @@ from shared.models import MaskedNet
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local-training hyper-parameters. Chosen on validation splits; see docs/experiments.md."""
+    """Local-training hyper-parameters. Chosen on validation splits; see docs/results.md ("What was tried")."""
 
     optimizer: str = "adam"      # for scores: adam | sgd
     lr: float = 0.1              # scores' learning rate (large: scores only decide a sign)
