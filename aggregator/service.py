@@ -55,10 +55,10 @@ class ServiceSettings:
 class AggregatorService:
     def __init__(self, s: ServiceSettings) -> None:
         self.settings = s
+        self.setup = variant_setup(s.task, s.variant, width=s.width, seed=s.seed, merge=s.merge)  # before connecting
         self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         self.publisher = Publisher(self.amqp, declare=True)
-        self.setup = variant_setup(s.task, s.variant, width=s.width, seed=s.seed, merge=s.merge)
         self.core = AggregatorCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
                                    prune_last_k=self.setup.fedmask.prune_last_k)
         self.lock = threading.Lock()

@@ -65,3 +65,9 @@ def test_a_worker_stops_on_a_downlink_of_another_variant(tmp_path: Path, variant
     assert (out.action, out.reason) == ("reject", "wrong_variant") and w.stop_event.is_set()
     assert isinstance(w.failure, WrongVariant) and f"variant {variant}" in str(w.failure)
     assert w.device.mask_version == 0  # nothing applied
+
+
+def test_the_cli_offers_exactly_the_pipeline_variants() -> None:
+    from ops.cli.pipeline import VARIANTS
+
+    assert tuple(VARIANTS.choices) == PIPELINE_VARIANTS
