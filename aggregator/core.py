@@ -18,7 +18,7 @@ import numpy as np
 
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from shared import codec
-from shared.bits import pack
+from shared.bits import pack, scatter_at
 from shared.errors import CodecError, ConfigError
 from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
@@ -27,8 +27,7 @@ from shared.rounds import (
     RoundState,
     check_sender,
     check_update,
-    mask_message,
-    merge_round,
+    downlink_messages,
     quorum_count,
     refusal,
     sample_count,
@@ -264,25 +263,36 @@ class AggregatorCore:
             done.append(r)
         return done
 
-    def close(self, round_id: int) -> dict[str, np.ndarray]:
-        """Merge the stored updates, publish each participant's mask (confirmed), then mark closed."""
+    def close(self, round_id: int) -> dict[str, codec.Message]:
+        """Merge the stored updates, publish each participant's downlink (confirmed), then mark closed.
+
+        The downlink comes from shared.rounds.downlink_messages, as in the simulator: merged bits for a
+        bit rule, agreement levels (enc "q4") for the agreement rule."""
         rnd = RoundState(round_id=round_id, sampled=[], deadline=0.0, quorum=0, state="closing")
         for device, body in self.store.updates(round_id).items():
             msg = codec.decode(body, expect_type="update")
             rec = self._record(device)
             rnd.received[device] = unpack_update(msg, rec, self.nbits)
         self._fault("merging")
-        merged = merge_round(self.rule, self.ctx, rnd, self._records)
-        for device, mask in merged.items():
-            rec = self._records[device]
-            msg = mask_message(device, mask, rec, round_id=round_id, fingerprint=self.fingerprint,
-                               layout=self.layout, nbits=self.nbits)
+        messages = downlink_messages(self.rule, self.ctx, rnd, self._records, fingerprint=self.fingerprint,
+                                     layout=self.layout)
+        for device, msg in messages.items():
             self.downlink.publish_downlink(device, codec.encode(msg))
             self._fault("published")
         # After the publishes, in one round trip: a crash before this is resumed by publishing again.
-        self.store.set_masks({device: mask.tobytes() for device, mask in merged.items()}, round_id)
+        self.store.set_masks({d: self._stored_mask(msg) for d, msg in messages.items()}, round_id)
         self._fault("published_all")
         self.store.mark_closed(round_id, self.clock())
         self.store.incr("rounds:closed")
-        log.info("round %d closed: %d participants merged (%s)", round_id, len(merged), self.rule.name)
-        return merged
+        log.info("round %d closed: %d participants merged (%s)", round_id, len(messages), self.rule.name)
+        return messages
+
+    def _stored_mask(self, msg: codec.Message) -> bytes:
+        """What Redis keeps as the device's mask: for a bit rule the packed full merged mask (the
+        published bits scattered back: a rule never sets a bit outside the structure); for the
+        agreement rule the q4 levels as published (inside the structure, two per byte)."""
+        assert msg.bits is not None  # every downlink carries bits
+        if msg.enc == "q4":
+            return msg.bits
+        inside = np.frombuffer(msg.bits, dtype=np.uint8)
+        return scatter_at(inside, self._records[msg.device].where(self.nbits), self.nbits).tobytes()

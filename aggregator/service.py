@@ -25,7 +25,7 @@ from shared.amqp import (
     Publisher,
 )
 from shared.errors import FedMaskError
-from shared.presets import model_spec
+from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 log = logging.getLogger("fedmask.aggregator")
 RETRY_MAX_SECONDS = 30.0  # the longest wait between two tries while Redis or the broker is unreachable
@@ -45,8 +45,8 @@ class ServiceSettings:
     task: str = "activity"
     width: int | None = None
     seed: int = 0
-    merge: str = "head"
-    prune_last_k: int = 2
+    variant: str = PRESET_VARIANT  # shared/variant_setup.py: model, merge rule and pruned layers
+    merge: str | None = None       # the preset variant's rule (None: its default); a named variant has its own
     prefetch: int = 16
     tick_seconds: float = 0.5
     redis_prefix: str = "fm:"  # RoundStore key prefix: lets two aggregators (or a test) share one Redis db
@@ -55,11 +55,12 @@ class ServiceSettings:
 class AggregatorService:
     def __init__(self, s: ServiceSettings) -> None:
         self.settings = s
+        self.setup = variant_setup(s.task, s.variant, width=s.width, seed=s.seed, merge=s.merge)  # before connecting
         self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         self.publisher = Publisher(self.amqp, declare=True)
-        spec = model_spec(s.task, width=s.width, seed=s.seed)
-        self.core = AggregatorCore(self.store, self.publisher, spec, merge=s.merge, prune_last_k=s.prune_last_k)
+        self.core = AggregatorCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
+                                   prune_last_k=self.setup.fedmask.prune_last_k)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
@@ -103,17 +104,19 @@ class AggregatorService:
 
     def run(self) -> None:
         self.store.ping()
-        s = self.settings
+        s, setup = self.settings, self.setup
+        # `round start` rebuilds the model from these; `round status` shows the variant to operators.
         self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
-                               "merge": s.merge, "fingerprint": self.core.fingerprint})
+                               "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,
+                               "config_origin": setup.origin, "fingerprint": self.core.fingerprint})
         with self.lock:
             resumed = self.core.resume()
         if resumed:
             log.warning("resumed closing rounds %s", resumed)
         consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch)
         consumer.start_in_thread()
-        log.info("aggregator up: task %s, model %s, merge %s, amqp %s", self.settings.task,
-                 self.core.fingerprint, self.core.rule.name, self.amqp.redacted())
+        log.info("aggregator up: task %s, model %s, %s, amqp %s", self.settings.task,
+                 self.core.fingerprint, self.setup.describe(), self.amqp.redacted())
         try:
             while not self.stop.wait(self.settings.tick_seconds):
                 if consumer.error is not None:  # the broker refused us (credentials, permissions): stop loudly

@@ -21,7 +21,7 @@ import torch
 from shared import codec
 from shared.amqp import AmqpSettings, Consumer, Delivery, Outcome, Publisher, device_queue
 from shared.device import DeviceRuntime, FedMaskConfig
-from shared.errors import CodecError, LayoutMismatch
+from shared.errors import CodecError, FedMaskError, LayoutMismatch
 from shared.models import ModelSpec
 
 log = logging.getLogger("fedmask.worker")
@@ -38,14 +38,23 @@ class Profile:
 PROFILES = {"jetson": Profile(threads=1, slowdown=1.0), "pi4": Profile(threads=1, slowdown=5.0)}
 
 
+class WrongVariant(FedMaskError):
+    """The aggregator's downlink does not fit this worker's variant: agreement levels (enc "q4") to a
+    device that uploads its hard mask, or merged bits to one that uploads samples. Model and layout
+    checks cannot see this (the variants share a model), so the worker stops instead of training on."""
+
+
 class Worker:
     def __init__(self, device_id: str, spec: ModelSpec, cfg: FedMaskConfig, train_xy: tuple[np.ndarray, np.ndarray],
-                 *, amqp: AmqpSettings, state_dir: Path, seed: int, profile: str = "jetson") -> None:
+                 *, amqp: AmqpSettings, state_dir: Path, seed: int, profile: str = "jetson",
+                 variant: str = "preset") -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
         self.profile = PROFILES[profile]
         self.cfg = replace(cfg, train=cfg.train.with_(threads=self.profile.threads))
         self.device = DeviceRuntime(device_id, spec, self.cfg, train_xy, seed)
+        self.variant = variant  # only for messages: the config itself is `cfg`
+        self.failure: WrongVariant | None = None
         self.amqp = amqp
         self.state_path = state_dir / f"{device_id}.npz"
         self.stats_path = state_dir / f"{device_id}.stats.jsonl"  # one line per message: what a board spends
@@ -96,6 +105,8 @@ class Worker:
         finally:
             if self._publisher is not None:
                 self._publisher.close()
+        if self.failure is not None:
+            raise self.failure
 
     def on_delivery(self, d: Delivery) -> Outcome:
         try:
@@ -104,9 +115,11 @@ class Worker:
                 self._record(type="task", round=msg.round, bytes_down=len(d.body))
                 self._train(msg)
             elif msg.type == "mask":
+                if (msg.enc == "q4") != (self.cfg.upload == "sample"):
+                    return self._wrong_variant(msg)
                 self.device.handle_mask(msg)
                 self.device.save(self.state_path)
-                self._record(type="mask", version=msg.version, bytes_down=len(d.body))
+                self._record(type="mask", version=msg.version, enc=msg.enc, bytes_down=len(d.body))
                 log.info("%s applied merged mask v%d", self.device_id, self.device.mask_version)
             else:
                 raise CodecError("wrong_type", f"a device receives task or mask, not {msg.type}")
@@ -114,6 +127,16 @@ class Worker:
             log.error("%s dropped a bad downlink message: %s", self.device_id, err)
             return Outcome.reject(getattr(err, "reason", "layout_mismatch"))
         return Outcome.ack()
+
+    def _wrong_variant(self, msg: codec.Message) -> Outcome:
+        """Dead-letter the mask and stop: `run` then raises, so the process exits with the reason."""
+        self.failure = WrongVariant(
+            f"{self.device_id} runs variant {self.variant} (upload {self.cfg.upload}) but the aggregator sent a "
+            f"{msg.enc} mask for round {msg.round}: start the worker with the aggregator's --variant "
+            "(`fedmask round status` shows it)")
+        log.error("%s", self.failure)
+        self.stop_event.set()
+        return Outcome.reject("wrong_variant")
 
     def _train(self, task: codec.Message) -> None:
         if task.deadline is not None and task.deadline < time.time():

@@ -16,6 +16,11 @@ AMQP_ENV, REDIS_ENV = "FEDMASK_AMQP_URL", "FEDMASK_REDIS_URL"
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/fedmask"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 TASKS = click.Choice(["activity", "mnist", "digits", "shakespeare"])
+# shared.variant_setup.PIPELINE_VARIANTS, spelled out so that `--help` does not import torch.
+VARIANTS = click.Choice(["preset", "fedmask", "fedmask-local", "fedmask-agree", "fedpm"])
+variant_opt = click.option("--variant", type=VARIANTS, default="preset", show_default=True,
+                           help="preset: FedMask with the task preset and --merge; else a named variant's "
+                                "config (tuned if shared/tuned/ has one); aggregator and workers must agree")
 
 
 def _log(verbose: bool) -> None:
@@ -28,6 +33,15 @@ amqp_opt = click.option("--amqp-url", envvar=AMQP_ENV, default=DEFAULT_AMQP, sho
 redis_opt = click.option("--redis-url", envvar=REDIS_ENV, default=DEFAULT_REDIS, show_default=True)
 
 
+def describe_aggregator(cfg: dict[str, str]) -> str:
+    """One line on what the running aggregator serves (its fm:config), for `round status` and `devices list`."""
+    if not cfg:
+        return "aggregator: none has started against this Redis"
+    return (f"aggregator: {cfg.get('task')} width {cfg.get('width') or 'preset'}, variant "
+            f"{cfg.get('variant') or 'preset'} (merge {cfg.get('merge')}, upload "
+            f"{cfg.get('upload') or 'threshold'}); workers must run the same --variant")
+
+
 @click.group("aggregator")
 def aggregator() -> None:
     """The aggregator service."""
@@ -37,16 +51,21 @@ def aggregator() -> None:
 @amqp_opt
 @redis_opt
 @click.option("--task", type=TASKS, default="activity", show_default=True)
-@click.option("--merge", default="head", show_default=True)
+@variant_opt
+@click.option("--merge", default=None, help="merge rule of --variant preset [default: head]")
 @click.option("--width", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-def aggregator_run(amqp_url: str, redis_url: str, task: str, merge: str, width: int | None, seed: int) -> None:
+def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
+                   seed: int) -> None:
     """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains)."""
     from aggregator.service import AggregatorService, ServiceSettings
 
     _log(True)
-    svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
-                                            seed=seed, merge=merge))
+    try:
+        svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
+                                                seed=seed, variant=variant, merge=merge))
+    except ValueError as exc:  # a variant/merge combination variant_setup refuses
+        raise click.ClickException(str(exc)) from exc
     svc.install_signal_handlers()
     svc.run()
 
@@ -55,22 +74,24 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, merge: str, width: 
 @click.option("--device-id", required=True)
 @click.option("--profile", type=click.Choice(["pi4", "jetson"]), default="jetson", show_default=True)
 @click.option("--task", type=TASKS, default="activity", show_default=True)
+@variant_opt
 @amqp_opt
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("runs/worker-state"), show_default=True)
 @click.option("--width", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-def worker(device_id: str, profile: str, task: str, amqp_url: str, state_dir: Path, width: int | None,
-           seed: int) -> None:
+def worker(device_id: str, profile: str, task: str, variant: str, amqp_url: str, state_dir: Path,
+           width: int | None, seed: int) -> None:
     """Run one device: prune once, hello, then train on every task and apply every merged mask."""
     from ops.fleet.board import NoLocalData, board_worker
+    from worker.runtime import WrongVariant
 
     _log(True)
     try:
         w = board_worker(device_id, profile=profile, task=task, amqp_url=amqp_url, state_dir=state_dir, width=width,
-                         seed=seed)
-    except NoLocalData as exc:
+                         seed=seed, variant=variant)
+        w.run()
+    except (NoLocalData, WrongVariant) as exc:
         raise click.ClickException(str(exc)) from exc
-    w.run()
 
 
 @click.group("devices")
@@ -123,5 +144,6 @@ def devices_list(redis_url: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    click.echo(describe_aggregator(store.config()))
     for r in rows:
         click.echo(f"{r['device']:24s} mask v{r['mask_version']:<4} {'alive' if r['alive'] else '-'}")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from ops.cli.pipeline import TASKS, amqp_opt, redis_opt
+from ops.cli.pipeline import TASKS, amqp_opt, describe_aggregator, redis_opt
 from shared.errors import FedMaskError
 
 
@@ -97,9 +97,11 @@ def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
     store, info = _info(redis_url, round_id)
     now = time.time()
     if as_json:
-        payload = {**round_summary(info, now), "devices": round_rows(info, now), "counters": store.counters()}
+        payload = {**round_summary(info, now), "devices": round_rows(info, now), "counters": store.counters(),
+                   "aggregator": store.config()}
         click.echo(json.dumps(payload, indent=2))
         return
+    click.echo(describe_aggregator(store.config()))
     click.echo(render_round(info, now))
 
 

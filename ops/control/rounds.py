@@ -16,7 +16,7 @@ from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
 from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError
-from shared.presets import model_spec
+from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 # The aggregator's deadline ticker runs every 0.5 s; past this grace a round still open after its
 # deadline means no aggregator is consuming (or it is wedged): say so instead of waiting forever.
@@ -57,7 +57,8 @@ class AggregatorMismatch(FedMaskError):
 def core_for_running_aggregator(amqp_url: str, redis_url: str, task: str | None, width: int | None,
                                 seed: int) -> AggregatorCore:
     """An AggregatorCore for opening rounds. Task, width and seed default to those the running
-    aggregator recorded in Redis, so tasks name the model the aggregator validates against."""
+    aggregator recorded in Redis, and the variant is always its own (a personal head changes the
+    model), so tasks name the model the aggregator validates against."""
     store = RoundStore.from_url(redis_url)
     cfg = store.config()
     if not cfg and task is None:
@@ -67,12 +68,18 @@ def core_for_running_aggregator(amqp_url: str, redis_url: str, task: str | None,
     if width is None and cfg.get("width") and task == cfg.get("task"):
         width = int(cfg["width"])
     model_seed = int(cfg.get("seed", seed))  # --seed is the sampling seed; the model's is the aggregator's
-    spec = model_spec(task, width=width, seed=model_seed)
-    core = AggregatorCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), spec)
+    variant = cfg.get("variant") or PRESET_VARIANT  # an aggregator from before variants: the preset
+    merge = (cfg.get("merge") or None) if variant == PRESET_VARIANT else None  # a named variant brings its own
+    try:
+        setup = variant_setup(task, variant, width=width, seed=model_seed, merge=merge)
+    except ValueError as exc:  # e.g. a tuning file for this task that does not load
+        raise AggregatorMismatch(f"cannot build the aggregator's variant {variant} for {task}: {exc}") from exc
+    core = AggregatorCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), setup.spec,
+                          merge=setup.merge, prune_last_k=setup.fedmask.prune_last_k)
     if cfg and core.fingerprint != cfg.get("fingerprint"):
         raise AggregatorMismatch(
-            f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}), "
-            f"not {task} (width {width or 'preset'}): drop --task/--width to use the aggregator's")
+            f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}, variant "
+            f"{variant}), not {task} (width {width or 'preset'}): drop --task/--width to use the aggregator's")
     return core
 
 

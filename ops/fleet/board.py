@@ -1,5 +1,6 @@
 """One board's worker, as `fedmask worker` runs it on a real board or as one process of a fleet:
-the model of the task preset, and this device's own share of the task's data."""
+the model and training config of the variant (shared/variant_setup.py, as the aggregator builds
+them), and this device's own share of the task's data."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from pathlib import Path
 
 from shared.amqp import AmqpSettings
 from shared.data import load_task
-from shared.device import FedMaskConfig
 from shared.errors import FedMaskError
-from shared.presets import model_spec, preset
+from shared.presets import preset
+from shared.variant_setup import PRESET_VARIANT, variant_setup
 from worker.runtime import Worker
 
 
@@ -18,13 +19,14 @@ class NoLocalData(FedMaskError):
 
 
 def board_worker(device_id: str, *, profile: str, task: str, amqp_url: str, state_dir: Path, width: int | None,
-                 seed: int) -> Worker:
+                 seed: int, variant: str = PRESET_VARIANT) -> Worker:
+    setup = variant_setup(task, variant, width=width, seed=seed)
     p = preset(task)
     data = load_task(task, num_devices=p.devices, seed=seed, **p.data_options)  # type: ignore[arg-type]
     mine = {d.device_id: d for d in data.devices}.get(device_id)
     if mine is None:
         raise NoLocalData(f"no local data for {device_id!r}; {task} devices are "
                           f"{', '.join(d.device_id for d in data.devices[:5])}, ...")
-    return Worker(device_id, model_spec(task, width=width, seed=seed),
-                  FedMaskConfig(train=p.mask_train, local_epochs=p.local_epochs), (mine.train.x, mine.train.y),
-                  amqp=AmqpSettings.from_url(amqp_url), state_dir=state_dir, seed=seed, profile=profile)
+    return Worker(device_id, setup.spec, setup.fedmask, (mine.train.x, mine.train.y),
+                  amqp=AmqpSettings.from_url(amqp_url), state_dir=state_dir, seed=seed, profile=profile,
+                  variant=setup.variant)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,11 +14,13 @@ import redis
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundStore
 from shared import codec
+from shared.bits import pack
 from shared.data import FederatedDataset, load_task
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.presets import model_spec, preset
 from shared.sim.fedmask import run_fedmask
 from shared.transport import InMemoryTransport
+from shared.variant_setup import variant_setup
 
 TASK, WIDTH, SEED, N = "digits", 32, 0, 4
 pytestmark = pytest.mark.services
@@ -86,6 +89,33 @@ def test_rounds_match_the_simulator(store: RoundStore, data: FederatedDataset, t
         sim.load(tmp_path / f"{d}.npz")
         assert np.array_equal(dev.model.mask_bits(), sim.model.mask_bits()), d
         assert dev.mask_version == 2 == store.mask_version(d)
+        assert store.mask(d) == (pack(dev.model.mask_bits()).tobytes(), 2)  # Redis keeps the full merged mask
+
+
+def test_agreement_rounds_match_the_simulator(store: RoundStore, data: FederatedDataset, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The agreement variant through the aggregator core: q4 downlinks, scores equal the simulator's."""
+    setup = variant_setup(TASK, "fedmask-agree", width=WIDTH, seed=SEED)
+    cfg = replace(setup.fedmask, local_epochs=1)
+    bus = InMemoryTransport()
+    core = AggregatorCore(store, bus, setup.spec, merge=setup.merge, prune_last_k=cfg.prune_last_k)
+    devs = {d.device_id: DeviceRuntime(d.device_id, setup.spec, cfg, (d.train.x, d.train.y), SEED)
+            for d in data.devices}
+    _hello_all(core, devs)
+    for _ in (1, 2):
+        core.start_round(rate=1.0, quorum=1.0, deadline_s=60, seed=SEED)
+        for d, body in _train_round(core, bus, devs).items():
+            assert core.handle(f"device.{d}.update", d, body).action == "ack"
+        for d, dev in devs.items():
+            (body,) = bus.take_downlink(d)
+            msg = codec.decode(body, expect_type="mask")
+            inside = int(dev.model.structure_bits().sum())
+            assert msg.enc == "q4" and msg.nbits == 4 * inside and store.mask(d) == (msg.bits, msg.round)
+            dev.handle_mask(msg)
+    run_fedmask(data, setup.spec, cfg, rounds=2, sample_rate=1.0, seed=SEED, merge=setup.merge, save_dir=tmp_path)
+    for d, dev in devs.items():
+        sim = DeviceRuntime(d, setup.spec, cfg, (np.zeros(0), np.zeros(0)), SEED)
+        sim.load(tmp_path / f"{d}.npz")
+        assert np.array_equal(dev.model.scores_flat(), sim.model.scores_flat()), d
 
 
 def test_duplicate_late_spoofed_and_garbage(store: RoundStore, data: FederatedDataset) -> None:

@@ -1,0 +1,96 @@
+"""The real pipeline as the pipeline tests start it: one `fedmask aggregator run` and N `fedmask worker`
+processes over RabbitMQ (a fresh vhost, each device enrolled with its own broker user) and Redis (the
+service's fm: keys flushed first). Shared by test_pipeline.py and test_pipeline_agreement.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from ops.fleet.workers import with_vhost
+from shared.data import FederatedDataset, load_task
+from shared.presets import preset
+
+TASK, WIDTH, SEED, ROUNDS, N = "digits", 32, 0, 3, 6
+
+
+def _log(path: Path) -> IO[str]:
+    """A log file handed to a child process; it stays open for the child's lifetime."""
+    return path.open("w")
+
+
+@contextlib.contextmanager
+def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path, *,
+                   aggregator_args: list[str], worker_args: list[str]) -> Iterator[dict[str, Any]]:
+    """Start the processes (TASK, WIDTH, the first N devices; the extra flags on each command line),
+    yield what the test needs, and stop everything, vhost and device users included."""
+    from aggregator.store import RoundStore
+    from ops.control.enrolment import Management
+
+    vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
+    mgmt = Management()
+    try:
+        mgmt.ensure_vhost(vhost)
+    except Exception as exc:  # the management API is the enrolment path: under CI it must be there
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"RabbitMQ management API unavailable: {exc}", pytrace=False)
+        pytest.skip(f"RabbitMQ management API unavailable: {exc}")
+    admin_url = with_vhost(amqp_service_url, vhost)
+    store = RoundStore.from_url(redis_service_url)
+    for key in store.client.scan_iter(match=b"fm:*"):  # only the service prefix: other tests use their own
+        store.client.delete(key)
+    data = load_task(TASK, num_devices=preset(TASK).devices, seed=SEED)
+    ids = [d.device_id for d in data.devices[:N]]
+    creds = {d: mgmt.enroll(d, vhost=vhost).amqp_url for d in ids}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fedmask = [sys.executable, "-m", "ops.cli"]
+    procs = [subprocess.Popen([*fedmask, "aggregator", "run", "--amqp-url", admin_url, "--redis-url",
+                               redis_service_url, "--task", TASK, "--width", str(WIDTH), *aggregator_args],
+                              env=env, stdout=_log(tmp_path / "aggregator.log"), stderr=subprocess.STDOUT)]
+    time.sleep(2)  # topology declared before workers publish
+    for d in ids:
+        procs.append(subprocess.Popen(
+            [*fedmask, "worker", "--device-id", d, "--task", TASK, "--width", str(WIDTH), "--amqp-url", creds[d],
+             "--state-dir", str(tmp_path / "state"), *worker_args],
+            env=env, stdout=_log(tmp_path / f"{d}.log"), stderr=subprocess.STDOUT))
+    try:
+        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for d in ids:
+            mgmt.delete_device(d, vhost=vhost)
+        mgmt.delete_vhost(vhost)
+
+
+def wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def subset(data: FederatedDataset, ids: list[str]) -> FederatedDataset:
+    """The simulator's federation: the pipeline's devices only."""
+    return FederatedDataset(data.task, [d for d in data.devices if d.device_id in ids], data.num_classes,
+                            data.input_shape, data.vocab_size)
