@@ -4,7 +4,7 @@ Key layout (prefix <p>, default "fm:"):
   <p>device:<id>               hash    profile, fingerprint, enrolled_at, last_seen,
                                        tasked (last round it was sent), reported (last round it answered)
   <p>device:<id>:structure     string  packed structure S_i (written once; never changes)
-  <p>device:<id>:mask          string  the device's last downlink payload: packed full merged mask (bit rules) or q4 levels (agreement)
+  <p>device:<id>:mask          string  its last downlink payload: packed full merged mask, or q4 levels (agreement)
   <p>device:<id>:mask_version  int     its version (only ever increases)
   <p>devices                   set     enrolled ids
   <p>devices:alive             zset    id -> last heartbeat (unix seconds)
