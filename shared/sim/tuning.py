@@ -241,11 +241,15 @@ class Tuned:
 
 def load_tuned(task: str, variant: str, p: TaskPreset, partition: str | None = None,
                root: Path | None = None) -> Tuned:
-    """The chosen config of the tuning file for (task, partition, variant), else the default."""
+    """The chosen config of the tuning file for (task, partition, variant); else the one tuned on the
+    task's default split (a user's other split takes the task's presets, as a new user's would);
+    else the variant's default. `.origin` names the file used, or says there was none."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     default = default_config(variant, p)
     path = tuned_path(task, variant, partition, root)
+    if not path.exists() and partition is not None:
+        path = tuned_path(task, variant, None, root)
     shown = path.relative_to(TUNED_DIR.parents[1]) if path.is_relative_to(TUNED_DIR.parents[1]) else path
     if not path.exists():
         return Tuned(default, f"default (no tuning file {shown})")

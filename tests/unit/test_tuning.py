@@ -107,8 +107,12 @@ def test_presets_file_round_trips_through_tuned_config(digits: FederatedDataset,
     assert loaded.origin.endswith("digits/fedpm.json")
     missing = tuned_config("digits", "fedavg")
     assert missing.config == default_config("fedavg", DIGITS) and missing.origin.startswith("default")
+    # Another split without a file of its own takes the task's default-split presets, and says so.
     other = load_tuned("digits", "fedpm", DIGITS, partition="dirichlet0.5", root=tmp_path)
-    assert other.origin.startswith("default")
+    assert other.config == record.config and other.origin.endswith("digits/fedpm.json")
+    write_record(record, tuned_path("digits", "fedpm", "dirichlet0.5", root=tmp_path))
+    own = load_tuned("digits", "fedpm", DIGITS, partition="dirichlet0.5", root=tmp_path)
+    assert own.origin.endswith("digits-dirichlet0.5/fedpm.json")
 
 
 def test_config_knobs_are_checked() -> None:
