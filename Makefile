@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs
 
-.PHONY: setup demo engine-demo up down status faults test lint typecheck fuzz simulate bench experiment clean help
+.PHONY: setup demo engine-demo up down status faults test lint typecheck fuzz simulate bench experiment experiment-all clean help
 
 help:
 	@echo "make demo      set up and run the main job end to end: a 10-board fleet through RabbitMQ and Redis"
@@ -17,6 +17,7 @@ help:
 	@echo "make test      set up and run the test suite"
 	@echo "make simulate  one FedMask simulation (TASK=activity|mnist|shakespeare)"
 	@echo "make experiment  all methods on TASK: results.csv/.md and the accuracy-vs-communication plot"
+	@echo "make experiment-all  the whole tuned comparison (tune every variant, 3 seeds on every split); prints wall time"
 	@echo "make bench     benchmarks: merge kernel, pipeline ingest and close latency, decoupling, 500-device load"
 	@echo "make lint      ruff + mypy"
 	@echo "make fuzz      10,000-example decoder fuzz run"
@@ -77,6 +78,32 @@ simulate: setup
 
 experiment: setup
 	$(BIN)/fedmask experiment --task $(TASK) --out $(RUNS)/experiment-$(TASK)
+
+# The whole tuned comparison, one command: every variant tuned with the same number of trials on
+# the task's preset split (validation only, data seed 100), then every variant over seeds 0-2 on each
+# split of the task (presets tuned on the preset split). Writes shared/tuned/ and runs/all/; prints
+# its wall time. EXP_TRIALS, EXP_ROUNDS_<task> and EXP_TASKS trade time for budget.
+EXP_TASKS ?= mnist activity
+EXP_TRIALS ?= 3
+EXP_ROUNDS_mnist ?= 20
+EXP_ROUNDS_activity ?= 10
+EXP_VARIANTS ?= fedmask-agree fedmask-local fedmask fedavg-ft fedavg standalone fedpm topk
+comma := ,
+empty :=
+space := $(empty) $(empty)
+experiment-all: setup
+	@set -e; start=$$(date +%s); \
+	for task in $(EXP_TASKS); do \
+	  rounds=$$([ $$task = mnist ] && echo $(EXP_ROUNDS_mnist) || echo $(EXP_ROUNDS_activity)); \
+	  for v in $(EXP_VARIANTS); do \
+	    $(BIN)/fedmask tune --task $$task --method $$v --trials $(EXP_TRIALS) --rounds $$rounds --quiet; done; \
+	  if [ $$task = mnist ]; then splits="--partition=shards --partition=dirichlet"; \
+	  else splits="--holdout=time --holdout=recording"; fi; \
+	  for split in $$splits; do \
+	    $(BIN)/fedmask experiment --task $$task $$split --variants $(subst $(space),$(comma),$(EXP_VARIANTS)) \
+	      --seeds 3 --rounds $$rounds --quiet --out $(RUNS)/all/$$task-$${split#--*=}; done; \
+	done; \
+	echo "experiment-all: wall $$(( $$(date +%s) - start )) s"
 
 bench: setup
 	$(BIN)/fedmask bench aggregate --devices 20 --params 15000000
