@@ -49,22 +49,24 @@ class _Bars(TuneHooks):
 @click.option("--width", type=int, default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="default: shared/tuned/<task>[-<partition>]/<variant>.json")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="reuse the trials of the existing file (same budget) instead of rerunning them")
 @click.option("--json", "as_json", is_flag=True, help="print the tuning record on stdout")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def tune_cmd(task: str, variant: str, partition: str, alpha: float, holdout: str | None, trials: int,
              rounds: int | None, seed: int, devices: int | None, width: int | None, out: Path | None,
-             as_json: bool, quiet: bool) -> None:
+             resume: bool, as_json: bool, quiet: bool) -> None:
     """Tune VARIANT on TASK: TRIALS configs from its grid, chosen by validation accuracy."""
     setup = build_run(task, devices, width, seed, partition=partition, alpha=alpha, holdout=holdout)
     p = setup.preset
     part = data_split(task, p, partition, alpha, holdout)
-    key = part["key"]
+    path = out or tuned_path(task, variant, part["key"])
+    earlier = json.loads(path.read_text()) if resume and path.exists() else None
     try:
         record = tune(variant, p, setup.data, setup.spec, trials=trials, rounds=rounds, seed=seed, partition=part,
-                      hooks=_Bars(variant, rounds or p.rounds, enabled=not quiet))
+                      hooks=_Bars(variant, rounds or p.rounds, enabled=not quiet), resume=earlier)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    path = out or tuned_path(task, variant, key)
     write_record(record, path)
     if as_json:
         click.echo(json.dumps(record.to_json(), indent=2))

@@ -190,23 +190,49 @@ def choose(trials: list[Trial]) -> int:
 
 def tune(variant: str, p: TaskPreset, data: FederatedDataset, spec: ModelSpec, *, trials: int = DEFAULT_TRIALS,
          rounds: int | None = None, seed: int = TUNE_SEED, partition: dict[str, Any] | None = None,
-         hooks: TuneHooks | None = None, run: Callable[..., SimResult] = run_variant) -> TuningRecord:
+         hooks: TuneHooks | None = None, run: Callable[..., SimResult] = run_variant,
+         resume: dict[str, Any] | None = None) -> TuningRecord:
     """Random search over the variant's grid on `data` (built with `seed`); returns every trial.
-    `run` is run_variant (a test may pass a stand-in)."""
+    `run` is run_variant (a test may pass a stand-in). `resume`: an earlier record (its JSON) of
+    the same variant, split and budget; its trials whose config is drawn again are reused, not rerun
+    (runs are deterministic, so raising --trials from 3 to 8 costs 5 runs, not 8)."""
     hooks = hooks or TuneHooks()
     budget_rounds = rounds or p.rounds
+    budget = {"trials": trials, "rounds": budget_rounds, "preset_rounds": p.rounds, "seed": seed,
+              "devices": len(data.devices), "width": spec.width, "sample_rate": p.sample_rate}
+    default = default_config(variant, p)
+    reusable = _reusable_trials(resume, variant, budget, default)
     done: list[Trial] = []
-    configs = draw_trials(variant, default_config(variant, p), trials, seed)
+    configs = draw_trials(variant, default, trials, seed)
     for i, cfg in enumerate(configs, start=1):
+        if (old := reusable.get(_key(cfg))) is not None:
+            done.append(Trial(i, cfg, old.validation_accuracy, old.wall_seconds))
+            hooks.trial_finished(done[-1])
+            continue
         bar = hooks.trial_started(i, len(configs), cfg)
         start = time.perf_counter()
         r = run(cfg, data, spec, rounds=budget_rounds, sample_rate=p.sample_rate, seed=seed, progress=bar)
         done.append(Trial(i, cfg, float(r.validation_accuracy), time.perf_counter() - start))
         hooks.trial_finished(done[-1])
-    budget = {"trials": trials, "rounds": budget_rounds, "preset_rounds": p.rounds, "seed": seed,
-              "devices": len(data.devices), "width": spec.width, "sample_rate": p.sample_rate}
     part = partition or {"key": None}
     return TuningRecord(data.task, part, variant, budget, done, choose(done))
+
+
+def _reusable_trials(resume: dict[str, Any] | None, variant: str, budget: dict[str, Any],
+                     default: VariantConfig) -> dict[str, Trial]:
+    """config key -> trial, from an earlier record whose budget (all but the trial count) matches."""
+    if not resume or resume.get("variant") != variant:
+        return {}
+    same = {k: v for k, v in budget.items() if k != "trials"}
+    if {k: resume.get("budget", {}).get(k) for k in same} != same:
+        return {}
+    out = {}
+    for t in resume.get("trials", []):
+        val = t.get("validation_accuracy")
+        cfg = VariantConfig.from_json(t["config"], default)
+        out[_key(cfg)] = Trial(int(t["trial"]), cfg, float("nan") if val is None else float(val),
+                               float(t.get("wall_seconds", 0.0)))
+    return out
 
 
 def data_split(task: str, p: TaskPreset, partition: str = "shards", alpha: float = 0.5,

@@ -213,3 +213,21 @@ def test_cli_experiment_variants_over_seeds(tmp_path: Path) -> None:
     assert "±" in (tmp_path / "results.md").read_text()
     bad = CliRunner().invoke(main, ["experiment", *SMALL, "--variants", "fedpm", "--lam", "1", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "tuned config" in bad.output
+
+
+def test_resume_reuses_identical_trials_and_runs_only_new_ones(digits: FederatedDataset) -> None:
+    calls: list[VariantConfig] = []
+
+    def counting_run(cfg: VariantConfig, *args: object, **kw: object) -> SimResult:
+        calls.append(cfg)
+        return run_variant(cfg, *args, **kw)  # type: ignore[arg-type]
+
+    first = tune("fedavg", DIGITS, digits, _spec(digits), trials=2, rounds=2, run=counting_run)
+    assert len(calls) == 2
+    more = tune("fedavg", DIGITS, digits, _spec(digits), trials=3, rounds=2, run=counting_run,
+                resume=first.to_json())
+    assert len(calls) == 3  # trials 1-2 reused, only trial 3 ran
+    assert [t.validation_accuracy for t in more.trials[:2]] == [t.validation_accuracy for t in first.trials]
+    other_budget = tune("fedavg", DIGITS, digits, _spec(digits), trials=2, rounds=3, run=counting_run,
+                        resume=first.to_json())
+    assert len(calls) == 5 and other_budget.budget["rounds"] == 3  # another budget: nothing reused
