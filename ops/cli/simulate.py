@@ -12,6 +12,7 @@ from shared.device import FedMaskConfig
 from shared.merge_rules import RULES
 from shared.sim.baselines import METHODS as BASELINES
 from shared.sim.runner import run_method
+from shared.sim.variants import VARIANTS
 
 METHODS = ("fedmask", *BASELINES)
 
@@ -20,6 +21,9 @@ METHODS = ("fedmask", *BASELINES)
 @click.option("--task", type=click.Choice(["activity", "mnist", "shakespeare", "digits"]), default="activity",
               show_default=True)
 @click.option("--method", type=click.Choice(METHODS), default="fedmask", show_default=True)
+@click.option("--variant", type=click.Choice(VARIANTS), default=None,
+              help="run a named variant with its tuned config (shared/tuned/); replaces --method and the "
+                   "training flags")
 @click.option("--merge", type=click.Choice(sorted(RULES)), default=None, help="merge rule (default: the task preset's)")
 @click.option("--arch", type=click.Choice(["mlp", "cnn", "char_lstm"]), default=None)
 @click.option("--width", type=int, default=None, help="hidden width (default: the task preset's)")
@@ -42,7 +46,7 @@ METHODS = ("fedmask", *BASELINES)
               help="write each FedMask device's state here (input to `fedmask export`)")
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def simulate(task: str, method: str, merge: str | None, arch: str | None, width: int | None,
+def simulate(task: str, method: str, variant: str | None, merge: str | None, arch: str | None, width: int | None,
              devices: int | None, rounds: int | None, sample_rate: float | None, local_epochs: int | None,
              final_local_epochs: int | None, partition: str, alpha: float, holdout: str | None, lam: float | None,
              seed: int,
@@ -52,16 +56,24 @@ def simulate(task: str, method: str, merge: str | None, arch: str | None, width:
     setup = build_run(task, devices, width, seed, arch, partition, alpha, holdout)
     p = setup.preset
     rounds = rounds or p.rounds
-    bar = Bar(f"{method} {task}", rounds, enabled=not quiet)
+    bar = Bar(f"{variant or method} {task}", rounds, enabled=not quiet)
     try:
-        result = run_method(
-            method, setup.data, setup.spec, p, rounds=rounds,
-            sample_rate=sample_rate if sample_rate is not None else p.sample_rate,
-            local_epochs=local_epochs or p.local_epochs, seed=seed, merge=merge or p.merge,
-            final_local_epochs=final_local_epochs if final_local_epochs is not None else p.final_local_epochs,
-            eval_every=eval_every, progress=bar, save_devices=save_devices,
-            fedmask_cfg=FedMaskConfig(train=p.mask_train if lam is None else p.mask_train.with_(lam=lam),
-                                      local_epochs=local_epochs or p.local_epochs))
+        if variant is not None:
+            from ops.engine.variants import run_tuned_variant
+
+            result = run_tuned_variant(task, variant, setup.data, setup.spec, p, partition, alpha, holdout,
+                                       rounds=rounds, sample_rate=sample_rate, seed=seed, eval_every=eval_every,
+                                       progress=bar, save_devices=save_devices,
+                                       say=lambda line: click.echo(line, err=True))
+        else:
+            result = run_method(
+                method, setup.data, setup.spec, p, rounds=rounds,
+                sample_rate=sample_rate if sample_rate is not None else p.sample_rate,
+                local_epochs=local_epochs or p.local_epochs, seed=seed, merge=merge or p.merge,
+                final_local_epochs=final_local_epochs if final_local_epochs is not None else p.final_local_epochs,
+                eval_every=eval_every, progress=bar, save_devices=save_devices,
+                fedmask_cfg=FedMaskConfig(train=p.mask_train if lam is None else p.mask_train.with_(lam=lam),
+                                          local_epochs=local_epochs or p.local_epochs))
     finally:
         bar.close()
     payload = result.to_json()
@@ -69,7 +81,7 @@ def simulate(task: str, method: str, merge: str | None, arch: str | None, width:
     if as_json:
         click.echo(json.dumps(payload, indent=2))
         return
-    click.echo(f"{method}{'/' + result.merge if result.merge else ''} on {task}: "
+    click.echo(f"{result.method}{'/' + result.merge if result.merge else ''} on {task}: "
                f"personalized accuracy {result.personalized_accuracy:.4f} over {result.devices} devices "
                f"(validation {result.validation_accuracy:.4f})")
     click.echo(f"  uplink {result.uplink_bytes / 1e6:.3f} MB "

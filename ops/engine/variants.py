@@ -12,10 +12,10 @@ from ops.engine.report import write_spread_report
 from shared.data import FederatedDataset
 from shared.models import ModelSpec
 from shared.presets import TaskPreset, tuned_config
-from shared.sim.result import SimResult
+from shared.sim.result import Progress, SimResult
 from shared.sim.spread import run_seeds
-from shared.sim.tuning import TuningRecord, changes_from
-from shared.sim.variants import VariantConfig
+from shared.sim.tuning import TuningRecord, changes_from, data_split
+from shared.sim.variants import VariantConfig, run_variant
 
 
 def tuned_configs(task: str, names: Sequence[str], partition_key: str | None,
@@ -28,6 +28,19 @@ def tuned_configs(task: str, names: Sequence[str], partition_key: str | None,
         configs[v] = (tuned.config, tuned.origin)
         say(f"{v}: {tuned.origin}")
     return configs
+
+
+def run_tuned_variant(task: str, variant: str, data: FederatedDataset, spec: ModelSpec, p: TaskPreset,
+                      partition: str, alpha: float, holdout: str | None, *, rounds: int, sample_rate: float | None,
+                      seed: int, eval_every: int, progress: Progress | None, save_devices: Path | None,
+                      say: Callable[[str], None]) -> SimResult:
+    """One run of a variant with the presets `fedmask tune` chose for this split (`fedmask simulate
+    --variant`); `say` reports which presets file was used."""
+    key = data_split(task, p, partition, alpha, holdout)["key"]
+    cfg, _ = tuned_configs(task, [variant], key, say)[variant]
+    return run_variant(cfg, data, spec, rounds=rounds, sample_rate=p.sample_rate if sample_rate is None
+                       else sample_rate, seed=seed, eval_every=eval_every, progress=progress,
+                       save_devices=save_devices)
 
 
 def run_variants(task: str, configs: dict[str, tuple[VariantConfig, str]],

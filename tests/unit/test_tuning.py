@@ -231,3 +231,12 @@ def test_resume_reuses_identical_trials_and_runs_only_new_ones(digits: Federated
     other_budget = tune("fedavg", DIGITS, digits, _spec(digits), trials=2, rounds=3, run=counting_run,
                         resume=first.to_json())
     assert len(calls) == 5 and other_budget.budget["rounds"] == 3  # another budget: nothing reused
+
+
+def test_cli_simulate_runs_a_named_variant_with_its_presets() -> None:
+    res = CliRunner().invoke(main, ["simulate", "--task", "digits", "--variant", "fedpm", "--devices", "6",
+                                    "--rounds", "2", "--width", "16", "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout[res.stdout.index("{"):])
+    assert payload["method"] == "fedpm" and payload["merge"] == "agreement"
+    assert payload["extra"]["config"]["share"] == 1.0 and payload["extra"]["config"]["prune_rho"] == 1.0
