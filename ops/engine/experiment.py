@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from ops.engine.report import finish_accuracy_plot
 from shared.data import FederatedDataset
 from shared.device import FedMaskConfig
 from shared.models import ModelSpec
@@ -119,12 +120,4 @@ def _plot(path: Path, task: str, results: list[SimResult]) -> None:
         # a log axis has no 0: methods that send nothing are drawn at 1 kB, and say so in the legend
         ax.scatter([max(total_mb, 1e-3)], [r.personalized_accuracy], marker="*", s=110, color=color,
                    label=None if pts else label, zorder=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative communication, uplink + downlink (MB, log scale)")
-    ax.set_ylabel("mean personalized test accuracy")
-    ax.set_title(f"{task}: accuracy vs communication (stars: final, after any local adaptation)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_accuracy_plot(fig, ax, path, f"{task}: accuracy vs communication (stars: final, after any local adaptation)")

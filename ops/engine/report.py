@@ -95,10 +95,17 @@ def plot_spread(path: Path, task: str, summaries: Sequence[VariantSummary]) -> N
         err = s.test_std if math.isfinite(s.test_std) else 0.0
         ax.errorbar([max(s.total_mb, 1e-3)], [s.test_mean], yerr=[err], fmt="*", ms=11, color=color,
                     capsize=3, label=None if s.curve else label, zorder=3)
+    finish_accuracy_plot(fig, ax, path, f"{task}: mean over seeds, band ±1 std (stars: final)")
+
+
+def finish_accuracy_plot(fig: Any, ax: Any, path: Path, title: str) -> None:
+    """The axes every accuracy-vs-communication plot shares (log MB, legend), saved and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log")
     ax.set_xlabel("cumulative communication, uplink + downlink (MB, log scale)")
     ax.set_ylabel("mean personalized test accuracy")
-    ax.set_title(f"{task}: mean over seeds, band ±1 std (stars: final)")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

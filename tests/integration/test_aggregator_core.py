@@ -3,13 +3,10 @@ merges equal the simulator's; duplicates, late updates, spoofing and crashed clo
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import redis
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundStore
@@ -24,15 +21,6 @@ from shared.variant_setup import variant_setup
 
 TASK, WIDTH, SEED, N = "digits", 32, 0, 4
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture()
-def store(redis_service_url: str) -> Iterator[RoundStore]:
-    prefix = f"test:{uuid.uuid4().hex[:8]}:"
-    s = RoundStore(redis.Redis.from_url(redis_service_url), prefix=prefix)
-    yield s
-    for key in s.client.scan_iter(match=f"{prefix}*".encode()):
-        s.client.delete(key)
 
 
 @pytest.fixture(scope="module")

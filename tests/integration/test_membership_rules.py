@@ -4,12 +4,9 @@ case, through its path too: both must give the expected outcome, and leave the s
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
-import redis
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
@@ -20,16 +17,6 @@ from tests.membership_cases import Case, Model, Result
 pytestmark = pytest.mark.services
 T0 = 1_700_000_000.0
 DEADLINE = T0 + 60  # the clock stays at T0: no round closes on its own
-
-
-@pytest.fixture()
-def store(redis_service_url: str) -> Iterator[RoundStore]:
-    prefix = f"test:{uuid.uuid4().hex[:8]}:"
-    s = RoundStore(redis.Redis.from_url(redis_service_url), prefix=prefix)
-    yield s
-    for key in s.client.scan_iter(match=f"{prefix}*".encode()):
-        s.client.delete(key)
-    s.close()
 
 
 @pytest.fixture(scope="module")

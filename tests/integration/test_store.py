@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -17,21 +15,6 @@ pytestmark = pytest.mark.services
 
 T0 = 1_700_000_000.0
 S_A, S_B = b"\xf0\x0f", b"\xff\x00"
-
-
-@pytest.fixture
-def store(redis_service_url: str) -> Iterator[RoundStore]:
-    prefix = f"test:{uuid.uuid4().hex}:"
-    s = RoundStore.from_url(redis_service_url, prefix=prefix)
-    try:
-        s.ping()
-    except StoreError as err:
-        pytest.skip(f"Redis not usable: {err}")
-    yield s
-    keys = list(s.client.scan_iter(match=prefix + "*", count=500))
-    if keys:
-        s.client.delete(*keys)
-    s.close()
 
 
 def enrol(store: RoundStore, *ids: str) -> None:
