@@ -13,10 +13,10 @@ from shared import codec
 from shared.data import FederatedDataset
 from shared.presets import model_spec
 from shared.transport import InMemoryTransport
-from tests.integration.test_aggregator_core import SEED, TASK, WIDTH, _devices, _hello_all, _train_round, data, store
+from tests.integration.test_aggregator_core import SEED, TASK, WIDTH, _devices, _hello_all, _train_round, data
 
 pytestmark = pytest.mark.services
-__all__ = ["data", "store"]  # fixtures, re-exported so pytest finds them here
+__all__ = ["data"]  # a fixture, re-exported so pytest finds it here (store: conftest.py)
 
 
 class Clock:
