@@ -19,6 +19,7 @@ import redis
 
 from aggregator.redis_url import client_from_url
 from aggregator.redis_url import redact_url as redact_url
+from aggregator.store_devices import DeviceLifecycle
 from aggregator.store_keys import StoreKeys, register_scripts
 from shared.errors import ConfigError, FedMaskError
 from shared.rounds import UpdateStatus
@@ -74,7 +75,7 @@ def _s(raw: object) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-class RoundStore:
+class RoundStore(DeviceLifecycle):
     def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:
         self.keys = StoreKeys(prefix)  # refuses a prefix with braces
         if client.connection_pool.connection_kwargs.get("decode_responses"):

@@ -16,6 +16,7 @@ Key layout (prefix <p>, default "fm:"):
                                        of earlier rounds merged into this one; not in the quorum)
   <p>{r<r>}:arrivals           hash    id -> unix time its update was stored
   <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
+  <p>devices:unreachable / :removed   sets (aggregator/store_devices.py)
   <p>pending:<id>              hash    round, body: a late update waiting for the next round (carry policy)
   <p>pending                   set     devices with a pending late update
   <p>config                    hash    the running aggregator's task, width, seed, merge, fingerprint

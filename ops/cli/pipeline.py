@@ -109,9 +109,13 @@ def devices() -> None:
               help="the broker address as the boards reach it (goes into their URL)")
 @click.option("--amqp-port", type=int, default=5672, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write worker settings (JSON, mode 600)")
+@redis_opt
 def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_password: str, vhost: str,
-           amqp_host: str, amqp_port: int, out: Path | None) -> None:
-    """Create each device's broker user, queue and permissions; print or write its connection URL."""
+           amqp_host: str, amqp_port: int, out: Path | None, redis_url: str) -> None:
+    """Create each device's broker user, queue and permissions; print or write its connection URL.
+    An id removed with `devices remove` may say hello again afterwards (Redis at --redis-url)."""
+    from aggregator.store import RoundStore, StoreError
+    from ops.control.devices import readmit_removed
     from ops.control.enrolment import Management, ManagementError
 
     mgmt = Management(api_url, admin_user, admin_password)
@@ -121,6 +125,16 @@ def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_pas
                  for d in device_ids}
     except ManagementError as exc:
         raise click.ClickException(str(exc)) from exc
+    store = RoundStore.from_url(redis_url)
+    try:
+        back = readmit_removed(list(device_ids), store)
+        if back:
+            click.echo(f"readmitted removed devices: {', '.join(back)}", err=True)
+    except StoreError as exc:  # the broker side is done; say what is left
+        click.echo(f"warning: could not check Redis for removed ids ({exc}); a removed id stays refused "
+                   "until this enrolment is repeated with Redis reachable", err=True)
+    finally:
+        store.close()
     if out:
         write_json(out, creds)
         os.chmod(out, 0o600)

@@ -211,6 +211,12 @@ class Management:
         return DeviceCredentials(device_id, username, password, _amqp_url(username, password, amqp_host, amqp_port,
                                                                           vhost))
 
+    def is_enrolled(self, device_id: str, *, vhost: str = DEFAULT_VHOST) -> bool:
+        """The device's user exists and holds permissions on `vhost`."""
+        username = device_user(device_id)
+        return self._request("GET", f"/permissions/{quote(vhost, safe='')}/{quote(username, safe='')}",
+                             missing_ok=True) is not None
+
     def delete_device(self, device_id: str, *, vhost: str = DEFAULT_VHOST, delete_queue: bool = True) -> None:
         """Remove the device's user (its permissions go with it), its connections and, by default,
         its queue. Missing pieces are fine."""
