@@ -108,7 +108,8 @@ class AggregatorService:
         # `round start` rebuilds the model from these; `round status` shows the variant to operators.
         self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
                                "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,
-                               "config_origin": setup.origin, "fingerprint": self.core.fingerprint})
+                               "config_origin": setup.origin, "fingerprint": self.core.fingerprint,
+                               "amqp_address": self.amqp.address()})
         with self.lock:
             resumed = self.core.resume()
         if resumed:

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,6 +33,42 @@ def _log(verbose: bool) -> None:
 amqp_opt = click.option("--amqp-url", envvar=AMQP_ENV, default=DEFAULT_AMQP, show_default=True)
 redis_opt = click.option("--redis-url", envvar=REDIS_ENV, default=DEFAULT_REDIS, show_default=True)
 
+# TLS files for amqps:// and rediss:// URLs. Each flag sets its environment variable for this process
+# (and the processes it starts), which is where AmqpSettings.from_url and RoundStore.from_url read them.
+TLS_FLAGS = (
+    ("--amqp-ca", "FEDMASK_AMQP_CA", "CA bundle the broker's certificate must chain to (amqps://)"),
+    ("--amqp-cert", "FEDMASK_AMQP_CERT", "client certificate for the broker (amqps://)"),
+    ("--amqp-key", "FEDMASK_AMQP_KEY", "its private key, if not in --amqp-cert"),
+    ("--amqp-server-name", "FEDMASK_AMQP_SERVER_NAME", "name checked against the broker's certificate"),
+    ("--redis-ca", "FEDMASK_REDIS_CA", "CA bundle Redis's certificate must chain to (rediss://)"),
+    ("--redis-cert", "FEDMASK_REDIS_CERT", "client certificate for Redis (rediss://)"),
+    ("--redis-key", "FEDMASK_REDIS_KEY", "its private key, if not in --redis-cert"),
+)
+
+
+def _export_env(env: str) -> Any:
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value:
+            os.environ[env] = value
+
+    return callback
+
+
+def tls_opts(f: Any, *, services: tuple[str, ...] = ("amqp", "redis")) -> Any:
+    for flag, env, text in reversed(TLS_FLAGS):
+        if flag.split("-")[2] in services:
+            f = click.option(flag, envvar=env, default=None, expose_value=False, callback=_export_env(env),
+                             help=f"{text} [env {env}]")(f)
+    return f
+
+
+def amqp_tls_opts(f: Any) -> Any:
+    return tls_opts(f, services=("amqp",))
+
+
+def redis_tls_opts(f: Any) -> Any:
+    return tls_opts(f, services=("redis",))
+
 
 def describe_aggregator(cfg: dict[str, str]) -> str:
     """One line on what the running aggregator serves (its fm:config), for `round status` and `devices list`."""
@@ -50,6 +87,7 @@ def aggregator() -> None:
 @aggregator.command("run")
 @amqp_opt
 @redis_opt
+@tls_opts
 @click.option("--task", type=TASKS, default="activity", show_default=True)
 @variant_opt
 @click.option("--merge", default=None, help="merge rule of --variant preset [default: head]")
@@ -76,6 +114,7 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
 @click.option("--task", type=TASKS, default="activity", show_default=True)
 @variant_opt
 @amqp_opt
+@amqp_tls_opts
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("runs/worker-state"), show_default=True)
 @click.option("--width", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -146,6 +185,7 @@ def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_pas
 
 @devices.command("list")
 @redis_opt
+@redis_tls_opts
 @click.option("--json", "as_json", is_flag=True)
 def devices_list(redis_url: str, as_json: bool) -> None:
     """Devices that said hello, with their mask version and last heartbeat."""
