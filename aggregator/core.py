@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator.store import RoundInfo, RoundStore, StoreError
+from aggregator.store_closer import closer_is_dead_here, default_closer_id
 from shared import codec
 from shared.bits import pack, scatter_at
 from shared.errors import CodecError, ConfigError
@@ -78,8 +79,11 @@ def fault_plan(spec: str | None) -> tuple[str, int] | None:
 
 class AggregatorCore:
     def __init__(self, store: RoundStore, downlink: Transport, spec: ModelSpec, *, merge: str = "head",
-                 prune_last_k: int = 2, clock: Callable[[], float] = time.time) -> None:
+                 prune_last_k: int = 2, clock: Callable[[], float] = time.time,
+                 close_lease_s: float | None = None) -> None:
         net = build_model(spec)
+        if close_lease_s is not None:
+            store.set_closer(default_closer_id(), close_lease_s)
         self.store, self.downlink, self.clock = store, downlink, clock
         self.fingerprint, self.layout, self.nbits = net.fingerprint(), net.layout_hash(), net.nbits
         self.rule = get_rule(merge)
@@ -289,17 +293,39 @@ class AggregatorCore:
         return True
 
     def tick(self) -> None:
-        """Called periodically: closes the current round once its deadline passes."""
+        """Called periodically: closes the current round once its deadline passes, and finishes the
+        close of a round whose closer died (another aggregator on the same queue: its lease lapsed).
+        Only the current round can be closing: a round opens only after the previous one closed."""
         r = self.store.current_round()
         if r is not None:
             info = self.store.info(r)
             if info is not None and info.state == "open":
                 self.maybe_close(r)
+            elif info is not None and info.state == "closing" and self._take_over(r):
+                log.warning("round %d: its closer is gone; taking over the close", r)
+                self.store.incr("rounds:taken_over")
+                self.close(r)
+
+    def _take_over(self, round_id: int) -> bool:
+        """True if this process may finish a closing round: its closer's lease lapsed (claimed now), or
+        the closer was a process of this host that no longer runs (a crash restarted by systemd need
+        not wait out its own lease)."""
+        if self.store.claim_close(round_id):
+            return True
+        owner = self.store.closer_of(round_id)
+        if owner is None or not closer_is_dead_here(owner):
+            return False
+        self.store.renew_close(round_id)
+        return True
 
     def resume(self) -> list[int]:
-        """Finish rounds a crashed closer left in 'closing' (publishing again is idempotent)."""
+        """Finish rounds a crashed closer left in 'closing' (publishing again is idempotent), unless
+        another live aggregator holds the close (several may share the queue: store_closer.py)."""
         done = []
         for r in self.store.rounds_in_state("closing"):
+            if not self._take_over(r):
+                log.info("round %d is being closed by %s", r, self.store.closer_of(r))
+                continue
             log.warning("resuming the close of round %d", r)
             self.close(r)
             done.append(r)
@@ -318,9 +344,13 @@ class AggregatorCore:
         self._fault("merging")
         messages = downlink_messages(self.rule, self.ctx, rnd, self._records, fingerprint=self.fingerprint,
                                      layout=self.layout)
+        renewed = time.monotonic()
         for device, msg in messages.items():
             self._send(device, codec.encode(msg))  # kept in Redis either way (set_masks below)
             self._fault("published")
+            if time.monotonic() - renewed > self.store.lease_ms / 3000:  # a long close keeps its lease
+                self.store.renew_close(round_id)
+                renewed = time.monotonic()
         # After the publishes, in one round trip: a crash before this is resumed by publishing again.
         self.store.set_masks({d: self._stored_mask(msg) for d, msg in messages.items()}, round_id)
         self._fault("published_all")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundStore, StoreError
+from aggregator.store_closer import DEFAULT_LEASE_S, default_closer_id
 from shared.amqp import (
     AGGREGATOR_QUEUE,
     DEVICE_USER_PREFIX,
@@ -50,6 +51,8 @@ class ServiceSettings:
     prefetch: int = 16
     tick_seconds: float = 0.5
     redis_prefix: str = "fm:"  # RoundStore key prefix: lets two aggregators (or a test) share one Redis db
+    close_lease_s: float = DEFAULT_LEASE_S  # several aggregators on one queue: see aggregator/store_closer.py
+    closer_id: str = ""  # unique among the aggregators sharing the queue; "" = host:pid
 
 
 class AggregatorService:
@@ -61,6 +64,7 @@ class AggregatorService:
         self.publisher = Publisher(self.amqp, declare=True)
         self.core = AggregatorCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
                                    prune_last_k=self.setup.fedmask.prune_last_k)
+        self.store.set_closer(s.closer_id or default_closer_id(), s.close_lease_s)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its

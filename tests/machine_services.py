@@ -18,7 +18,7 @@ import urllib.request
 from base64 import b64encode
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import urlparse
 
 import pika  # type: ignore[import-untyped, unused-ignore]
 import redis
@@ -60,13 +60,17 @@ class Snapshot:
         raw = self.client.config_get("*")
         return {str(k): str(v) for k, v in raw.items()}
 
-    def _broker(self) -> dict[str, Any]:
+    def _broker(self, vhosts: set[str] | None = None) -> dict[str, Any]:
+        """vhosts: whose policies to compare (default: those that existed before the session; a vhost
+        someone else deleted meanwhile is left out of both sides)."""
         nodes = _api(self.management_url, "/nodes")
-        assert self.vhosts is not None
+        keep = set(self.vhosts or []) if vhosts is None else vhosts
+        policies = sorted((p["vhost"], p["name"], json.dumps(p, sort_keys=True))
+                          for p in _api(self.management_url, "/policies") if p["vhost"] in keep)
         return {
             "nodes": {n["name"]: {k: n.get(k) for k in ("mem_limit", "disk_free_limit")} for n in nodes},
             "uptime_ms": {n["name"]: n.get("uptime", 0) for n in nodes},
-            "policies": {v: _api(self.management_url, f"/policies/{quote(v, safe='')}") for v in self.vhosts},
+            "policies": policies,
             "global_parameters": _api(self.management_url, "/global-parameters"),
         }
 
@@ -91,13 +95,15 @@ class Snapshot:
                 found.append(f"Redis CONFIG changed: {changed}")
         except redis.RedisError as exc:
             found.append(f"Redis is gone or was restarted: {exc!r}")
-        after = self._broker()
+        still = {v["name"] for v in _api(self.management_url, "/vhosts")} & set(self.vhosts or [])
+        after = self._broker(still)
+        before = {**self.broker, "policies": [p for p in self.broker["policies"] if p[0] in still]}
         for node, uptime in after["uptime_ms"].items():
             if uptime < self.broker["uptime_ms"].get(node, 0):
                 found.append(f"RabbitMQ node {node} was restarted (uptime went back)")
         for key in ("nodes", "policies", "global_parameters"):
-            if after[key] != self.broker[key]:
-                found.append(f"RabbitMQ {key} changed: {self.broker[key]} -> {after[key]}")
+            if after[key] != before[key]:
+                found.append(f"RabbitMQ {key} changed: {before[key]} -> {after[key]}")
         return found
 
     def release(self) -> None:

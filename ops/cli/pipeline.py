@@ -93,15 +93,21 @@ def aggregator() -> None:
 @click.option("--merge", default=None, help="merge rule of --variant preset [default: head]")
 @click.option("--width", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--close-lease", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="seconds another aggregator on the same queue waits before finishing a close whose closer died")
+@click.option("--closer-id", default="",
+              help="this aggregator's name among those sharing the queue [default: host:pid]")
 def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
-                   seed: int) -> None:
-    """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains)."""
+                   seed: int, close_lease: float, closer_id: str) -> None:
+    """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains). Run several
+    against the same queue and Redis to share the load: exactly one closes each round."""
     from aggregator.service import AggregatorService, ServiceSettings
 
     _log(True)
     try:
         svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
-                                                seed=seed, variant=variant, merge=merge))
+                                                seed=seed, variant=variant, merge=merge, close_lease_s=close_lease,
+                                                closer_id=closer_id))
     except ValueError as exc:  # a variant/merge combination variant_setup refuses
         raise click.ClickException(str(exc)) from exc
     svc.install_signal_handlers()
