@@ -74,3 +74,15 @@ def test_service_state_is_found_from_any_folder(tmp_path: Path, monkeypatch: pyt
     assert default_run_dir() == tmp_path / "home" / ".local" / "state" / "fedmask" / "services"
     monkeypatch.chdir(tmp_path)
     assert default_run_dir().is_absolute()
+
+
+def test_a_clustered_broker_is_named_by_its_nodes() -> None:
+    s = AmqpSettings.from_url("amqp://dev:pw@node1:5672,node2,node3:5673/fleet")
+    assert s.node_urls() == ["amqp://dev:pw@node1:5672/fleet", "amqp://dev:pw@node2/fleet",
+                             "amqp://dev:pw@node3:5673/fleet"]
+    assert s.address() == "amqp://node1:5672,node2:5672,node3:5673/fleet"
+    assert (s.username, s.vhost) == ("dev", "fleet") and "pw" not in s.redacted()
+    assert [(p.host, p.port) for p in s._parameters("t")] == [("node1", 5672), ("node2", 5672), ("node3", 5673)]
+    for bad in ("amqp://dev:pw@node1:5672,:5673/fleet", "amqp://dev:pw@node1:99999/fleet", "amqp://dev:pw@/fleet"):
+        with pytest.raises(ConfigError, match="host:port"):
+            AmqpSettings.from_url(bad)
