@@ -13,8 +13,13 @@ project's own errors. The package is split by job, and callers import from `shar
 from shared.amqp.broker_topology import (
     AGGREGATOR_QUEUE,
     DEAD_EXCHANGE,
+    DEAD_LETTER_LIMITS,
     DEAD_QUEUE,
+    DEVICE_QUEUE_MAX_LENGTH,
     DOWNLINK_EXCHANGE,
+    DROPPED_EXCHANGE,
+    DROPPED_LIMITS,
+    DROPPED_QUEUE,
     UPLINK_BINDING,
     UPLINK_EXCHANGE,
     BindingSpec,
@@ -31,22 +36,27 @@ from shared.amqp.consumer import MAX_REASON_CHARS, REASON_HEADER, Consumer, Dead
 from shared.amqp.publisher import CONTENT_TYPE, Publisher
 from shared.amqp.settings import (
     DEVICE_QUEUE_PREFIX,
-    DEVICE_USER_PREFIX,
     AmqpError,
     AmqpSettings,
+    device_of_user,
     device_queue,
     device_user,
     validate_device_id,
+    vhost_user_prefix,
 )
 
 __all__ = [
     "AGGREGATOR_QUEUE",
     "CONTENT_TYPE",
     "DEAD_EXCHANGE",
+    "DEAD_LETTER_LIMITS",
     "DEAD_QUEUE",
+    "DEVICE_QUEUE_MAX_LENGTH",
     "DEVICE_QUEUE_PREFIX",
-    "DEVICE_USER_PREFIX",
     "DOWNLINK_EXCHANGE",
+    "DROPPED_EXCHANGE",
+    "DROPPED_LIMITS",
+    "DROPPED_QUEUE",
     "MAX_REASON_CHARS",
     "REASON_HEADER",
     "UPLINK_BINDING",
@@ -64,6 +74,7 @@ __all__ = [
     "Topology",
     "declare_topology",
     "delete_topology",
+    "device_of_user",
     "device_queue",
     "device_topology",
     "device_user",
@@ -71,4 +82,5 @@ __all__ = [
     "queue_depth",
     "topology",
     "validate_device_id",
+    "vhost_user_prefix",
 ]

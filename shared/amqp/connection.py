@@ -9,6 +9,7 @@ one-connection helpers built on them, for declarations, operators and tests.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,5 +96,32 @@ def queue_depth(settings: AmqpSettings, queue: str) -> int:
     try:
         with _amqp_errors(f"inspect queue {queue}", settings.redacted()):
             return int(connection.channel().queue_declare(queue=queue, passive=True).method.message_count)
+    finally:
+        _close_quietly(connection)
+
+
+_MAX_SIZE_RE: Final = re.compile(r"larger than configured max size (\d+)")
+SIZE_PROBE_KEY: Final = "fedmask.size-probe"  # bound to no queue: an accepted probe is dropped unrouted
+
+
+def probe_max_message_size(settings: AmqpSettings, size: int) -> int | None:
+    """The broker's max_message_size if it is below `size`, else None (a message of `size` bytes is
+    accepted). No API reports the setting, so this publishes `size` zero bytes to the default exchange
+    with a routing key no queue has: a broker whose limit is lower closes the channel with 406 and
+    names its limit; otherwise the message is confirmed and dropped unrouted. Nothing is stored."""
+    connection = _connect(settings, "size-probe")
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        try:
+            channel.basic_publish("", SIZE_PROBE_KEY, bytes(size))
+        except pika.exceptions.ChannelClosedByBroker as e:
+            m = _MAX_SIZE_RE.search(str(e.reply_text))
+            if e.reply_code == 406 and m:
+                return int(m.group(1))
+            raise _translate(e, "probe max message size", settings.redacted()) from e
+        return None
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise _translate(e, "probe max message size", settings.redacted()) from e
     finally:
         _close_quietly(connection)
