@@ -56,12 +56,50 @@ def start_if_needed(server: LocalServer, address: tuple[str, int], dep: Deployme
 
 
 def ensure_rabbitmq(dep: Deployment, say: Any) -> None:
-    start_if_needed(RABBITMQ, dep.amqp_host, dep, say, lambda: ["rabbitmq-server", "-detached"])
+    """Start the machine's rabbitmq-server with the shipped configuration (local_rabbitmq_conf) unless
+    a broker already answers; a running one is used as it is (`services status` shows how its limits
+    differ from the shipped ones)."""
+    start_if_needed(RABBITMQ, dep.amqp_host, dep, say, lambda: _rabbitmq_command(dep))
     host = dep.amqp_host[0]
+    if RABBITMQ.name in started_here(dep):  # the shipped enabled_plugins file starts the management plugin
+        wait_port(host, MANAGEMENT_PORT, 60, "the RabbitMQ management API")
     if host in LOCAL_HOSTS and not reachable(host, MANAGEMENT_PORT) and shutil.which("rabbitmq-plugins"):
         say("enabling the management plugin (device enrolment uses its HTTP API) ...")
         subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_management"], check=True, capture_output=True)
         wait_port(host, MANAGEMENT_PORT, 60, "the RabbitMQ management API")
+
+
+def _rabbitmq_command(dep: Deployment) -> list[str]:
+    """`rabbitmq-server -detached` under env(1), so the distribution wrapper (which keeps the
+    environment when it switches to the rabbitmq user) hands the shipped files to the node."""
+    conf = local_rabbitmq_conf(dep)
+    return ["env", f"RABBITMQ_CONFIG_FILE={conf}",
+            f"RABBITMQ_ENABLED_PLUGINS_FILE={(ROOT / 'broker_config' / 'enabled_plugins').resolve()}",
+            "rabbitmq-server", "-detached"]
+
+
+def local_rabbitmq_conf(dep: Deployment) -> Path:
+    """broker_config/rabbitmq.conf for a broker `make up` starts: every limit as shipped (max message
+    size, alarms, heartbeat, consumer timeout, loopback listeners), the AMQP listener on the
+    deployment's port, and without the definitions.* lines: the shipped definitions replace `guest`
+    with users whose passwords are placeholders, which a development URL does not know; the
+    aggregator declares the same topology (shared/amqp/broker_topology.py) when it starts."""
+    out = dep.run_dir / "rabbitmq"
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o755)  # read by the rabbitmq user
+    host, port = dep.amqp_host
+    lines = []
+    for line in (ROOT / "broker_config" / "rabbitmq.conf").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key.startswith("definitions."):
+            continue
+        if key == "listeners.tcp.local":
+            line = f"listeners.tcp.local = {host if host != 'localhost' else '127.0.0.1'}:{port}"
+        lines.append(line)
+    conf = out / "rabbitmq.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    conf.chmod(0o644)
+    return conf.resolve()
 
 
 def ensure_redis(dep: Deployment, say: Any) -> None:

@@ -22,6 +22,7 @@ from shared.amqp.settings import AmqpError, AmqpSettings
 
 log = logging.getLogger("fedmask.amqp")
 
+_BROKER_SAID: Final = re.compile(r'\(530\) "(NOT_ALLOWED - [^"]{0,200})"')
 # Reply codes after which reconnecting cannot help (the same request would be refused again).
 _REFUSED_CODES: Final = frozenset({402, 403, 404, 406, 530})
 
@@ -42,7 +43,11 @@ def _translate(exc: BaseException, what: str, where: str, *, retryable: bool | N
     elif isinstance(exc, (ex.ProbableAuthenticationError, ex.AuthenticationError)):
         msg, code, retry = "authentication failed (wrong user or password?)", 403, False
     elif isinstance(exc, ex.ProbableAccessDeniedError):
-        msg, code, retry = "access refused (does the user have permissions on this vhost?)", 530, False
+        # The broker's own words when it gave them: a per-user connection limit reads like a missing permission.
+        said = _BROKER_SAID.search(str(exc))
+        msg = (f"access refused: {said.group(1)}" if said
+               else "access refused (does the user have permissions on this vhost?)")
+        code, retry = 530, False
     elif isinstance(exc, ssl.SSLCertVerificationError):  # reconnecting meets the same certificate
         msg = f"TLS: the broker's certificate was refused ({exc.verify_message}); check ca_file and server_hostname"
         retry = False
