@@ -48,6 +48,13 @@ DEAD_LETTER_LIMITS: Final = {
     "x-overflow": "drop-head",
     "x-message-ttl": 7 * 24 * 3600 * 1000,
 }
+# aggregator.uplink takes every board's messages. Unbounded, one flooding board filled it with 710 MB in
+# 20 s (tests/faults/test_flood.py) and every honest update waited behind its backlog. Bounded, a full
+# queue refuses publishes (reject-publish: a flood cannot push honest updates out, as drop-head would)
+# and honest publishers retry their nacked update (shared.amqp.Publisher), so one waits behind at most
+# this much. 2,000 messages is 4 times the largest fleet measured (bench load, 500 boards) sending at
+# once; 64 MiB holds 256 messages of the broker's max message size.
+UPLINK_LIMITS: Final = {"x-max-length": 2_000, "x-max-length-bytes": 64 * 1024 * 1024, "x-overflow": "reject-publish"}
 # dead.dropped only needs to hold what arrives while its consumer (the aggregator) is away.
 DROPPED_LIMITS: Final = {"x-max-length": 100_000, "x-max-length-bytes": 64 * 1024 * 1024, "x-overflow": "drop-head"}
 # A device queue holds the tasks and merged masks an offline board has not read; a board is not sampled
@@ -95,7 +102,8 @@ def topology(namespace: str = "") -> Topology:
             ExchangeSpec(ns + DROPPED_EXCHANGE, "fanout"),
         ),
         queues=(
-            QueueSpec(ns + AGGREGATOR_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": ns + DEAD_EXCHANGE}),
+            QueueSpec(ns + AGGREGATOR_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": ns + DEAD_EXCHANGE,
+                                              **UPLINK_LIMITS}),
             QueueSpec(ns + DEAD_QUEUE, {**DEAD_LETTER_LIMITS, "x-dead-letter-exchange": ns + DROPPED_EXCHANGE}),
             QueueSpec(ns + DROPPED_QUEUE, dict(DROPPED_LIMITS)),
         ),

@@ -36,7 +36,8 @@ class Publisher:
     """Blocking publisher with publisher confirms, mandatory routing and persistent messages.
 
     `publish_*` returns once the broker has confirmed the message (it is then in every queue it was
-    routed to). A nack, an unroutable message, a refused publish (403/406) or a missing confirm after
+    routed to). A nack (a full queue that rejects publishes) is retried with backoff for up to
+    NACK_RETRY_SECONDS; a nack after that, an unroutable message, a refused publish (403/406) or a missing confirm after
     `settings.confirm_timeout` raise AmqpError. A dropped connection is reconnected once, after a
     short backoff, before raising; a message whose confirm was lost with the connection is published
     again, so delivery is at least once (the aggregator stores updates idempotently). Thread-safe: a
@@ -44,6 +45,7 @@ class Publisher:
     """
 
     RETRY_DELAY: Final = 1.0
+    NACK_RETRY_SECONDS: Final = 60.0  # how long a nacked publish (a full queue) is retried
 
     def __init__(self, settings: AmqpSettings, *, declare: bool = False) -> None:
         self.settings = settings
@@ -121,7 +123,8 @@ class Publisher:
     def _publish(self, exchange: str, routing_key: str, body: bytes, props: Any) -> None:
         what = f"publish to {exchange} with key {routing_key}"
         with self._lock:
-            for attempt in (1, 2):
+            attempt, nack_deadline, nack_wait = 1, time.monotonic() + self.NACK_RETRY_SECONDS, 0.05
+            while True:
                 try:
                     channel = self._ensure_channel()
                     self._confirmed_publish(channel, exchange, routing_key, body, props)
@@ -132,6 +135,18 @@ class Publisher:
                         f"{what} failed on {self.settings.redacted()}: no publisher confirm within "
                         f"{self.settings.confirm_timeout:g} s (the message may or may not have been stored)"
                     ) from None
+                except pika.exceptions.NackError as e:
+                    # A full queue with x-overflow reject-publish (aggregator.uplink, when a board floods
+                    # it) nacks. Its consumer frees room continuously: try again, briefly, with backoff.
+                    if time.monotonic() + nack_wait > nack_deadline:
+                        raise _translate(e, f"{what} (nacked for {self.NACK_RETRY_SECONDS:g} s)",
+                                         self.settings.redacted()) from e
+                    if nack_wait == 0.05:
+                        log.warning("%s: nacked (queue full?); retrying for up to %.0f s", what,
+                                    self.NACK_RETRY_SECONDS)
+                    time.sleep(nack_wait)
+                    nack_wait = min(nack_wait * 2, 1.0)
+                    continue
                 except AmqpError as e:
                     err, cause = e, e.__cause__
                 except (pika.exceptions.AMQPError, OSError) as e:
@@ -142,6 +157,7 @@ class Publisher:
                     raise err from cause
                 self._discard()
                 if attempt == 1:
+                    attempt = 2
                     log.warning("%s; reconnecting in %.1f s", err, self.RETRY_DELAY)
                     time.sleep(self.RETRY_DELAY)
                     continue
