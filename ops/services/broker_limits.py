@@ -21,7 +21,15 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from ops.control.enrolment import DEVICE_LIMITS, Management, ManagementError
 from ops.services.deployment import ROOT
 from shared import codec
-from shared.amqp import DEAD_LETTER_LIMITS, DEAD_QUEUE, AmqpError, AmqpSettings, vhost_user_prefix
+from shared.amqp import (
+    AGGREGATOR_QUEUE,
+    DEAD_LETTER_LIMITS,
+    DEAD_QUEUE,
+    UPLINK_LIMITS,
+    AmqpError,
+    AmqpSettings,
+    vhost_user_prefix,
+)
 from shared.amqp.connection import probe_max_message_size
 from shared.models import ModelSpec, build_model
 from shared.presets import PRESETS, model_spec
@@ -151,7 +159,8 @@ def running_limits(mgmt: Management, amqp: AmqpSettings, vhost: str, *, model_ne
             address = _http_address(listener)
             out.append(Limit("management listener", f"{address}:{listener.get('port')}",
                              f"{conf['management.tcp.ip']}:{conf['management.tcp.port']}", address in _LOOPBACK))
-    out.append(_dead_letter_limit(mgmt, vhost))
+    out.append(_queue_bounds(mgmt, vhost, AGGREGATOR_QUEUE, UPLINK_LIMITS))
+    out.append(_queue_bounds(mgmt, vhost, DEAD_QUEUE, DEAD_LETTER_LIMITS))
     if dropped is not None:
         counted = ", ".join(f"{n} {why}" for why, n in sorted(dropped.items())) or "none"
         out.append(Limit("dead letters dropped", counted, "counted", True))
@@ -198,16 +207,17 @@ def _total_memory() -> int | None:
     return None
 
 
-def _dead_letter_limit(mgmt: Management, vhost: str) -> Limit:
-    shipped = ", ".join(f"{k.removeprefix('x-')} {v}" for k, v in DEAD_LETTER_LIMITS.items())
-    q = mgmt.get(f"/queues/{quote(vhost, safe='')}/{DEAD_QUEUE}", missing_ok=True)
+def _queue_bounds(mgmt: Management, vhost: str, queue: str, bounds: dict[str, Any]) -> Limit:
+    """A queue's length bounds as declared on the running broker, with its depth."""
+    shipped = ", ".join(f"{k.removeprefix('x-')} {v}" for k, v in bounds.items())
+    q = mgmt.get(f"/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}", missing_ok=True)
     if q is None:
-        return Limit(f"{DEAD_QUEUE} bounds", "queue not declared yet", shipped, None)
+        return Limit(f"{queue} bounds", "queue not declared yet", shipped, None)
     args = q.get("arguments") or {}
-    missing = [k for k, v in DEAD_LETTER_LIMITS.items() if args.get(k) != v]
-    running = ", ".join(f"{k.removeprefix('x-')} {args[k]}" for k in DEAD_LETTER_LIMITS if k in args) or "unbounded"
-    return Limit(f"{DEAD_QUEUE} bounds", f"{running}; {q.get('messages', 0)} letters, "
-                 f"{_fmt_bytes(q.get('message_bytes'))}", shipped, not missing)
+    differ = [k for k, v in bounds.items() if args.get(k) != v]
+    running = ", ".join(f"{k.removeprefix('x-')} {args[k]}" for k in bounds if k in args) or "unbounded"
+    return Limit(f"{queue} bounds", f"{running}; holds {q.get('messages', 0)} messages, "
+                 f"{_fmt_bytes(q.get('message_bytes'))}", shipped, not differ)
 
 
 def _user_limits(mgmt: Management, vhost: str) -> Limit:
@@ -239,6 +249,6 @@ def read_limits(api_url: str, amqp_url: str, user: str, password: str, vhost: st
 def render_limits(section: dict[str, Any]) -> list[str]:
     if "error" in section:
         return [f"{'limits':<15} {section['error']}"]
-    lines = [f"  {lim['name']:<21} {lim['running']}" + ("" if lim["ok"] else f"   (shipped: {lim['shipped']})")
+    lines = [f"  {lim['name']:<25} {lim['running']}" + ("" if lim["ok"] else f"   (shipped: {lim['shipped']})")
              for lim in section["limits"]]
     return ["broker limits:", *lines, *(f"WARNING {w}" for w in section["warnings"])]

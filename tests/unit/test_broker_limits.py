@@ -15,7 +15,7 @@ from ops.services.broker_limits import largest_message_bytes, read_conf, running
 from ops.services.deployment import Deployment
 from ops.services.local_servers import local_rabbitmq_conf
 from shared import codec
-from shared.amqp import DEAD_LETTER_LIMITS, AmqpSettings, device_of_user, device_user, vhost_user_prefix
+from shared.amqp import DEAD_LETTER_LIMITS, UPLINK_LIMITS, AmqpSettings, device_of_user, device_user, vhost_user_prefix
 from shared.models import build_model
 from shared.presets import model_spec
 
@@ -90,7 +90,8 @@ class FakeManagement:
             return [{"disk_free_limit": 50_000_000 if not self.bounded else 2_000_000_000,
                      "mem_limit": None, "mem_alarm": False, "disk_free_alarm": False, "config_files": []}]
         if path.startswith("/queues/"):
-            return {"arguments": dict(DEAD_LETTER_LIMITS) if self.bounded else {}, "messages": 3, "message_bytes": 9}
+            bounds = UPLINK_LIMITS if path.endswith("aggregator.uplink") else DEAD_LETTER_LIMITS
+            return {"arguments": dict(bounds) if self.bounded else {}, "messages": 3, "message_bytes": 9}
         if path == "/user-limits":
             limits = {"max-connections": DEVICE_LIMITS.max_connections, "max-channels": DEVICE_LIMITS.max_channels}
             return [{"user": "fedmask.a", "value": limits}] if self.bounded else []
@@ -112,7 +113,7 @@ def test_status_warns_where_the_running_broker_differs_from_the_shipped_config(
         assert warned == set()
     else:
         assert warned == {"max message size", "disk free limit", "management listener", "dead.letters bounds",
-                          "device user limits"}
+                          "aggregator.uplink bounds", "device user limits"}
         shown = {lim.name: lim.running for lim in limits}
         assert shown["disk free limit"] == "50 MB" and "all addresses" in shown["management listener"]
         assert shown["dead.letters bounds"].startswith("unbounded") and "fedmask.a" in shown["device user limits"]
