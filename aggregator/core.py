@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator.store import RoundInfo, RoundStore, StoreError
+from aggregator.store_closer import closer_is_dead_here, default_closer_id
 from shared import codec
 from shared.bits import pack, scatter_at
 from shared.errors import CodecError, ConfigError
@@ -28,13 +29,14 @@ from shared.rounds import (
     check_sender,
     check_update,
     downlink_messages,
+    mask_message,
     quorum_count,
     refusal,
     sample_count,
     sample_devices,
     unpack_update,
 )
-from shared.transport import Envelope, Transport
+from shared.transport import DeviceUnreachable, Envelope, Transport
 
 log = logging.getLogger("fedmask.aggregator")
 
@@ -77,11 +79,15 @@ def fault_plan(spec: str | None) -> tuple[str, int] | None:
 
 class AggregatorCore:
     def __init__(self, store: RoundStore, downlink: Transport, spec: ModelSpec, *, merge: str = "head",
-                 prune_last_k: int = 2, clock: Callable[[], float] = time.time) -> None:
+                 prune_last_k: int = 2, clock: Callable[[], float] = time.time,
+                 close_lease_s: float | None = None) -> None:
         net = build_model(spec)
+        if close_lease_s is not None:
+            store.set_closer(default_closer_id(), close_lease_s)
         self.store, self.downlink, self.clock = store, downlink, clock
         self.fingerprint, self.layout, self.nbits = net.fingerprint(), net.layout_hash(), net.nbits
         self.rule = get_rule(merge)
+        self.rule_downlink = getattr(self.rule, "downlink", "bits")
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
@@ -108,6 +114,7 @@ class AggregatorCore:
     def _hello(self, msg: codec.Message) -> Decision:
         if msg.enc != "full" or msg.nbits != self.nbits or msg.bits is None:
             raise CodecError("bad_length", f"a hello carries all {self.nbits} structure bits")
+        self._refuse_removed(msg.device)
         try:
             self.store.register_device(msg.device, profile="", fingerprint=msg.model, structure=msg.bits,
                                        now=self.clock())
@@ -115,12 +122,51 @@ class AggregatorCore:
             if "structure" in str(err):
                 raise CodecError("structure_changed", str(err)) from err
             raise
+        self._records.pop(msg.device, None)  # a re-enrolled id (after `devices remove`) has a new structure
         self.store.touch(msg.device, self.clock())
         log.info("device %s enrolled (%d structure bits)", msg.device, int(np.unpackbits(
             np.frombuffer(msg.bits, np.uint8), count=self.nbits).sum()))
+        if self.store.clear_unreachable(msg.device):
+            self._send_newest_mask(msg.device)
         return ACK
 
+    def _refuse_removed(self, device: str) -> None:
+        if self.store.is_removed(device):
+            raise CodecError("device_removed", f"device {device} was removed by an operator; enrol it again to "
+                             "bring it back")
+
+    def _send_newest_mask(self, device: str) -> None:
+        """A board back after being unreachable gets the newest mask it missed (if any): the same
+        message its close would have sent, rebuilt from what Redis kept."""
+        stored = self.store.mask(device)
+        rec = self._record(device)
+        if stored is None or rec is None:
+            return
+        packed, version = stored
+        if self.rule_downlink == "q4":
+            msg = codec.make_mask(device=device, round=version, model=self.fingerprint, layout=self.layout,
+                                  bits=packed, nbits=rec.inside, version=version, enc="q4")
+        else:
+            msg = mask_message(device, np.frombuffer(packed, np.uint8), rec, round_id=version,
+                               fingerprint=self.fingerprint, layout=self.layout, nbits=self.nbits)
+        if self._send(device, codec.encode(msg)):
+            self.store.incr("downlink:resent")
+            log.info("device %s is back: sent its newest mask (v%d)", device, version)
+
+    def _send(self, device: str, body: bytes) -> bool:
+        """Publish one downlink; a board whose queue is gone is marked unreachable (counted once) and
+        the caller goes on: one broken board must never block a round."""
+        try:
+            self.downlink.publish_downlink(device, body)
+            return True
+        except DeviceUnreachable as err:
+            if self.store.mark_unreachable(device, self.clock()):
+                self.store.incr("devices:unreachable")
+            log.warning("%s; it is not sampled until it says hello again", err)
+            return False
+
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
+        self._refuse_removed(msg.device)
         check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
         self._fault("consumed")
         now = self.clock()
@@ -207,9 +253,9 @@ class AggregatorCore:
         if candidates is None:
             # Under "carry" a parked update joins this round, so its device sits this one out.
             parked = self.store.pending_devices() if late == "carry" else set()
-            pool = sorted(set(pool) - self.store.busy(pool, r, max_staleness) - parked)
+            pool = sorted(set(pool) - self.store.busy(pool, r, max_staleness) - parked - self.store.unreachable())
             if not pool:
-                raise StoreError(f"every enrolled device is still busy with an earlier task (round {r})")
+                raise StoreError(f"every enrolled device is busy with an earlier task or unreachable (round {r})")
         target = sample_count(len(pool), rate=rate, devices=devices)
         sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
                                                     over_select=over_select), seed=seed, round_id=r)
@@ -223,7 +269,7 @@ class AggregatorCore:
         for d in sampled:
             task = codec.make_task(device=d, round=r, model=self.fingerprint, layout=self.layout, bits=b"",
                                    nbits=0, version=self.store.mask_version(d), deadline=now + deadline_s)
-            self.downlink.publish_downlink(d, codec.encode(task))
+            self._send(d, codec.encode(task))  # an unreachable board just does not answer: the quorum decides
         info = self.store.info(r)
         assert info is not None
         log.info("round %d open: %d sampled, quorum %d, deadline in %.0fs, %d late updates carried in",
@@ -247,17 +293,39 @@ class AggregatorCore:
         return True
 
     def tick(self) -> None:
-        """Called periodically: closes the current round once its deadline passes."""
+        """Called periodically: closes the current round once its deadline passes, and finishes the
+        close of a round whose closer died (another aggregator on the same queue: its lease lapsed).
+        Only the current round can be closing: a round opens only after the previous one closed."""
         r = self.store.current_round()
         if r is not None:
             info = self.store.info(r)
             if info is not None and info.state == "open":
                 self.maybe_close(r)
+            elif info is not None and info.state == "closing" and self._take_over(r):
+                log.warning("round %d: its closer is gone; taking over the close", r)
+                self.store.incr("rounds:taken_over")
+                self.close(r)
+
+    def _take_over(self, round_id: int) -> bool:
+        """True if this process may finish a closing round: its closer's lease lapsed (claimed now), or
+        the closer was a process of this host that no longer runs (a crash restarted by systemd need
+        not wait out its own lease)."""
+        if self.store.claim_close(round_id):
+            return True
+        owner = self.store.closer_of(round_id)
+        if owner is None or not closer_is_dead_here(owner):
+            return False
+        self.store.renew_close(round_id)
+        return True
 
     def resume(self) -> list[int]:
-        """Finish rounds a crashed closer left in 'closing' (publishing again is idempotent)."""
+        """Finish rounds a crashed closer left in 'closing' (publishing again is idempotent), unless
+        another live aggregator holds the close (several may share the queue: store_closer.py)."""
         done = []
         for r in self.store.rounds_in_state("closing"):
+            if not self._take_over(r):
+                log.info("round %d is being closed by %s", r, self.store.closer_of(r))
+                continue
             log.warning("resuming the close of round %d", r)
             self.close(r)
             done.append(r)
@@ -276,9 +344,13 @@ class AggregatorCore:
         self._fault("merging")
         messages = downlink_messages(self.rule, self.ctx, rnd, self._records, fingerprint=self.fingerprint,
                                      layout=self.layout)
+        renewed = time.monotonic()
         for device, msg in messages.items():
-            self.downlink.publish_downlink(device, codec.encode(msg))
+            self._send(device, codec.encode(msg))  # kept in Redis either way (set_masks below)
             self._fault("published")
+            if time.monotonic() - renewed > self.store.lease_ms / 3000:  # a long close keeps its lease
+                self.store.renew_close(round_id)
+                renewed = time.monotonic()
         # After the publishes, in one round trip: a crash before this is resumed by publishing again.
         self.store.set_masks({d: self._stored_mask(msg) for d, msg in messages.items()}, round_id)
         self._fault("published_all")

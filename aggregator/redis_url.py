@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -28,6 +28,9 @@ def redact_url(url: str) -> str:
         return "<unparseable redis url>"
 
 
+TLS_ENV: Final = {"ca_file": "FEDMASK_REDIS_CA", "cert_file": "FEDMASK_REDIS_CERT", "key_file": "FEDMASK_REDIS_KEY"}
+
+
 def client_from_url(url: str, *, ca_file: str | None = None, cert_file: str | None = None,
                     key_file: str | None = None) -> redis.Redis:
     """A client (decode_responses=False, as RoundStore needs) for redis:// or rediss://; see
@@ -39,6 +42,10 @@ def client_from_url(url: str, *, ca_file: str | None = None, cert_file: str | No
         raise ConfigError(f"bad Redis URL {redact_url(url)}: {exc}") from None
     if any(name.startswith("ssl") for name in query):
         raise ConfigError(f"bad Redis URL {redact_url(url)}: TLS options go in from_url's arguments, not the URL")
+    if parts.scheme == "rediss":  # not given: from the environment (the CLI's --redis-ca etc. set it)
+        ca_file = ca_file or os.environ.get(TLS_ENV["ca_file"]) or None
+        cert_file = cert_file or os.environ.get(TLS_ENV["cert_file"]) or None
+        key_file = key_file or os.environ.get(TLS_ENV["key_file"]) or None
     tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
     given = [what for what, path in tls_files.items() if path is not None]
     if given and parts.scheme != "rediss":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aggregator.core import AggregatorCore
 from aggregator.dropped_tally import DroppedTally
 from aggregator.store import RoundStore, StoreError
+from aggregator.store_closer import DEFAULT_LEASE_S, default_closer_id
 from shared.amqp import (
     AGGREGATOR_QUEUE,
     DROPPED_QUEUE,
@@ -45,6 +46,8 @@ class ServiceSettings:
     prefetch: int = 16
     tick_seconds: float = 0.5
     redis_prefix: str = "fm:"  # RoundStore key prefix: lets two aggregators (or a test) share one Redis db
+    close_lease_s: float = DEFAULT_LEASE_S  # several aggregators on one queue: see aggregator/store_closer.py
+    closer_id: str = ""  # unique among the aggregators sharing the queue; "" = host:pid
 
 
 class AggregatorService:
@@ -56,6 +59,7 @@ class AggregatorService:
         self.publisher = Publisher(self.amqp, declare=True)
         self.core = AggregatorCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
                                    prune_last_k=self.setup.fedmask.prune_last_k)
+        self.store.set_closer(s.closer_id or default_closer_id(), s.close_lease_s)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
@@ -105,7 +109,8 @@ class AggregatorService:
         # `round start` rebuilds the model from these; `round status` shows the variant to operators.
         self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
                                "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,
-                               "config_origin": setup.origin, "fingerprint": self.core.fingerprint})
+                               "config_origin": setup.origin, "fingerprint": self.core.fingerprint,
+                               "amqp_address": self.amqp.address()})
         with self.lock:
             resumed = self.core.resume()
         if resumed:

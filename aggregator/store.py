@@ -19,6 +19,8 @@ import redis
 
 from aggregator.redis_url import client_from_url
 from aggregator.redis_url import redact_url as redact_url
+from aggregator.store_closer import CloseLease
+from aggregator.store_devices import DeviceLifecycle
 from aggregator.store_keys import StoreKeys, register_scripts
 from shared.errors import ConfigError, FedMaskError
 from shared.rounds import UpdateStatus
@@ -74,7 +76,7 @@ def _s(raw: object) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-class RoundStore:
+class RoundStore(DeviceLifecycle, CloseLease):
     def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:
         self.keys = StoreKeys(prefix)  # refuses a prefix with braces
         if client.connection_pool.connection_kwargs.get("decode_responses"):
@@ -258,7 +260,8 @@ class RoundStore:
                                           client=pipe)
             self._scripts["touch"](keys=self.keys.touch(device_id),
                                    args=[device_id, _num(now, "now")], client=pipe)
-            self._scripts["close_round"](keys=[keys[0], keys[2]], args=[_num(now, "now")], client=pipe)
+            self._scripts["close_round"](keys=[keys[0], keys[2], self.keys.in_round(round_id, "closer")],
+                                         args=[_num(now, "now"), *self.closer_args()], client=pipe)
             status_raw, _, elected = pipe.execute()
         status = _s(status_raw)
         if status not in _UPDATE_STATUSES:
@@ -318,8 +321,9 @@ class RoundStore:
 
     def try_close(self, round_id: int, now: float) -> bool:
         """open -> closing if the quorum is met or the deadline passed; True for exactly one caller."""
-        keys = [self.keys.in_round(round_id, "round"), self.keys.in_round(round_id, "received")]
-        return int(self._run("close_round", keys, [_num(now, "now")])) == 1
+        keys = [self.keys.in_round(round_id, "round"), self.keys.in_round(round_id, "received"),
+                self.keys.in_round(round_id, "closer")]
+        return int(self._run("close_round", keys, [_num(now, "now"), *self.closer_args()])) == 1
 
     def updates(self, round_id: int) -> dict[str, bytes]:
         """device -> stored update body, for every received and carried device (bodies are written

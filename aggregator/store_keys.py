@@ -15,7 +15,9 @@ Key layout (prefix <p>, default "fm:"):
   <p>{r<r>}:sampled / :received / :late / :carried   sets of device ids (carried: late updates
                                        of earlier rounds merged into this one; not in the quorum)
   <p>{r<r>}:arrivals           hash    id -> unix time its update was stored
+  <p>{r<r>}:closer            string  the closer's id, with an expiry (the close lease: store_closer.py)
   <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
+  <p>devices:unreachable / :removed   sets (aggregator/store_devices.py)
   <p>pending:<id>              hash    round, body: a late update waiting for the next round (carry policy)
   <p>pending                   set     devices with a pending late update
   <p>config                    hash    the running aggregator's task, width, seed, merge, fingerprint

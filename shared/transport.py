@@ -12,6 +12,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from shared.errors import FedMaskError
+
+
+class DeviceUnreachable(FedMaskError):
+    """A downlink could not be delivered: the board's queue is gone (a removed or reset board). The
+    aggregator keeps the message's content in Redis and gives it to the board when it says hello."""
+
+    def __init__(self, device_id: str, detail: str = "") -> None:
+        super().__init__(f"device {device_id} cannot be reached{': ' + detail if detail else ''}")
+        self.device_id = device_id
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -47,12 +58,15 @@ class InMemoryTransport:
     downlink: dict[str, deque[bytes]] = field(default_factory=dict)
     up: ByteCounter = field(default_factory=ByteCounter)
     down: ByteCounter = field(default_factory=ByteCounter)
+    unreachable: set[str] = field(default_factory=set)  # boards whose queue is gone (tests set this)
 
     def publish_uplink(self, device_id: str, kind: str, body: bytes) -> None:
         self.up.add(body)
         self.uplink.append(Envelope(f"device.{device_id}.{kind}", device_id, body))
 
     def publish_downlink(self, device_id: str, body: bytes) -> None:
+        if device_id in self.unreachable:
+            raise DeviceUnreachable(device_id, "no queue")
         self.down.add(body)
         self.downlink.setdefault(device_id, deque()).append(body)
 

@@ -1,16 +1,20 @@
--- close_round.lua: elect the one closer of a round.
+-- close_round.lua: elect the one closer of a round, and give it the round's close lease.
 -- KEYS[1] <p>{r<r>}:round      hash (state, quorum, deadline)
 -- KEYS[2] <p>{r<r>}:received   set
--- ARGV[1] now (unix seconds)
--- Moves state open -> closing (and records closing_at) only if |received| >= quorum or now >= deadline.
+-- KEYS[3] <p>{r<r>}:closer     string: who is closing the round (expires: see store_closer.py)
+-- ARGV[1] now (unix seconds)   ARGV[2] the caller's closer id   ARGV[3] lease in milliseconds
+-- Moves state open -> closing (and records closing_at) only if |received| >= quorum or now >= deadline,
+-- and in the same step sets KEYS[3] to the caller's id for the lease: another aggregator takes over the
+-- close only once the lease has lapsed (its closer died), never while the winner is still at work.
 -- Returns 1 to the caller that made that move, 0 to everyone else (not ready, already closing or
--- closed, unknown round). Both keys share the round's hash tag.
+-- closed, unknown round). All keys share the round's hash tag.
 if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return 0 end
 local quorum = tonumber(redis.call('HGET', KEYS[1], 'quorum'))
 local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
 local now = tonumber(ARGV[1])
 if redis.call('SCARD', KEYS[2]) >= quorum or now >= deadline then
   redis.call('HSET', KEYS[1], 'state', 'closing', 'closing_at', ARGV[1])
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
   return 1
 end
 return 0

@@ -7,6 +7,7 @@ import click
 
 from ops.cli.bench import bench
 from ops.cli.demo import demo
+from ops.cli.devices_admin import remove as _remove  # noqa: F401  (registers devices remove/rotate)
 from ops.cli.experiment import experiment
 from ops.cli.export import export
 from ops.cli.pipeline import aggregator, devices, worker

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,6 +33,42 @@ def _log(verbose: bool) -> None:
 amqp_opt = click.option("--amqp-url", envvar=AMQP_ENV, default=DEFAULT_AMQP, show_default=True)
 redis_opt = click.option("--redis-url", envvar=REDIS_ENV, default=DEFAULT_REDIS, show_default=True)
 
+# TLS files for amqps:// and rediss:// URLs. Each flag sets its environment variable for this process
+# (and the processes it starts), which is where AmqpSettings.from_url and RoundStore.from_url read them.
+TLS_FLAGS = (
+    ("--amqp-ca", "FEDMASK_AMQP_CA", "CA bundle the broker's certificate must chain to (amqps://)"),
+    ("--amqp-cert", "FEDMASK_AMQP_CERT", "client certificate for the broker (amqps://)"),
+    ("--amqp-key", "FEDMASK_AMQP_KEY", "its private key, if not in --amqp-cert"),
+    ("--amqp-server-name", "FEDMASK_AMQP_SERVER_NAME", "name checked against the broker's certificate"),
+    ("--redis-ca", "FEDMASK_REDIS_CA", "CA bundle Redis's certificate must chain to (rediss://)"),
+    ("--redis-cert", "FEDMASK_REDIS_CERT", "client certificate for Redis (rediss://)"),
+    ("--redis-key", "FEDMASK_REDIS_KEY", "its private key, if not in --redis-cert"),
+)
+
+
+def _export_env(env: str) -> Any:
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value:
+            os.environ[env] = value
+
+    return callback
+
+
+def tls_opts(f: Any, *, services: tuple[str, ...] = ("amqp", "redis")) -> Any:
+    for flag, env, text in reversed(TLS_FLAGS):
+        if flag.split("-")[2] in services:
+            f = click.option(flag, envvar=env, default=None, expose_value=False, callback=_export_env(env),
+                             help=f"{text} [env {env}]")(f)
+    return f
+
+
+def amqp_tls_opts(f: Any) -> Any:
+    return tls_opts(f, services=("amqp",))
+
+
+def redis_tls_opts(f: Any) -> Any:
+    return tls_opts(f, services=("redis",))
+
 
 def describe_aggregator(cfg: dict[str, str]) -> str:
     """One line on what the running aggregator serves (its fm:config), for `round status` and `devices list`."""
@@ -50,20 +87,27 @@ def aggregator() -> None:
 @aggregator.command("run")
 @amqp_opt
 @redis_opt
+@tls_opts
 @click.option("--task", type=TASKS, default="activity", show_default=True)
 @variant_opt
 @click.option("--merge", default=None, help="merge rule of --variant preset [default: head]")
 @click.option("--width", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--close-lease", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="seconds another aggregator on the same queue waits before finishing a close whose closer died")
+@click.option("--closer-id", default="",
+              help="this aggregator's name among those sharing the queue [default: host:pid]")
 def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
-                   seed: int) -> None:
-    """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains)."""
+                   seed: int, close_lease: float, closer_id: str) -> None:
+    """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains). Run several
+    against the same queue and Redis to share the load: exactly one closes each round."""
     from aggregator.service import AggregatorService, ServiceSettings
 
     _log(True)
     try:
         svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
-                                                seed=seed, variant=variant, merge=merge))
+                                                seed=seed, variant=variant, merge=merge, close_lease_s=close_lease,
+                                                closer_id=closer_id))
     except ValueError as exc:  # a variant/merge combination variant_setup refuses
         raise click.ClickException(str(exc)) from exc
     svc.install_signal_handlers()
@@ -76,6 +120,7 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
 @click.option("--task", type=TASKS, default="activity", show_default=True)
 @variant_opt
 @amqp_opt
+@amqp_tls_opts
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("runs/worker-state"), show_default=True)
 @click.option("--width", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -109,9 +154,13 @@ def devices() -> None:
               help="the broker address as the boards reach it (goes into their URL)")
 @click.option("--amqp-port", type=int, default=5672, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write worker settings (JSON, mode 600)")
+@redis_opt
 def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_password: str, vhost: str,
-           amqp_host: str, amqp_port: int, out: Path | None) -> None:
-    """Create each device's broker user, queue and permissions; print or write its connection URL."""
+           amqp_host: str, amqp_port: int, out: Path | None, redis_url: str) -> None:
+    """Create each device's broker user, queue and permissions; print or write its connection URL.
+    An id removed with `devices remove` may say hello again afterwards (Redis at --redis-url)."""
+    from aggregator.store import RoundStore, StoreError
+    from ops.control.devices import readmit_removed
     from ops.control.enrolment import Management, ManagementError
 
     mgmt = Management(api_url, admin_user, admin_password)
@@ -121,6 +170,16 @@ def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_pas
                  for d in device_ids}
     except ManagementError as exc:
         raise click.ClickException(str(exc)) from exc
+    store = RoundStore.from_url(redis_url)
+    try:
+        back = readmit_removed(list(device_ids), store)
+        if back:
+            click.echo(f"readmitted removed devices: {', '.join(back)}", err=True)
+    except StoreError as exc:  # the broker side is done; say what is left
+        click.echo(f"warning: could not check Redis for removed ids ({exc}); a removed id stays refused "
+                   "until this enrolment is repeated with Redis reachable", err=True)
+    finally:
+        store.close()
     if out:
         write_json(out, creds)
         os.chmod(out, 0o600)
@@ -132,6 +191,7 @@ def enroll(device_ids: tuple[str, ...], api_url: str, admin_user: str, admin_pas
 
 @devices.command("list")
 @redis_opt
+@redis_tls_opts
 @click.option("--json", "as_json", is_flag=True)
 def devices_list(redis_url: str, as_json: bool) -> None:
     """Devices that said hello, with their mask version and last heartbeat."""

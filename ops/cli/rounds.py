@@ -9,7 +9,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from ops.cli.pipeline import TASKS, amqp_opt, describe_aggregator, redis_opt
+from ops.cli.pipeline import AMQP_ENV, TASKS, describe_aggregator, redis_opt, redis_tls_opts, tls_opts
 from shared.errors import FedMaskError
 
 
@@ -18,11 +18,17 @@ def round_() -> None:
     """Start, watch and drive rounds (the aggregator service closes them)."""
 
 
-def _core(amqp_url: str, redis_url: str, task: str | None, width: int | None, seed: int) -> Any:
+operator_amqp_opt = click.option(
+    "--amqp-url", envvar=AMQP_ENV, default=None,
+    help="broker to send tasks through [default: the running aggregator's, recorded in Redis, as guest]")
+
+
+def _core(amqp_url: str | None, redis_url: str, task: str | None, width: int | None, seed: int) -> Any:
     from ops.control.rounds import AggregatorMismatch, core_for_running_aggregator
 
     try:
-        return core_for_running_aggregator(amqp_url, redis_url, task, width, seed)
+        return core_for_running_aggregator(amqp_url, redis_url, task, width, seed,
+                                           warn=lambda m: click.echo(f"warning: {m}", err=True))
     except AggregatorMismatch as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -44,7 +50,7 @@ def plan_options(f: Any) -> Any:
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--task", type=TASKS, default=None, help="default: the running aggregator's"),
         click.option("--width", type=int, default=None, help="default: the running aggregator's"),
-        amqp_opt, redis_opt,
+        operator_amqp_opt, redis_opt, tls_opts,
     ]):
         f = opt(f)
     return f
@@ -89,6 +95,7 @@ def _info(redis_url: str, round_id: int | None, store: Any = None) -> Any:
 @round_.command("status")
 @click.argument("round_id", type=int, required=False)
 @redis_opt
+@redis_tls_opts
 @click.option("--json", "as_json", is_flag=True)
 def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
     """State of ROUND (default: the newest), with per-device latency."""
@@ -107,6 +114,7 @@ def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
 
 @round_.command("watch")
 @redis_opt
+@redis_tls_opts
 @click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
 @click.option("--once", is_flag=True, help="print one snapshot and exit")
 def round_watch(redis_url: str, interval: float, once: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ops.cli.pipeline import TASKS, amqp_opt, redis_opt
+from ops.cli.pipeline import TASKS, amqp_opt, redis_opt, tls_opts
 from shared.errors import FedMaskError
 
 
@@ -23,8 +23,15 @@ def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _default_run_dir() -> Path:
+    from ops.services.deployment import default_run_dir
+
+    return default_run_dir()
+
+
 run_dir_opt = click.option("--run-dir", envvar="FEDMASK_RUN_DIR", type=click.Path(path_type=Path),
-                           default=Path("runs/services"), show_default=True, help="pid, log and local Redis data")
+                           default=_default_run_dir, show_default="~/.local/state/fedmask/services",
+                           help="pid, log and local Redis data (the same from any folder)")
 
 
 @click.group("services")
@@ -35,6 +42,7 @@ def services() -> None:
 @services.command("up")
 @amqp_opt
 @redis_opt
+@tls_opts
 @run_dir_opt
 @click.option("--task", envvar="FEDMASK_TASK", type=TASKS, default="activity", show_default=True)
 @click.option("--width", envvar="FEDMASK_WIDTH", type=int, default=None)

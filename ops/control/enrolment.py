@@ -271,6 +271,12 @@ class Management:
                                  _amqp_url(username, password, amqp_host, amqp_port, vhost),
                                  limits if applied else None)
 
+    def is_enrolled(self, device_id: str, *, vhost: str = DEFAULT_VHOST) -> bool:
+        """The device's user of `vhost` exists and holds permissions there."""
+        username = device_user(device_id, vhost)
+        return self._request("GET", f"/permissions/{quote(vhost, safe='')}/{quote(username, safe='')}",
+                             missing_ok=True) is not None
+
     def delete_device(self, device_id: str, *, vhost: str = DEFAULT_VHOST, delete_queue: bool = True) -> None:
         """Remove the device's user of `vhost` (its permissions and limits go with it), its connections
         and, by default, its queue. Missing pieces are fine."""

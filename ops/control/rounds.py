@@ -7,16 +7,21 @@ which samples and sends tasks), then watches Redis until the aggregator service 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aggregator.core import AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
 from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError
 from shared.variant_setup import PRESET_VARIANT, variant_setup
+
+log = logging.getLogger("fedmask.rounds")
+DEFAULT_OPERATOR_AMQP = "amqp://guest:guest@127.0.0.1:5672/fedmask"
 
 # The aggregator's deadline ticker runs every 0.5 s; past this grace a round still open after its
 # deadline means no aggregator is consuming (or it is wedged): say so instead of waiting forever.
@@ -54,13 +59,31 @@ class AggregatorMismatch(FedMaskError):
     """No aggregator has recorded its model in this Redis, or it serves another task or width."""
 
 
-def core_for_running_aggregator(amqp_url: str, redis_url: str, task: str | None, width: int | None,
-                                seed: int) -> AggregatorCore:
+def operator_amqp_url(amqp_url: str | None, cfg: dict[str, str], *, warn: Callable[[str], None]) -> str:
+    """The broker the operator sends tasks through: the one the running aggregator serves (its record
+    in Redis holds the address, never credentials), as the default operator user guest; an explicit
+    URL wins, with a warning when it points elsewhere (tasks would reach another deployment's queues)."""
+    recorded = cfg.get("amqp_address")
+    if amqp_url is None:
+        if not recorded:
+            return DEFAULT_OPERATOR_AMQP
+        parts = urlsplit(recorded)
+        return urlunsplit(parts._replace(netloc=f"guest:guest@{parts.netloc}"))
+    if recorded and AmqpSettings.from_url(amqp_url).address() != recorded:
+        warn(f"--amqp-url names {AmqpSettings.from_url(amqp_url).address()}, but the aggregator using this Redis "
+             f"serves {recorded}: its boards will not get these tasks")
+    return amqp_url
+
+
+def core_for_running_aggregator(amqp_url: str | None, redis_url: str, task: str | None, width: int | None,
+                                seed: int, *, warn: Callable[[str], None] = log.warning) -> AggregatorCore:
     """An AggregatorCore for opening rounds. Task, width and seed default to those the running
     aggregator recorded in Redis, and the variant is always its own (a personal head changes the
-    model), so tasks name the model the aggregator validates against."""
+    model), so tasks name the model the aggregator validates against; the broker too
+    (operator_amqp_url)."""
     store = RoundStore.from_url(redis_url)
     cfg = store.config()
+    amqp_url = operator_amqp_url(amqp_url, cfg, warn=warn)
     if not cfg and task is None:
         raise AggregatorMismatch("no aggregator has started against this Redis yet: run `make up` "
                                  "(or `fedmask aggregator run`), or pass --task")

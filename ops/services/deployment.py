@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -13,6 +14,13 @@ from shared.errors import FedMaskError
 ROOT = Path(__file__).resolve().parents[2]  # the repository: broker_config/, ops/deploy/, the aggregator's cwd
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MANAGEMENT_PORT = 15672
+
+
+def default_run_dir() -> Path:
+    """One place per user for the services' pid, log and local Redis data, whatever the working folder:
+    $XDG_STATE_HOME/fedmask/services, else ~/.local/state/fedmask/services (FEDMASK_RUN_DIR overrides)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fedmask" / "services"
 
 
 def reachable(host: str, port: int, timeout: float = 1.0) -> bool:

@@ -20,12 +20,16 @@ import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
 from shared.amqp.broker_topology import DOWNLINK_EXCHANGE, UPLINK_EXCHANGE, declare_topology
 from shared.amqp.connection import _amqp_errors, _close_quietly, _connect, _translate
 from shared.amqp.settings import AmqpError, AmqpSettings, validate_device_id
+from shared.transport import DeviceUnreachable
 
 log = logging.getLogger("fedmask.amqp")
 
 CONTENT_TYPE: Final = "application/msgpack"
 
 _KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+NO_ROUTE: Final = 312  # AMQP reply code of a mandatory message that no queue took
 
 
 class _ConfirmTimeout(Exception):
@@ -79,10 +83,16 @@ class Publisher:
         self._publish(self.settings.namespace + UPLINK_EXCHANGE, f"device.{device_id}.{kind}", body, props)
 
     def publish_downlink(self, device_id: str, body: bytes, *, headers: dict[str, Any] | None = None) -> None:
-        """To the device's own queue; unroutable (no such device queue) raises AmqpError."""
+        """To the device's own queue. Unroutable (no such device queue: a removed or reset board) raises
+        DeviceUnreachable, which the round logic survives; any other failure raises AmqpError."""
         validate_device_id(device_id)
         props = self._properties(user_id=self.settings.username, headers=headers)
-        self._publish(self.settings.namespace + DOWNLINK_EXCHANGE, device_id, body, props)
+        try:
+            self._publish(self.settings.namespace + DOWNLINK_EXCHANGE, device_id, body, props)
+        except AmqpError as err:
+            if err.code == NO_ROUTE:
+                raise DeviceUnreachable(device_id, "its queue is gone (the message came back unroutable)") from err
+            raise
 
     def close(self) -> None:
         with self._lock:

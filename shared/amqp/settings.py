@@ -28,6 +28,12 @@ _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{0,64}")
 
 
+# Environment variables for the TLS fields (the CLI's --amqp-ca, --amqp-cert, --amqp-key and
+# --amqp-server-name set them), read by from_url for amqps:// URLs.
+TLS_ENV: Final = {"ca_file": "FEDMASK_AMQP_CA", "cert_file": "FEDMASK_AMQP_CERT", "key_file": "FEDMASK_AMQP_KEY",
+                  "server_hostname": "FEDMASK_AMQP_SERVER_NAME"}
+
+
 class AmqpError(FedMaskError):
     """A RabbitMQ operation failed. `code` is the AMQP reply code when the broker gave one (403
     ACCESS_REFUSED, 404 NOT_FOUND, 406 PRECONDITION_FAILED, 312 NO_ROUTE); `retryable` is True when
@@ -128,8 +134,20 @@ class AmqpSettings:
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> AmqpSettings:
-        """kw: any other field (heartbeat, namespace, ca_file, cert_file, key_file, server_hostname...)."""
+        """kw: any other field (heartbeat, namespace, ca_file, cert_file, key_file, server_hostname...).
+        For an amqps:// URL, TLS fields not given come from the environment (TLS_ENV): one setting
+        reaches every connection of a process and the processes it starts (`fedmask demo`, `make up`)."""
+        if urlsplit(url).scheme == "amqps":
+            for name, env in TLS_ENV.items():
+                if kw.get(name) is None and os.environ.get(env):
+                    kw[name] = os.environ[env]
         return cls(url=url, **kw)
+
+    def address(self) -> str:
+        """scheme://host:port/vhost, without credentials: what an aggregator records for operators."""
+        parts = urlsplit(self.url)
+        port = parts.port or (5671 if self.tls else 5672)
+        return f"{parts.scheme}://{parts.hostname or '127.0.0.1'}:{port}/{quote(self.vhost, safe='')}"
 
     @property
     def tls(self) -> bool:

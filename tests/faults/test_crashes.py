@@ -7,12 +7,10 @@ same AggregatorCore and DeviceRuntime code in this process, with an in-memory do
 same rounds with the same participants.
 
 Isolation and cost. One fleet serves the module, because starting worker processes (torch import,
-pruning) is most of the cost: a throwaway vhost, a redis-server of its own (AOF on, in tmp: case 4
-restarts it, and the shared instance must never be restarted), one aggregator, N workers. The cases
-run the fleet's rounds in turn and any one can run alone; a case that leaves the fleet unusable makes
-the later ones skip, so read the first failure. The RabbitMQ case restarts the local broker with
-rabbitmqctl, which drops every connection on the machine for a few seconds: run this suite on its
-own, `pytest -m faults tests/faults/test_crashes.py`.
+pruning) is most of the cost: a RabbitMQ node and a redis-server of its own (tests/private_services.py:
+the cases stop and restart them, and the machine's services serve other work), one aggregator, N
+workers. The cases run the fleet's rounds in turn and any one can run alone; a case that leaves the
+fleet unusable makes the later ones skip, so read the first failure.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,22 +28,21 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 import pytest
-import redis
 
 from aggregator.core import FAULT_ENV, AggregatorCore
 from aggregator.store import RoundInfo, RoundStore
 from ops.control.enrolment import Management
 from shared import codec
-from shared.amqp import AGGREGATOR_QUEUE, DEAD_QUEUE, AmqpSettings, Publisher, queue_depth
+from shared.amqp import DEAD_QUEUE, AmqpSettings, Publisher, queue_depth
 from shared.data import load_task
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.models import ModelSpec
 from shared.presets import model_spec, preset
 from shared.transport import InMemoryTransport
+from tests.private_services import PrivateRabbitMQ, PrivateRedis, rabbitmq_installed
 from tests.services import missing
 
 TASK, WIDTH, SEED, N = "digits", 32, 0, 4
@@ -69,63 +65,8 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str, *, every: float =
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _with_vhost(url: str, vhost: str) -> str:
-    return urlunparse(urlparse(url)._replace(path="/" + vhost))
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:  # refused, or still loading the AOF (BusyLoadingError)
-        return False
-
-
 def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
-
-
-class RedisServer:
-    """A redis-server of our own with AOF on; appendfsync always, so every write the aggregator saw
-    succeed (and then acked the delivery for) survives a restart."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir, self.port = directory, _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        try:
-            _wait(lambda: _answers(client), 30, "redis-server to answer")
-        finally:
-            client.close()
-
-    def shutdown(self) -> None:
-        """SHUTDOWN (Redis fsyncs the AOF on the way out), then wait for the process to end."""
-        client = redis.Redis(port=self.port)
-        with suppress(redis.ConnectionError):  # the server drops the connection as it exits
-            client.shutdown()
-        client.close()
-        if self.proc is not None:
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------------- the undisturbed run
@@ -172,7 +113,7 @@ class Reference:
 class Fleet:
     tmp: Path
     admin_url: str  # the test vhost, as the guest administrator
-    redis: RedisServer
+    redis: PrivateRedis
     ids: list[str]
     creds: dict[str, str]  # device -> its own AMQP URL (enrolled user)
     slow_device: str  # runs the pi4 profile: the window to kill it mid-training is 5x wider
@@ -340,30 +281,39 @@ def _report(case: str, round_id: int, delta: dict[str, int], extra: str = "") ->
 
 
 @pytest.fixture(scope="module")
-def fleet(amqp_service_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of the suite's own: the RabbitMQ case stops it, and the machine's broker serves
+    other work."""
+    if not rabbitmq_installed():
+        missing("rabbitmq-server (the fault suite runs a RabbitMQ node of its own)")
+    with PrivateRabbitMQ(tmp_path_factory.mktemp("rabbitmq")) as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def fleet(broker: PrivateRabbitMQ, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     if shutil.which("redis-server") is None:
         missing("redis-server (the fault suite runs its own, with AOF on)")
     tmp = tmp_path_factory.mktemp("faults")
     vhost = f"fedmask-faults-{uuid.uuid4().hex[:8]}"
-    mgmt = Management()
+    mgmt = Management(broker.management_url)
     try:
         mgmt.ensure_vhost(vhost)
     except Exception as exc:  # the management API is the enrolment path: under CI it must be there
         missing(f"RabbitMQ management API ({exc})")
-    server = RedisServer(tmp / "redis")
+    server = PrivateRedis(tmp / "redis")
     p = preset(TASK)
     data = load_task(TASK, num_devices=p.devices, seed=SEED, **p.data_options)  # type: ignore[arg-type]  # as the worker
-    # The last N devices: a device's broker user is broker-wide, and test_pipeline enrols the first six.
     devices = data.devices[-N:]
     ids = [d.device_id for d in devices]
-    admin_url = _with_vhost(amqp_service_url, vhost)
+    admin_url = broker.amqp_url(vhost)
     spec = model_spec(TASK, width=WIDTH, seed=SEED)
     store = RoundStore.from_url(server.url())  # connects on first use
     publisher: Publisher | None = None
     fl: Fleet | None = None
     try:
         server.start()
-        creds = {d: mgmt.enroll(d, vhost=vhost).amqp_url for d in ids}
+        creds = {d: mgmt.enroll(d, vhost=vhost, amqp_port=broker.amqp_port).amqp_url for d in ids}
         publisher = Publisher(AmqpSettings.from_url(admin_url), declare=True)
         fl = Fleet(tmp=tmp, admin_url=admin_url, redis=server, ids=ids, creds=creds, slow_device=ids[-1], spec=spec,
                    cfg=FedMaskConfig(train=p.mask_train, local_epochs=p.local_epochs), store=store,
@@ -490,40 +440,19 @@ def test_worker_killed_mid_training(fleet: Fleet) -> None:
         _report("worker killed, next round", r + 1, delta, f"{victim} took part")
 
 
-def _local_broker(url: str) -> bool:
-    return urlparse(url).hostname in ("127.0.0.1", "localhost") and shutil.which("rabbitmqctl") is not None
-
-
-def _rabbitmqctl(*args: str, timeout: float = 120) -> None:
-    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}"
-
-
-def _broker_answers(url: str) -> bool:
-    try:
-        queue_depth(AmqpSettings.from_url(url), AGGREGATOR_QUEUE)
-        return True
-    except Exception:  # refused, or the node is up but its vhosts are not yet
-        return False
-
-
 @contextmanager
-def _broker_stopped(admin_url: str) -> Iterator[None]:
-    """The local RabbitMQ application stopped (the Erlang node keeps running), and started again on the
-    way out, also when the case fails: every other client on the machine needs it back."""
-    _rabbitmqctl("stop_app")
+def _broker_stopped(broker: PrivateRabbitMQ) -> Iterator[None]:
+    """The suite's RabbitMQ application stopped (its Erlang node keeps running), and started again on
+    the way out, also when the case fails."""
+    broker.stop_app()
     try:
         yield
     finally:
-        _rabbitmqctl("start_app", timeout=300)
-        _rabbitmqctl("await_startup", timeout=300)
-        _wait(lambda: _broker_answers(admin_url), 120, "RabbitMQ to accept connections again", every=0.5)
+        broker.start_app()
 
 
 @pytest.mark.timeout(400)
-def test_rabbitmq_restarted_mid_round(fleet: Fleet, amqp_service_url: str) -> None:
-    if not _local_broker(amqp_service_url):
-        missing("the local RabbitMQ node and rabbitmqctl (this case restarts the broker)")
+def test_rabbitmq_restarted_mid_round(fleet: Fleet, broker: PrivateRabbitMQ) -> None:
     early, late = fleet.ids[: N // 2], fleet.ids[N // 2:]
     with fleet.case() as r:
         assert fleet.reference is not None and fleet.aggregator is not None
@@ -541,7 +470,7 @@ def test_rabbitmq_restarted_mid_round(fleet: Fleet, amqp_service_url: str) -> No
             assert fleet.info(r).received == sorted(early)
             logs_before = {d: len(fleet.worker_log(d)) for d in fleet.ids}
             aggregator_log_before = len(fleet.aggregator_log())
-            with _broker_stopped(fleet.admin_url):
+            with _broker_stopped(broker):
                 os.kill(aggregator.pid, signal.SIGCONT)  # it lives through the outage and reconnects on its own
                 time.sleep(2)  # long enough for a refused reconnect or two
         finally:

@@ -3,6 +3,9 @@ merges equal the simulator's; duplicates, late updates, spoofing and crashed clo
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -138,11 +141,53 @@ def test_a_crashed_close_is_resumed(store: RoundStore, data: FederatedDataset) -
     core.start_round(rate=1.0, quorum=1.0, deadline_s=60, seed=SEED)
     bodies = _train_round(core, bus, devs)
     core.close = lambda r: {}  # type: ignore[method-assign]  # the closer "dies" right after winning
+    store.set_closer(f"{socket.gethostname()}:{_dead_pid()}")  # ... as a process of this host that is gone
     for dev, body in bodies.items():
         core.handle(f"device.{dev}.update", dev, body)
     assert store.info(1).state == "closing"  # type: ignore[union-attr]
+    store.set_closer("")  # the restarted process: a new pid, and it need not wait out the dead one's lease
     fresh = AggregatorCore(store, bus, model_spec(TASK, width=WIDTH, seed=SEED), merge="head")
     assert fresh.resume() == [1]
     assert store.info(1).state == "closed"  # type: ignore[union-attr]
     assert all(len(bus.take_downlink(dev)) == 1 for dev in devs)
     assert fresh.resume() == []
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+def test_another_aggregator_takes_over_only_once_the_lease_lapses(store: RoundStore, data: FederatedDataset) -> None:
+    """Several aggregators on one queue: a closer on another host that stops mid-close holds the round
+    until its lease lapses; then the next tick of any other finishes it, once."""
+    bus = InMemoryTransport()
+    spec = model_spec(TASK, width=WIDTH, seed=SEED)
+    dying = AggregatorCore(store, bus, spec, merge="head")
+    devs = _devices(data)
+    _hello_all(dying, devs)
+    dying.start_round(rate=1.0, quorum=1.0, deadline_s=60, seed=SEED)
+    bodies = _train_round(dying, bus, devs)
+    dying.close = lambda r: {}  # type: ignore[method-assign]
+    store.set_closer("other-host:123", lease_s=1.0)
+    for dev, body in bodies.items():
+        dying.handle(f"device.{dev}.update", dev, body)
+    assert store.info(1).state == "closing" and store.closer_of(1) == "other-host:123"  # type: ignore[union-attr]
+    store.set_closer("this-host:456", lease_s=1.0)
+    replica = AggregatorCore(store, bus, spec, merge="head")
+    assert replica.resume() == []  # the lease is held: the other closer may still be at work
+    replica.tick()
+    assert store.info(1).state == "closing"  # type: ignore[union-attr]
+    time.sleep(1.2)
+    replica.tick()
+    assert store.info(1).state == "closed" and store.counters()["rounds:taken_over"] == 1  # type: ignore[union-attr]
+    assert all(len(bus.take_downlink(dev)) == 1 for dev in devs)
+    replica.tick()
+    assert store.counters()["rounds:taken_over"] == 1

@@ -41,6 +41,7 @@ from shared.amqp import (
     topology,
 )
 from shared.errors import ConfigError
+from shared.transport import DeviceUnreachable
 from tests.services import missing
 
 pytestmark = pytest.mark.services
@@ -171,9 +172,10 @@ def test_uplink_is_confirmed_and_consumed_with_user_id_and_routing_key(settings:
 def test_downlink_reaches_only_the_device_queue_and_unroutable_raises(settings: AmqpSettings) -> None:
     with Publisher(settings) as pub:
         pub.publish_downlink("dev-1", b"task", headers={"round": 7})
-        with pytest.raises(AmqpError) as e:
+        with pytest.raises(DeviceUnreachable) as e:
             pub.publish_downlink("not-enrolled", b"lost")
-        assert e.value.code == 312 and "unroutable" in str(e.value)
+        assert e.value.device_id == "not-enrolled" and "unroutable" in str(e.value)
+        assert isinstance(e.value.__cause__, AmqpError) and e.value.__cause__.code == 312
         pub.publish_downlink("dev-1", b"still works after a returned message")
     assert queue_depth(settings, q(settings, device_queue("dev-2"))) == 0
     got = drain(settings, q(settings, device_queue("dev-1")), 2)

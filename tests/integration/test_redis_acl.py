@@ -37,7 +37,7 @@ STRUCT = b"\xf0\x0f"
 
 # Every public RoundStore method must be run as the restricted user below (or be listed here with why
 # not): a new method using a command outside the grant then fails this file instead of production.
-NOT_REDIS_OPS = {"from_url", "close"}
+NOT_REDIS_OPS = {"from_url", "close", "set_closer", "closer_args"}  # the last two only set or read attributes
 
 
 def template_rules(user: str = "fedmask-aggregator") -> list[str]:
@@ -151,6 +151,18 @@ def test_every_store_operation_works_as_the_aggregator_user(acl_user: AclUser) -
         assert call("config") == {"task": "digits", "width": "32"}
         call("incr", "updates:stored", 2)
         assert call("counters") == {"updates:stored": 3}
+        # The device lifecycle (store_devices.py) and the close lease (store_closer.py).
+        assert call("mark_unreachable", "d4", T0 + 9) and call("unreachable") == {"d4"}
+        assert call("unreachable_count") == 1 and call("clear_unreachable", "d4")
+        call("mark_closed", 2, T0 + 9)
+        call("open_round", 3, sampled=["d1", "d2"], deadline=T0 + 180, quorum=2, now=T0 + 10)
+        assert call("ingest_update", 3, "d1", b"u1-3", T0 + 11) == ("stored", False)
+        assert call("remove_device", "d1", 3) == {"parked": 0, "stored": 1}
+        assert call("is_removed", "d1") and call("removed") == {"d1"}
+        call("readmit", "d1")
+        assert call("claim_close", 3) and not call("claim_close", 3)
+        call("renew_close", 3)
+        assert call("closer_of", 3) == s.closer_args()[0]
         # redis-py reloads a script with SCRIPT LOAD after a SCRIPT FLUSH or a restart; flushing the
         # shared server's cache would disturb other tests, so run the reload path's commands directly.
         src = (LUA_DIR / "touch.lua").read_text()

@@ -20,10 +20,12 @@ from ops.services.deployment import Deployment
 pytestmark = pytest.mark.services
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FEDMASK_NO_DOCKER": "1"}  # the local path is what this machine can run
+def _cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "FEDMASK_NO_DOCKER": "1", **env}  # the local path is what this machine can run
+    if cwd is not None:  # run from another folder: the repository must still be importable
+        full["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), full.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "ops.cli", "services", *args], capture_output=True, text=True,
-                          timeout=180, env=env)
+                          timeout=180, env=full, cwd=cwd)
 
 
 def test_up_status_down(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> None:
@@ -48,7 +50,9 @@ def test_up_status_down(amqp_service_url: str, redis_service_url: str, tmp_path:
         assert st.returncode == 0, st.stdout
         payload = json.loads(st.stdout)
         assert payload["aggregator"]["pid"] == pid and payload["aggregator"]["config"]["task"] == "digits"
-        assert RoundStore.from_url(redis_service_url).config()["width"] == "32"
+        recorded = RoundStore.from_url(redis_service_url).config()
+        assert recorded["width"] == "32"
+        assert recorded["amqp_address"].endswith(f"/{vhost}") and "guest" not in recorded["amqp_address"]
         down = _cli("down", *args)
         assert down.returncode == 0 and aggregator_pid(dep) is None
         assert "aggregator stopped" in (tmp_path / "aggregator.log").read_text()  # drained, not killed
@@ -57,6 +61,31 @@ def test_up_status_down(amqp_service_url: str, redis_service_url: str, tmp_path:
         if (pid := aggregator_pid(dep)) is not None:
             os.kill(pid, 9)
         mgmt.delete_vhost(vhost)
+
+
+def test_status_finds_the_aggregator_from_any_folder(amqp_service_url: str, redis_service_url: str,
+                                                     tmp_path: Path) -> None:
+    """No --run-dir: the state lives in one per-user place (here $XDG_STATE_HOME), not the working folder."""
+    from ops.control.enrolment import Management
+
+    vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
+    Management().ensure_vhost(vhost)
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    args = ["--amqp-url", with_vhost(amqp_service_url, vhost), "--redis-url", redis_service_url]
+    elsewhere = tmp_path / "somewhere-else"
+    elsewhere.mkdir()
+    dep = Deployment(amqp_url=args[1], redis_url=redis_service_url, run_dir=tmp_path / "state" / "fedmask" / "services")
+    try:
+        up = _cli("up", "--task", "digits", "--width", "32", *args, **state)
+        assert up.returncode == 0, up.stderr
+        st = _cli("status", "--json", *args, cwd=elsewhere, **state)
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert json.loads(st.stdout)["aggregator"]["pid"] == aggregator_pid(dep) is not None
+        assert _cli("down", *args, cwd=elsewhere, **state).returncode == 0
+    finally:
+        if (pid := aggregator_pid(dep)) is not None:
+            os.kill(pid, 9)
+        Management().delete_vhost(vhost)
 
 
 def test_unreachable_remote_service_says_what_to_do(tmp_path: Path) -> None:
