@@ -3,9 +3,12 @@ remembered in the run dir, so that `down` stops only what `up` started."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +76,7 @@ def _rabbitmq_command(dep: Deployment) -> list[str]:
     """`rabbitmq-server -detached` under env(1), so the distribution wrapper (which keeps the
     environment when it switches to the rabbitmq user) hands the shipped files to the node."""
     conf = local_rabbitmq_conf(dep)
-    return ["env", f"RABBITMQ_CONFIG_FILE={conf}",
-            f"RABBITMQ_ENABLED_PLUGINS_FILE={(ROOT / 'broker_config' / 'enabled_plugins').resolve()}",
+    return ["env", f"RABBITMQ_CONFIG_FILE={conf}", f"RABBITMQ_ENABLED_PLUGINS_FILE={conf.parent / 'enabled_plugins'}",
             "rabbitmq-server", "-detached"]
 
 
@@ -83,10 +85,20 @@ def local_rabbitmq_conf(dep: Deployment) -> Path:
     size, alarms, heartbeat, consumer timeout, loopback listeners), the AMQP listener on the
     deployment's port, and without the definitions.* lines: the shipped definitions replace `guest`
     with users whose passwords are placeholders, which a development URL does not know; the
-    aggregator declares the same topology (shared/amqp/broker_topology.py) when it starts."""
+    aggregator declares the same topology (shared/amqp/broker_topology.py) when it starts.
+
+    Written with broker_config/enabled_plugins to <run dir>/rabbitmq when the `rabbitmq` user the
+    broker runs as can reach that folder, else to a folder of the temp dir (the run dir is in the
+    operator's home, often mode 700)."""
     out = dep.run_dir / "rabbitmq"
+    if not all(os.stat(p).st_mode & 0o001 for p in [*dep.run_dir.resolve().parents][::-1] if p.exists()):
+        digest = hashlib.sha256(str(dep.run_dir.resolve()).encode()).hexdigest()[:8]
+        out = Path(tempfile.gettempdir()) / f"fedmask-rabbitmq-{digest}"
     out.mkdir(parents=True, exist_ok=True)
     out.chmod(0o755)  # read by the rabbitmq user
+    plugins = out / "enabled_plugins"
+    plugins.write_text((ROOT / "broker_config" / "enabled_plugins").read_text())
+    plugins.chmod(0o644)
     host, port = dep.amqp_host
     lines = []
     for line in (ROOT / "broker_config" / "rabbitmq.conf").read_text().splitlines():
