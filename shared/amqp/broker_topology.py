@@ -52,9 +52,11 @@ DEAD_LETTER_LIMITS: Final = {
 # 20 s (tests/faults/test_flood.py) and every honest update waited behind its backlog. Bounded, a full
 # queue refuses publishes (reject-publish: a flood cannot push honest updates out, as drop-head would)
 # and honest publishers retry their nacked update (shared.amqp.Publisher). An accepted update then
-# waits behind at most the bound, so the bound is small: 500 messages (the largest fleet measured,
-# bench load with 500 boards, sends that many at once; a larger burst is nacked and retried) or 32 MiB
-# (128 messages of the broker's max message size). With 2,000 a 60 s flood held one round 33 s.
+# waits behind about the bound (a quorum queue overshoots it by the publishes in flight: 1,512 messages
+# measured under a flood), so the bound is small: 500 messages (the largest fleet measured, bench load
+# with 500 boards, sends that many at once; a larger burst is nacked and retried) or 32 MiB (128
+# messages of the broker's max message size). With 2,000 a 60 s flood held one round 33 s; with 100
+# the overshoot dominated and rounds were no faster (docs/results.md).
 UPLINK_LIMITS: Final = {"x-max-length": 500, "x-max-length-bytes": 32 * 1024 * 1024, "x-overflow": "reject-publish"}
 # dead.dropped only needs to hold what arrives while its consumer (the aggregator) is away.
 DROPPED_LIMITS: Final = {"x-max-length": 100_000, "x-max-length-bytes": 64 * 1024 * 1024, "x-overflow": "drop-head"}
