@@ -13,30 +13,25 @@ import threading
 from dataclasses import dataclass
 
 from aggregator.core import AggregatorCore
+from aggregator.dropped_tally import DroppedTally
 from aggregator.store import RoundStore, StoreError
 from aggregator.store_closer import DEFAULT_LEASE_S, default_closer_id
 from shared.amqp import (
     AGGREGATOR_QUEUE,
-    DEVICE_USER_PREFIX,
+    DROPPED_QUEUE,
     AmqpError,
     AmqpSettings,
     Consumer,
     Delivery,
     Outcome,
     Publisher,
+    device_of_user,
 )
 from shared.errors import FedMaskError
 from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 log = logging.getLogger("fedmask.aggregator")
 RETRY_MAX_SECONDS = 30.0  # the longest wait between two tries while Redis or the broker is unreachable
-
-
-def device_of_user(user_id: str | None) -> str | None:
-    """The device a broker-verified user_id speaks for (None for any other user)."""
-    if user_id and user_id.startswith(DEVICE_USER_PREFIX):
-        return user_id[len(DEVICE_USER_PREFIX):]
-    return user_id
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,9 @@ class AggregatorService:
         while True:
             try:
                 with self.lock:
-                    decision = self.core.handle(d.routing_key, device_of_user(d.user_id), d.body)
+                    # Only a device user of this vhost speaks for a device (shared.amqp.device_user); anyone
+                    # else maps to None, which the core rejects as spoofed_device.
+                    decision = self.core.handle(d.routing_key, device_of_user(d.user_id, self.amqp.vhost), d.body)
                 return Outcome.ack() if decision.action == "ack" else Outcome.reject(decision.reason)
             except (StoreError, AmqpError) as err:
                 if not err.retryable:
@@ -120,6 +117,9 @@ class AggregatorService:
             log.warning("resumed closing rounds %s", resumed)
         consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch)
         consumer.start_in_thread()
+        # What the bounded dead.letters pushes out is counted (aggregator/dropped_tally.py); own thread, no lock.
+        tally = Consumer(self.amqp, DROPPED_QUEUE, DroppedTally(self.store, self.stop).on_delivery, prefetch=64)
+        tally.start_in_thread()
         log.info("aggregator up: task %s, model %s, %s, amqp %s", self.settings.task,
                  self.core.fingerprint, self.setup.describe(), self.amqp.redacted())
         try:
@@ -129,6 +129,7 @@ class AggregatorService:
                 self._tick()
         finally:
             consumer.stop()
+            tally.stop()
             self.publisher.close()
             log.info("aggregator stopped")
 

@@ -3,16 +3,22 @@
 shared.amqp is otherwise pika's only user. What is here must not go through it: the benchmarks'
 raw baseline (how fast the broker alone delivers a queue, against which the aggregator's ingest is
 measured), their broker-side bookkeeping (purging device queues, reading dead letters), and, for
-the hostile-input tests, a publish that shared.amqp.Publisher never makes (no user_id property).
+the hostile-input tests, publishes that shared.amqp.Publisher never makes (no user_id property;
+a flood without publisher confirms, tests/faults/test_flood.py).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import pika  # type: ignore[import-untyped, unused-ignore]
+import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
 
 from ops.bench.figures import rate
 from shared.amqp import CONTENT_TYPE, DEAD_QUEUE, REASON_HEADER, AmqpSettings, device_queue, open_channel
@@ -98,3 +104,53 @@ def publish_without_user_id(settings: AmqpSettings, exchange: str, routing_key: 
         channel.confirm_delivery()  # so the publish returns only once the broker has it
         channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=pika.DeliveryMode.Persistent), mandatory=True)
+
+
+@dataclass
+class FloodTally:
+    """What one flooding connection did: messages and bytes handed to the broker, publishes it
+    refused (the channel or connection closed under us, e.g. a message over max_message_size or
+    a per-user limit) and the reason of the last refusal."""
+
+    messages: int = 0
+    bytes: int = 0
+    refused: int = 0
+    last_refusal: str = ""
+
+
+def flood(settings: AmqpSettings, exchange: str, routing_key: str, body: bytes, until: float,
+          tally: FloodTally) -> None:
+    """What a stolen board does: publish `body` as fast as pika can, persistent, with its own
+    user_id and no publisher confirms, on one connection, until time.time() >= until. A refusal
+    is counted and the connection reopened (after 0.2 s: the board keeps trying)."""
+    props = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=pika.DeliveryMode.Persistent,
+                                 user_id=settings.username)
+    while time.time() < until:
+        try:
+            with pika.BlockingConnection(pika.URLParameters(settings.url)) as conn:
+                channel = conn.channel()
+                while time.time() < until:
+                    channel.basic_publish(exchange, routing_key, body, props)
+                    tally.messages += 1
+                    tally.bytes += len(body)
+        except (pika.exceptions.AMQPError, OSError) as e:
+            tally.refused += 1
+            tally.last_refusal = f"{type(e).__name__}: {e}"[:200]
+            time.sleep(0.2)
+
+
+def flood_process(url: str, exchange: str, routing_key: str, body_bytes: int, until: float) -> subprocess.Popen[str]:
+    """`flood` in a process of its own (an attacker is not in the aggregator's process, and must not
+    take its interpreter lock): zero bytes of `body_bytes`, until the wall-clock time `until`. The
+    process prints its FloodTally as JSON on stdout when done; read it with `flood_result`."""
+    code = ("import json, sys; from dataclasses import asdict; "
+            "from ops.bench.raw_broker import FloodTally, flood; from shared.amqp import AmqpSettings; "
+            "t = FloodTally(); a = json.loads(sys.argv[1]); "
+            "flood(AmqpSettings.from_url(a[0]), a[1], a[2], bytes(a[3]), a[4], t); print(json.dumps(asdict(t)))")
+    args = json.dumps([url, exchange, routing_key, body_bytes, until])
+    return subprocess.Popen([sys.executable, "-c", code, args], stdout=subprocess.PIPE, text=True)
+
+
+def flood_result(proc: subprocess.Popen[str], timeout: float) -> FloodTally:
+    out, _ = proc.communicate(timeout=timeout)
+    return FloodTally(**json.loads(out.strip().splitlines()[-1]))

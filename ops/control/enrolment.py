@@ -1,8 +1,10 @@
 """Device enrolment through the RabbitMQ management HTTP API (stdlib urllib only).
 
-A device gets its own broker user, device-<id>, with a generated password and rights for exactly
-what it does (ARCHITECTURE.md, "What must hold": a device can publish only as itself and read only
-its own queue):
+A device gets its own broker user per vhost, `<escaped vhost>.<id>` (shared.amqp.device_user: e.g.
+fedmask.subject-1), with a generated password and rights on that one vhost for exactly what it does
+(ARCHITECTURE.md, "What must hold": a device can publish only as itself and read only its own queue).
+Because the vhost is in the name, the same id enrolled in two vhosts is two users: each logs into
+its own vhost only, and re-enrolling one never changes the other's password or closes its connections.
 
   configure  ^$                      declares nothing; its queue is declared here, by the operator
   write      ^fedmask\\.uplink$       publishes only to the uplink exchange ...
@@ -10,8 +12,17 @@ its own queue):
   topic      fedmask.uplink: write ^device\\.<id>\\.  read ^$   ... only with its own routing keys
 
 RabbitMQ additionally rejects any message whose user_id property is not the connection's user, so
-the aggregator can trust user_id. Re-enrolling an existing device rotates its password and closes
-the connections that used the old one; its queue (and any task waiting in it) is kept.
+the aggregator can trust user_id (and maps it back with shared.amqp.device_of_user, for its own vhost
+only). Re-enrolling an existing device rotates its password and closes the connections that used the
+old one; its queue (and any task waiting in it) is kept.
+
+Limits set here (RabbitMQ >= 3.10, `PUT /api/user-limits`): each device user may hold at most
+`DeviceLimits.max_connections` connections and `max_channels` channels in total, so a stolen board
+cannot open hundreds of them. A broker without user limits gets a warning and no limits.
+
+What permissions cannot stop: a passive queue.declare is not permission-checked by RabbitMQ (3.10,
+verified by tests/integration/test_broker_limits.py), so a board that guesses another queue's name
+in its vhost learns that it exists, its ready-message count and its consumer count; docs/deployment.md.
 
 Errors are `ManagementError` (a FedMaskError); they never contain a password.
 """
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 import urllib.error
 import urllib.request
@@ -38,8 +50,24 @@ from shared.amqp import (
 )
 from shared.errors import FedMaskError
 
+log = logging.getLogger("fedmask.enrolment")
+
 DEFAULT_VHOST = "fedmask"
 AGGREGATOR_USER = "fedmask-aggregator"
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """Per-user broker limits of a device user. A worker holds 2 connections with 1 channel each
+    (its task consumer and its update publisher; the hello publisher before them is closed); the
+    rest is room for reconnects while the broker has not yet noticed, by missed heartbeats (up to
+    about 60 s), that a board's previous connection is gone."""
+
+    max_connections: int = 4
+    max_channels: int = 8
+
+
+DEVICE_LIMITS = DeviceLimits()
 
 
 class ManagementError(FedMaskError):
@@ -64,7 +92,8 @@ class DeviceCredentials:
     device_id: str
     username: str
     password: str = field(repr=False)
-    amqp_url: str = field(repr=False)  # for the device: its own user on vhost fedmask
+    amqp_url: str = field(repr=False)  # for the device: its own user on its own vhost
+    limits: DeviceLimits | None = DEVICE_LIMITS  # None: the broker has no per-user limits (< 3.10)
 
 
 def _esc(name: str) -> str:
@@ -129,6 +158,10 @@ class Management:
                 "enable it: rabbitmq-plugins enable rabbitmq_management") from None
         return json.loads(raw) if raw else None
 
+    def get(self, path: str, *, missing_ok: bool = False) -> Any:
+        """GET one API path (e.g. "/overview"): read-only, for status and tests. None if missing and missing_ok."""
+        return self._request("GET", path, missing_ok=missing_ok)
+
     # -- vhost and topology
 
     def ensure_vhost(self, vhost: str = DEFAULT_VHOST) -> None:
@@ -188,39 +221,66 @@ class Management:
             self.close_connection(c["name"])
         return len(conns)
 
+    def user_limits(self, username: str) -> dict[str, int]:
+        """The user's limits as the broker holds them ({} when none are set)."""
+        rows = self._request("GET", f"/user-limits/{quote(username, safe='')}", missing_ok=True) or []
+        return {k: int(v) for row in rows for k, v in (row.get("value") or {}).items()}
+
+    def set_user_limits(self, username: str, limits: DeviceLimits) -> bool:
+        """Set max-connections and max-channels; False (and a warning) on a broker without user limits
+        (RabbitMQ < 3.10 has no /api/user-limits: the request is 404 for a user that exists)."""
+        for name, value in (("max-connections", limits.max_connections), ("max-channels", limits.max_channels)):
+            try:
+                self._request("PUT", f"/user-limits/{quote(username, safe='')}/{name}", {"value": value})
+            except ManagementError as e:
+                if e.status not in (404, 405):
+                    raise
+                log.warning("this broker has no per-user limits (RabbitMQ >= 3.10 needed): %s has no connection "
+                            "or channel limit", username)
+                return False
+        return True
+
     def enroll(self, device_id: str, *, vhost: str = DEFAULT_VHOST, amqp_host: str = "127.0.0.1",
-               amqp_port: int = 5672) -> DeviceCredentials:
-        """Create (or re-create, rotating the password) the device's user, rights and queue."""
+               amqp_port: int = 5672, limits: DeviceLimits = DEVICE_LIMITS) -> DeviceCredentials:
+        """Create (or re-create, rotating the password) the device's user of `vhost`, its rights there,
+        its limits and its queue. Users of other vhosts, the same device id included, are not touched."""
         try:
             validate_device_id(device_id)
         except FedMaskError as e:
             raise ManagementError(str(e)) from None
-        username = device_user(device_id)
+        username = device_user(device_id, vhost)
         password = secrets.token_urlsafe(24)
         self.ensure_vhost(vhost)
         self.ensure_topology(vhost)
-        existed = username in self.list_users()
+        existing = self._request("GET", f"/users/{quote(username, safe='')}", missing_ok=True)
+        if existing is not None and existing.get("tags"):
+            # Device users never have tags; one with tags is an operator's user that happens to be named
+            # like a device user. Overwriting it would reset its password and strip its tags.
+            raise ManagementError(f"user {username!r} exists with tags {existing.get('tags')!r}: it is not a "
+                                  "device user, refusing to overwrite it")
         self._put_user(username, password, tags="")
         self._set_permissions(username, vhost, configure="^$", write=f"^{_esc(UPLINK_EXCHANGE)}$",
                               read=f"^{_esc(device_queue(device_id))}$")
         self._request("PUT", f"/topic-permissions/{quote(vhost, safe='')}/{quote(username, safe='')}",
                       {"exchange": UPLINK_EXCHANGE, "write": f"^device\\.{device_id}\\.", "read": "^$"})
+        applied = self.set_user_limits(username, limits)
         self._declare(vhost, device_topology(device_id))
-        if existed:
+        if existing is not None:
             self.close_connections(username)  # the old password must stop working now, not at reconnect
-        return DeviceCredentials(device_id, username, password, _amqp_url(username, password, amqp_host, amqp_port,
-                                                                          vhost))
+        return DeviceCredentials(device_id, username, password,
+                                 _amqp_url(username, password, amqp_host, amqp_port, vhost),
+                                 limits if applied else None)
 
     def is_enrolled(self, device_id: str, *, vhost: str = DEFAULT_VHOST) -> bool:
-        """The device's user exists and holds permissions on `vhost`."""
-        username = device_user(device_id)
+        """The device's user of `vhost` exists and holds permissions there."""
+        username = device_user(device_id, vhost)
         return self._request("GET", f"/permissions/{quote(vhost, safe='')}/{quote(username, safe='')}",
                              missing_ok=True) is not None
 
     def delete_device(self, device_id: str, *, vhost: str = DEFAULT_VHOST, delete_queue: bool = True) -> None:
-        """Remove the device's user (its permissions go with it), its connections and, by default,
-        its queue. Missing pieces are fine."""
-        username = device_user(device_id)
+        """Remove the device's user of `vhost` (its permissions and limits go with it), its connections
+        and, by default, its queue. Missing pieces are fine."""
+        username = device_user(device_id, vhost)
         self._request("DELETE", f"/users/{quote(username, safe='')}", missing_ok=True)
         self.close_connections(username)
         if delete_queue:
@@ -232,7 +292,9 @@ class Management:
                                amqp_port: int = 5672) -> Credentials:
         """The aggregator's user: full rights on the vhost (it declares the topology, consumes the
         uplink, publishes downlink and dead letters), no management tag. Without `password` a new
-        one is generated, which rotates it; pass the current one to keep it."""
+        one is generated, which rotates it; pass the current one to keep it. Unlike device users this
+        is an operator's user, global like any RabbitMQ user: give each vhost's aggregator its own
+        `username` if one broker serves several deployments."""
         password = password or secrets.token_urlsafe(24)
         self.ensure_vhost(vhost)
         self._put_user(username, password, tags="")

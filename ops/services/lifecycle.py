@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ops.services.aggregator_process import aggregator_pid, start_aggregator, stop_aggregator
 from ops.services.deployment import MANAGEMENT_PORT, ROOT, Deployment, reachable
@@ -85,7 +85,28 @@ def status(dep: Deployment) -> dict[str, Any]:
             out["counters"] = store.counters()
         except FedMaskError as exc:
             out["redis"]["error"] = str(exc)
+    if out["management_api"]["up"]:
+        out["broker_limits"] = _broker_limits(dep, out)
     return out
+
+
+def _broker_limits(dep: Deployment, out: dict[str, Any]) -> dict[str, Any]:
+    """The running broker's limits against the shipped ones, the running model's largest message and
+    what dead.letters dropped (ops/services/broker_limits.py); read only."""
+    from ops.services.broker_limits import largest_message_bytes, read_limits
+    from shared.presets import model_spec
+
+    cfg = (out.get("aggregator") or {}).get("config") or {}
+    need = None
+    if cfg.get("task"):
+        need = largest_message_bytes(model_spec(cfg["task"], width=int(cfg["width"]) if cfg.get("width") else None,
+                                                seed=int(cfg.get("seed") or 0)))
+    counters = out.get("counters") or {}
+    dropped = {k.rsplit(":", 1)[1]: int(v) for k, v in counters.items() if k.startswith("dead_letters:dropped:")}
+    u = urlsplit(dep.amqp_url)
+    return read_limits(f"http://{dep.amqp_host[0]}:{MANAGEMENT_PORT}", dep.amqp_url, unquote(u.username or "guest"),
+                       unquote(u.password or "guest"), unquote(u.path.lstrip("/")) or "/", model_need=need,
+                       dropped=dropped if cfg else None)
 
 
 def healthy(st: dict[str, Any]) -> bool:
@@ -107,4 +128,8 @@ def render_status(st: dict[str, Any]) -> str:
     if rnd:
         lines.append(f"{'round':<15} {rnd['round']} {rnd['state']}: {rnd['received']}/{rnd['sampled']} received "
                      f"(quorum {rnd['quorum']}), {rnd['carried']} carried, {rnd['late']} late")
+    if "broker_limits" in st:
+        from ops.services.broker_limits import render_limits
+
+        lines += render_limits(st["broker_limits"])
     return "\n".join(lines)

@@ -3,9 +3,12 @@ remembered in the run dir, so that `down` stops only what `up` started."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +59,59 @@ def start_if_needed(server: LocalServer, address: tuple[str, int], dep: Deployme
 
 
 def ensure_rabbitmq(dep: Deployment, say: Any) -> None:
-    start_if_needed(RABBITMQ, dep.amqp_host, dep, say, lambda: ["rabbitmq-server", "-detached"])
+    """Start the machine's rabbitmq-server with the shipped configuration (local_rabbitmq_conf) unless
+    a broker already answers; a running one is used as it is (`services status` shows how its limits
+    differ from the shipped ones)."""
+    start_if_needed(RABBITMQ, dep.amqp_host, dep, say, lambda: _rabbitmq_command(dep))
     host = dep.amqp_host[0]
+    if RABBITMQ.name in started_here(dep):  # the shipped enabled_plugins file starts the management plugin
+        wait_port(host, MANAGEMENT_PORT, 60, "the RabbitMQ management API")
     if host in LOCAL_HOSTS and not reachable(host, MANAGEMENT_PORT) and shutil.which("rabbitmq-plugins"):
         say("enabling the management plugin (device enrolment uses its HTTP API) ...")
         subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_management"], check=True, capture_output=True)
         wait_port(host, MANAGEMENT_PORT, 60, "the RabbitMQ management API")
+
+
+def _rabbitmq_command(dep: Deployment) -> list[str]:
+    """`rabbitmq-server -detached` under env(1), so the distribution wrapper (which keeps the
+    environment when it switches to the rabbitmq user) hands the shipped files to the node."""
+    conf = local_rabbitmq_conf(dep)
+    return ["env", f"RABBITMQ_CONFIG_FILE={conf}", f"RABBITMQ_ENABLED_PLUGINS_FILE={conf.parent / 'enabled_plugins'}",
+            "rabbitmq-server", "-detached"]
+
+
+def local_rabbitmq_conf(dep: Deployment) -> Path:
+    """broker_config/rabbitmq.conf for a broker `make up` starts: every limit as shipped (max message
+    size, alarms, heartbeat, consumer timeout, loopback listeners), the AMQP listener on the
+    deployment's port, and without the definitions.* lines: the shipped definitions replace `guest`
+    with users whose passwords are placeholders, which a development URL does not know; the
+    aggregator declares the same topology (shared/amqp/broker_topology.py) when it starts.
+
+    Written with broker_config/enabled_plugins to <run dir>/rabbitmq when the `rabbitmq` user the
+    broker runs as can reach that folder, else to a folder of the temp dir (the run dir is in the
+    operator's home, often mode 700)."""
+    out = dep.run_dir / "rabbitmq"
+    if not all(os.stat(p).st_mode & 0o001 for p in [*dep.run_dir.resolve().parents][::-1] if p.exists()):
+        digest = hashlib.sha256(str(dep.run_dir.resolve()).encode()).hexdigest()[:8]
+        out = Path(tempfile.gettempdir()) / f"fedmask-rabbitmq-{digest}"
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o755)  # read by the rabbitmq user
+    plugins = out / "enabled_plugins"
+    plugins.write_text((ROOT / "broker_config" / "enabled_plugins").read_text())
+    plugins.chmod(0o644)
+    host, port = dep.amqp_host
+    lines = []
+    for line in (ROOT / "broker_config" / "rabbitmq.conf").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key.startswith("definitions."):
+            continue
+        if key == "listeners.tcp.local":
+            line = f"listeners.tcp.local = {host if host != 'localhost' else '127.0.0.1'}:{port}"
+        lines.append(line)
+    conf = out / "rabbitmq.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    conf.chmod(0o644)
+    return conf.resolve()
 
 
 def ensure_redis(dep: Deployment, say: Any) -> None:

@@ -5,7 +5,14 @@ outside tests):
   fedmask.uplink    topic exchange   devices publish device.<id>.<kind> with user_id = their own user
   aggregator.uplink quorum queue     bound to device.*.*; dead-letters to fedmask.dead
   fedmask.downlink  direct exchange  routing key <id> -> queue device.<id> (classic, dead-letters too)
-  fedmask.dead      fanout exchange  -> dead.letters
+  fedmask.dead      fanout exchange  -> dead.letters (bounded; its overflow and expired letters go on to)
+  fedmask.dropped   fanout exchange  -> dead.dropped (bounded; the aggregator counts and acks what lands here)
+
+Limits (DEAD_LETTER_LIMITS, DROPPED_LIMITS, DEVICE_QUEUE_MAX_LENGTH): nothing a board can cause stays in
+the broker unbounded. dead.letters drops its oldest letter when full (RabbitMQ does not count drop-head
+discards), so it dead-letters them to fedmask.dropped, where aggregator/dropped_tally.py counts them by
+reason (maxlen, expired) into the round store's counters. Queue arguments cannot change on an existing
+queue (406 PRECONDITION_FAILED): declare_topology says so and names the way out (docs/deployment.md).
 
 The same specs are declared over the management HTTP API by ops/control/enrolment.py and written out in
 broker_config/definitions.json, so the names live here once.
@@ -17,15 +24,46 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
+
 from shared.amqp.connection import _amqp_errors, _close_quietly, _connect
-from shared.amqp.settings import AmqpSettings, device_queue
+from shared.amqp.settings import AmqpError, AmqpSettings, device_queue
 
 UPLINK_EXCHANGE: Final = "fedmask.uplink"
 DOWNLINK_EXCHANGE: Final = "fedmask.downlink"
 DEAD_EXCHANGE: Final = "fedmask.dead"
 AGGREGATOR_QUEUE: Final = "aggregator.uplink"
 DEAD_QUEUE: Final = "dead.letters"
+DROPPED_EXCHANGE: Final = "fedmask.dropped"
+DROPPED_QUEUE: Final = "dead.dropped"
 UPLINK_BINDING: Final = "device.*.*"
+
+# dead.letters has no consumer in production: an operator reads it. Its bounds: 100,000 letters or
+# 256 MiB (a message larger than the byte bound would push every other letter out, measured, so the
+# bound holds 1,024 of the largest messages broker_config/rabbitmq.conf admits), the oldest dropped
+# first, none kept longer than 7 days.
+DEAD_LETTER_LIMITS: Final = {
+    "x-max-length": 100_000,
+    "x-max-length-bytes": 256 * 1024 * 1024,
+    "x-overflow": "drop-head",
+    "x-message-ttl": 7 * 24 * 3600 * 1000,
+}
+# aggregator.uplink takes every board's messages. Unbounded, one flooding board filled it with 710 MB in
+# 20 s (tests/faults/test_flood.py) and every honest update waited behind its backlog. Bounded, a full
+# queue refuses publishes (reject-publish: a flood cannot push honest updates out, as drop-head would)
+# and honest publishers retry their nacked update (shared.amqp.Publisher). An accepted update then
+# waits behind about the bound (a quorum queue overshoots it by the publishes in flight: 1,512 messages
+# measured under a flood), so the bound is small: 500 messages (the largest fleet measured, bench load
+# with 500 boards, sends that many at once; a larger burst is nacked and retried) or 32 MiB (128
+# messages of the broker's max message size). With 2,000 a 60 s flood held one round 33 s; with 100
+# the overshoot dominated and rounds were no faster (docs/results.md).
+UPLINK_LIMITS: Final = {"x-max-length": 500, "x-max-length-bytes": 32 * 1024 * 1024, "x-overflow": "reject-publish"}
+# dead.dropped only needs to hold what arrives while its consumer (the aggregator) is away.
+DROPPED_LIMITS: Final = {"x-max-length": 100_000, "x-max-length-bytes": 64 * 1024 * 1024, "x-overflow": "drop-head"}
+# A device queue holds the tasks and merged masks an offline board has not read; a board is not sampled
+# while it owes an update, so an honest one never has more than a few. The oldest go first (they are
+# stale), dead-lettered with reason maxlen.
+DEVICE_QUEUE_MAX_LENGTH: Final = 100
 
 
 @dataclass(frozen=True)
@@ -64,24 +102,30 @@ def topology(namespace: str = "") -> Topology:
             ExchangeSpec(ns + UPLINK_EXCHANGE, "topic"),
             ExchangeSpec(ns + DOWNLINK_EXCHANGE, "direct"),
             ExchangeSpec(ns + DEAD_EXCHANGE, "fanout"),
+            ExchangeSpec(ns + DROPPED_EXCHANGE, "fanout"),
         ),
         queues=(
-            QueueSpec(ns + AGGREGATOR_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": ns + DEAD_EXCHANGE}),
-            QueueSpec(ns + DEAD_QUEUE, {}),
+            QueueSpec(ns + AGGREGATOR_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": ns + DEAD_EXCHANGE,
+                                              **UPLINK_LIMITS}),
+            QueueSpec(ns + DEAD_QUEUE, {**DEAD_LETTER_LIMITS, "x-dead-letter-exchange": ns + DROPPED_EXCHANGE}),
+            QueueSpec(ns + DROPPED_QUEUE, dict(DROPPED_LIMITS)),
         ),
         bindings=(
             BindingSpec(ns + UPLINK_EXCHANGE, ns + AGGREGATOR_QUEUE, UPLINK_BINDING),
             BindingSpec(ns + DEAD_EXCHANGE, ns + DEAD_QUEUE, ""),
+            BindingSpec(ns + DROPPED_EXCHANGE, ns + DROPPED_QUEUE, ""),
         ),
     )
 
 
 def device_topology(device_id: str, namespace: str = "") -> Topology:
     """A device's queue (classic: one per device, quorum queues would cost a Raft group each) and its
-    downlink binding; rejected tasks dead-letter like uplink messages do."""
+    downlink binding; rejected tasks, and the oldest ones past DEVICE_QUEUE_MAX_LENGTH, dead-letter like
+    uplink messages do."""
     q = device_queue(device_id, namespace)
     return Topology(
-        queues=(QueueSpec(q, {"x-dead-letter-exchange": namespace + DEAD_EXCHANGE}),),
+        queues=(QueueSpec(q, {"x-dead-letter-exchange": namespace + DEAD_EXCHANGE,
+                              "x-max-length": DEVICE_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"}),),
         bindings=(BindingSpec(namespace + DOWNLINK_EXCHANGE, q, device_id),),
     )
 
@@ -90,7 +134,15 @@ def _declare(channel: Any, topo: Topology) -> None:
     for ex in topo.exchanges:
         channel.exchange_declare(exchange=ex.name, exchange_type=ex.type, durable=True)
     for q in topo.queues:
-        channel.queue_declare(queue=q.name, durable=True, arguments=dict(q.arguments))
+        try:
+            channel.queue_declare(queue=q.name, durable=True, arguments=dict(q.arguments))
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code != 406:
+                raise
+            raise AmqpError(f"queue {q.name} exists with other arguments than this release declares ({e.reply_text}); "
+                            "it was declared by an older release (before the queue limits): move its messages "
+                            "away and delete it, as docs/deployment.md ('Upgrading the queue limits') shows",
+                            code=406) from e
     for b in topo.bindings:
         channel.queue_bind(queue=b.queue, exchange=b.exchange, routing_key=b.routing_key)
 

@@ -9,6 +9,7 @@ one-connection helpers built on them, for declarations, operators and tests.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from shared.amqp.settings import AmqpError, AmqpSettings
 
 log = logging.getLogger("fedmask.amqp")
 
+_BROKER_SAID: Final = re.compile(r'\(530\) "(NOT_ALLOWED - [^"]{0,200})"')
 # Reply codes after which reconnecting cannot help (the same request would be refused again).
 _REFUSED_CODES: Final = frozenset({402, 403, 404, 406, 530})
 
@@ -41,7 +43,11 @@ def _translate(exc: BaseException, what: str, where: str, *, retryable: bool | N
     elif isinstance(exc, (ex.ProbableAuthenticationError, ex.AuthenticationError)):
         msg, code, retry = "authentication failed (wrong user or password?)", 403, False
     elif isinstance(exc, ex.ProbableAccessDeniedError):
-        msg, code, retry = "access refused (does the user have permissions on this vhost?)", 530, False
+        # The broker's own words when it gave them: a per-user connection limit reads like a missing permission.
+        said = _BROKER_SAID.search(str(exc))
+        msg = (f"access refused: {said.group(1)}" if said
+               else "access refused (does the user have permissions on this vhost?)")
+        code, retry = 530, False
     elif isinstance(exc, ssl.SSLCertVerificationError):  # reconnecting meets the same certificate
         msg = f"TLS: the broker's certificate was refused ({exc.verify_message}); check ca_file and server_hostname"
         retry = False
@@ -95,5 +101,32 @@ def queue_depth(settings: AmqpSettings, queue: str) -> int:
     try:
         with _amqp_errors(f"inspect queue {queue}", settings.redacted()):
             return int(connection.channel().queue_declare(queue=queue, passive=True).method.message_count)
+    finally:
+        _close_quietly(connection)
+
+
+_MAX_SIZE_RE: Final = re.compile(r"larger than configured max size (\d+)")
+SIZE_PROBE_KEY: Final = "fedmask.size-probe"  # bound to no queue: an accepted probe is dropped unrouted
+
+
+def probe_max_message_size(settings: AmqpSettings, size: int) -> int | None:
+    """The broker's max_message_size if it is below `size`, else None (a message of `size` bytes is
+    accepted). No API reports the setting, so this publishes `size` zero bytes to the default exchange
+    with a routing key no queue has: a broker whose limit is lower closes the channel with 406 and
+    names its limit; otherwise the message is confirmed and dropped unrouted. Nothing is stored."""
+    connection = _connect(settings, "size-probe")
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        try:
+            channel.basic_publish("", SIZE_PROBE_KEY, bytes(size))
+        except pika.exceptions.ChannelClosedByBroker as e:
+            m = _MAX_SIZE_RE.search(str(e.reply_text))
+            if e.reply_code == 406 and m:
+                return int(m.group(1))
+            raise _translate(e, "probe max message size", settings.redacted()) from e
+        return None
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise _translate(e, "probe max message size", settings.redacted()) from e
     finally:
         _close_quietly(connection)

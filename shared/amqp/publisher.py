@@ -40,14 +40,18 @@ class Publisher:
     """Blocking publisher with publisher confirms, mandatory routing and persistent messages.
 
     `publish_*` returns once the broker has confirmed the message (it is then in every queue it was
-    routed to). A nack, an unroutable message, a refused publish (403/406) or a missing confirm after
-    `settings.confirm_timeout` raise AmqpError. A dropped connection is reconnected once, after a
-    short backoff, before raising; a message whose confirm was lost with the connection is published
-    again, so delivery is at least once (the aggregator stores updates idempotently). Thread-safe: a
-    lock serialises callers. Satisfies shared.transport.Transport.
+    routed to). A nack (a full queue that rejects publishes) is retried every NACK_RETRY_INTERVAL
+    for up to NACK_RETRY_SECONDS. A nack after that, an unroutable message, a refused publish
+    (403/406) or a missing confirm after `settings.confirm_timeout` raise AmqpError. A dropped
+    connection is reconnected once, after a short backoff, before raising; a message whose confirm
+    was lost with the connection is published again, so delivery is at least once (the aggregator
+    stores updates idempotently). Thread-safe: a lock serialises callers. Satisfies
+    shared.transport.Transport.
     """
 
     RETRY_DELAY: Final = 1.0
+    NACK_RETRY_SECONDS: Final = 120.0  # how long a nacked publish (a full queue) is retried ...
+    NACK_RETRY_INTERVAL: Final = 0.02  # ... and how often (see _publish)
 
     def __init__(self, settings: AmqpSettings, *, declare: bool = False) -> None:
         self.settings = settings
@@ -131,7 +135,8 @@ class Publisher:
     def _publish(self, exchange: str, routing_key: str, body: bytes, props: Any) -> None:
         what = f"publish to {exchange} with key {routing_key}"
         with self._lock:
-            for attempt in (1, 2):
+            attempt, nack_deadline, nacks = 1, time.monotonic() + self.NACK_RETRY_SECONDS, 0
+            while True:
                 try:
                     channel = self._ensure_channel()
                     self._confirmed_publish(channel, exchange, routing_key, body, props)
@@ -142,6 +147,21 @@ class Publisher:
                         f"{what} failed on {self.settings.redacted()}: no publisher confirm within "
                         f"{self.settings.confirm_timeout:g} s (the message may or may not have been stored)"
                     ) from None
+                except pika.exceptions.NackError as e:
+                    # A full queue with x-overflow reject-publish nacks (aggregator.uplink, when a board
+                    # floods it). A quorum queue that hit its limit accepts again only once its consumer
+                    # has brought it below 80% of the limit, and a flooder fills that window within
+                    # a fraction of a second: a publisher that backs off misses it for the whole flood
+                    # (measured: 58 s for a 60 s flood). So the retry interval stays short.
+                    nacks += 1
+                    if time.monotonic() + self.NACK_RETRY_INTERVAL > nack_deadline:
+                        raise _translate(e, f"{what} (nacked {nacks} times in {self.NACK_RETRY_SECONDS:g} s)",
+                                         self.settings.redacted()) from e
+                    if nacks == 1:
+                        log.warning("%s: nacked (queue full?); retrying for up to %.0f s", what,
+                                    self.NACK_RETRY_SECONDS)
+                    time.sleep(self.NACK_RETRY_INTERVAL)
+                    continue
                 except AmqpError as e:
                     err, cause = e, e.__cause__
                 except (pika.exceptions.AMQPError, OSError) as e:
@@ -152,6 +172,7 @@ class Publisher:
                     raise err from cause
                 self._discard()
                 if attempt == 1:
+                    attempt = 2
                     log.warning("%s; reconnecting in %.1f s", err, self.RETRY_DELAY)
                     time.sleep(self.RETRY_DELAY)
                     continue

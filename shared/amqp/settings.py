@@ -21,7 +21,6 @@ import pika  # type: ignore[import-untyped, unused-ignore]
 from shared.errors import ConfigError, FedMaskError
 
 DEVICE_QUEUE_PREFIX: Final = "device."
-DEVICE_USER_PREFIX: Final = "device-"  # enrolment names a device's broker user device-<id>
 
 # A device id is one routing-key word: a dot would split it (device.a.b.update never matches device.*.*)
 # and would let the topic permission ^device\.a\. cover device a.b. Stricter than the codec's pattern.
@@ -58,9 +57,32 @@ def device_queue(device_id: str, namespace: str = "") -> str:
     return f"{namespace}{DEVICE_QUEUE_PREFIX}{validate_device_id(device_id)}"
 
 
-def device_user(device_id: str) -> str:
-    """The broker user enrolment creates for a device: device-<id>."""
-    return f"{DEVICE_USER_PREFIX}{validate_device_id(device_id)}"
+def vhost_user_prefix(vhost: str) -> str:
+    """What every device user of `vhost` starts with: the vhost percent-escaped, then a dot.
+
+    Escaping: every byte of the vhost's UTF-8 outside [A-Za-z0-9_.~-] becomes %XX (urllib's quote with
+    no safe characters), so `%` itself is escaped and the escaped form is one-to-one. A device id never
+    holds a dot, so the last dot of a user name splits it back into (vhost, device) unambiguously: two
+    different (vhost, device) pairs can never name the same user."""
+    return quote(vhost, safe="") + "."
+
+
+def device_user(device_id: str, vhost: str) -> str:
+    """The broker user enrolment creates for a device in `vhost`: <escaped vhost>.<id>, e.g.
+    fedmask.subject-1 (vhost "/": %2F.subject-1). One user per (vhost, device): enrolling the same id
+    in another vhost creates another user and never touches this one."""
+    return vhost_user_prefix(vhost) + validate_device_id(device_id)
+
+
+def device_of_user(user_id: str | None, vhost: str) -> str | None:
+    """The device a broker-verified user_id speaks for on `vhost`, or None when the user is not a
+    device user of this vhost (the aggregator, an admin, another vhost's device, no user_id at all):
+    such a message names nobody, and the aggregator rejects it as spoofed_device."""
+    prefix = vhost_user_prefix(vhost)
+    if not user_id or not user_id.startswith(prefix):
+        return None
+    device_id = user_id[len(prefix):]
+    return device_id if _DEVICE_ID_RE.fullmatch(device_id) else None
 
 
 @dataclass(frozen=True)

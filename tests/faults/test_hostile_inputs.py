@@ -416,7 +416,7 @@ def test_hostile_uplink_is_dead_lettered_once_with_its_reason(deployment: Deploy
         attack.publish_without_user_id("no user_id property", alice.amqp, alice.id, "update", updates["alice"])
         attack.publish(OVERSIZED, alice_link, alice.id, "update", bytes(codec.MAX_MESSAGE_BYTES + 1))
         attack.publish("user_id property of another device", alice_link, alice.id, "update", updates["alice"],
-                       user_id=device_user(bob.id))
+                       user_id=device_user(bob.id, bob.amqp.vhost))
         attack.publish("routing key of another device", alice_link, bob.id, "update", updates["bob"])
 
         # The other honest updates: the fourth meets the quorum and closes the round.

@@ -388,7 +388,7 @@ def enrolled(amqp_service_url: str, management: Management) -> Iterator[Enrolled
 
 def test_enrolled_device_publishes_as_itself(enrolled: Enrolled) -> None:
     a = enrolled.a
-    assert a.username == f"device-{a.device_id}" and a.password not in repr(a)
+    assert a.username == f"{enrolled.vhost}.{a.device_id}" and a.password not in repr(a)
     with Publisher(enrolled.admin, declare=True):  # the admin's AMQP declare agrees with the HTTP one
         pass
     with Publisher(AmqpSettings.from_url(a.amqp_url)) as pub:

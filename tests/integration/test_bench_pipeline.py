@@ -18,6 +18,7 @@ from ops.bench.load import LoadBenchConfig, run_load_bench
 from ops.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
 from ops.control.enrolment import Management, ManagementError
 from ops.fleet.emulated import AGGREGATOR_PREFIX, LOCK_KEY, mlp_width_for, with_path
+from shared.amqp import vhost_user_prefix
 
 pytestmark = pytest.mark.services
 BENCH_DB = "13"  # not 15 (the other service tests) nor 14 (the benchmarks' default)
@@ -48,13 +49,12 @@ def _assert_rate(figures: dict[str, float], updates: int) -> None:
 
 def _assert_cleaned_up(mgmt: Management, redacted_url: str, redis_url: str) -> None:
     vhost = urlsplit(redacted_url).path.lstrip("/")
-    run = vhost.removeprefix("fedmask-bench-")
     auth = "Basic " + base64.b64encode(b"guest:guest").decode()  # Management() defaults to guest as well
     with pytest.raises(urllib.error.HTTPError) as gone:
         urllib.request.urlopen(urllib.request.Request(f"{mgmt.api_url}/api/vhosts/{vhost}",
                                                       headers={"Authorization": auth}), timeout=10)
     assert gone.value.code == 404
-    assert not [u for u in mgmt.list_users() if u.startswith(f"device-b{run}-")]
+    assert not [u for u in mgmt.list_users() if u.startswith(vhost_user_prefix(vhost))]
     client = redis.Redis.from_url(redis_url)
     assert not list(client.scan_iter(match=f"{AGGREGATOR_PREFIX}*".encode())) and not client.exists(LOCK_KEY)
 

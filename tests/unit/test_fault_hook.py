@@ -11,7 +11,7 @@ import pytest
 from aggregator.core import ACK, Decision, fault_plan
 from aggregator.service import AggregatorService, ServiceSettings
 from aggregator.store import RoundStore, StoreError
-from shared.amqp import Delivery
+from shared.amqp import AmqpSettings, Delivery
 from shared.errors import ConfigError
 
 
@@ -60,11 +60,12 @@ class _FlakyCore:
 def _service(core: _FlakyCore) -> AggregatorService:
     svc = AggregatorService.__new__(AggregatorService)  # no broker or Redis connections
     svc.settings = ServiceSettings(amqp_url="amqp://127.0.0.1/", redis_url="redis://127.0.0.1/0")
+    svc.amqp = AmqpSettings.from_url(svc.settings.amqp_url)  # on_delivery maps user_id to a device of its vhost
     svc.core, svc.lock, svc.stop, svc._resume_pending = core, threading.Lock(), threading.Event(), False  # type: ignore[assignment]
     return svc
 
 
-DELIVERY = Delivery("device.d.update", "device-d", b"", {}, False, 1)
+DELIVERY = Delivery("device.d.update", "%2F.d", b"", {}, False, 1)
 
 
 def test_a_delivery_waits_for_redis_instead_of_failing() -> None:
