@@ -50,6 +50,10 @@ class Decision:
 
 
 ACK = Decision("ack")
+# What parking a late update counts (store.set_pending's status): "replaced" also drops the older
+# parked one, so every late update ends counted as carried, expired, replaced or superseded.
+_PARK_COUNTERS = {"parked": "late:parked", "replaced": "late:replaced", "duplicate": "updates:duplicate",
+                  "superseded": "late:superseded"}
 LATE_POLICIES = ("drop", "carry")
 
 # Fault injection for tests/faults/test_crashes.py: FEDMASK_FAULT=<point>[:<n>] makes the aggregator
@@ -208,7 +212,11 @@ class AggregatorCore:
                     log.info("late update of %s from round %d carried into round %d", msg.device, msg.round, current)
                     return ACK
             elif current - msg.round < max_staleness:  # the next round can still take it
-                self.store.set_pending(msg.device, msg.round, body)  # counted when it is carried or expires
+                # Counted again when it is carried or expires; a device keeps only its newest parked update.
+                parked = self.store.set_pending(msg.device, msg.round, body)
+                self.store.incr(_PARK_COUNTERS[parked])
+                if parked == "replaced":
+                    self.store.incr("late:parked")
                 return ACK
         self.store.incr("late:dropped")
         raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update "
@@ -277,9 +285,13 @@ class AggregatorCore:
         return info
 
     def _carry_parked(self, round_id: int, max_staleness: int, now: float) -> None:
-        for device, late_round, body in self.store.take_pending():
-            if round_id - late_round <= max_staleness and \
-                    self.store.carry_update(round_id, device, body, now) in ("carried", "duplicate"):
+        """Move every parked late update into the new round, each in one atomic step (a crash never
+        loses one nor carries it twice); too stale ones, or of a device sampled afresh, expire."""
+        for device, _, _ in self.store.pending():
+            status, late_round = self.store.carry_pending(round_id, device, max_staleness, now)
+            if status == "none":
+                continue
+            if status in ("carried", "duplicate"):
                 self.store.incr("late:carried")
                 continue
             self.store.incr("late:expired")  # too stale by now, or the device was sampled afresh
