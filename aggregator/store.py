@@ -21,6 +21,7 @@ from aggregator.redis_url import client_from_url
 from aggregator.redis_url import redact_url as redact_url
 from aggregator.store_closer import CloseLease
 from aggregator.store_devices import DeviceLifecycle
+from aggregator.store_durability import AckDurability, read_ack_durability
 from aggregator.store_keys import StoreKeys, register_scripts
 from aggregator.store_pending import PendingUpdates
 from shared.errors import ConfigError, FedMaskError
@@ -357,3 +358,8 @@ class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
     def ping(self) -> None:
         with self._guard("ping"):
             self.client.ping()
+
+    def ack_durability(self) -> AckDurability:
+        """Whether the server makes an answered write durable (aggregator/store_durability.py)."""
+        with self._guard("ack_durability"):
+            return read_ack_durability(self.client)

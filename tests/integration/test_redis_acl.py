@@ -114,6 +114,7 @@ def test_every_store_operation_works_as_the_aggregator_user(acl_user: AclUser) -
         with pytest.raises(redis.exceptions.NoPermissionError):  # really the restricted user
             s.client.execute_command("ACL", "WHOAMI")
         call("ping")
+        assert call("ack_durability").verdict == "unverified"  # type: ignore[attr-defined]  # no CONFIG GET
         for d in ("d1", "d2", "d3", "d4"):
             call("register_device", d, profile="pi4", fingerprint="ab" * 8, structure=STRUCT, now=T0)
         assert call("device_ids") == ["d1", "d2", "d3", "d4"] and call("structure", "d1") == STRUCT
