@@ -60,6 +60,9 @@ LATE_POLICIES = ("drop", "carry")
 # SIGKILL itself the n-th time (default 1) it reaches <point>, so the crash suite can stop it at one exact
 # step of the persist/ack and close/publish sequences. Unset (production) it is one attribute test.
 FAULT_ENV = "FEDMASK_FAULT"
+# FEDMASK_FAULT_ACTION=stop: SIGSTOP instead, so tests/faults/test_redis_kill.py can kill Redis while
+# the aggregator stands still at that exact point, then let it go on (SIGCONT).
+FAULT_ACTION_ENV = "FEDMASK_FAULT_ACTION"
 FAULT_POINTS = (
     "consumed",  # an update was decoded and checked, not yet stored (its delivery is unacked)
     "stored",  # ingest_update has run, the delivery is not acked yet
@@ -95,6 +98,7 @@ class AggregatorCore:
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
+        self._fault_signal = signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL
         self._fault_hits = 0
 
     # -- uplink -------------------------------------------------------------------------
@@ -232,13 +236,14 @@ class AggregatorCore:
         return rec
 
     def _fault(self, point: str) -> None:
-        """SIGKILL this process if FEDMASK_FAULT names `point` and this is its n-th hit (see FAULT_ENV)."""
+        """SIGKILL (or SIGSTOP) this process if FEDMASK_FAULT names `point` and this is its n-th hit."""
         if self._fault_plan is None or self._fault_plan[0] != point:
             return
         self._fault_hits += 1
         if self._fault_hits == self._fault_plan[1]:
-            log.warning("%s=%s:%d reached: killing the aggregator (SIGKILL)", FAULT_ENV, point, self._fault_hits)
-            os.kill(os.getpid(), signal.SIGKILL)
+            log.warning("%s=%s:%d reached: %s to the aggregator", FAULT_ENV, point, self._fault_hits,
+                        self._fault_signal.name)
+            os.kill(os.getpid(), self._fault_signal)
 
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
@@ -325,6 +330,11 @@ class AggregatorCore:
         if self.store.claim_close(round_id):
             return True
         owner = self.store.closer_of(round_id)
+        if owner is not None and owner == (self.store.closer_id or default_closer_id()):
+            # Our own close, cut short by an outage (Redis killed mid-close): resume runs under the
+            # service lock, so no close of ours is still going; waiting out our own lease would stall it.
+            self.store.renew_close(round_id)
+            return True
         if owner is None or not closer_is_dead_here(owner):
             return False
         self.store.renew_close(round_id)

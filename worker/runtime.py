@@ -210,10 +210,10 @@ class Worker:
         self._publisher.publish_uplink(self.device_id, "update", body, user_id=self.amqp_user)  # confirmed
         self._fault("published")
         self.outbox.confirmed(task.round)
-        self._fault("cleared")
         self.rounds_done += 1
         self._record(type="update", round=task.round, bytes_up=len(body), train_s=round(spent, 3),
                      board_s=round(time.perf_counter() - start, 3))
+        self._fault("cleared")
         log.info("%s trained round %d in %.2fs (x%.0f profile)", self.device_id, task.round, spent,
                  self.profile.slowdown)
 
