@@ -50,12 +50,19 @@ class Decision:
 
 
 ACK = Decision("ack")
+# What parking a late update counts (store.set_pending's status): "replaced" also drops the older
+# parked one, so every late update ends counted as carried, expired, replaced or superseded.
+_PARK_COUNTERS = {"parked": "late:parked", "replaced": "late:replaced", "duplicate": "updates:duplicate",
+                  "superseded": "late:superseded"}
 LATE_POLICIES = ("drop", "carry")
 
 # Fault injection for tests/faults/test_crashes.py: FEDMASK_FAULT=<point>[:<n>] makes the aggregator
 # SIGKILL itself the n-th time (default 1) it reaches <point>, so the crash suite can stop it at one exact
 # step of the persist/ack and close/publish sequences. Unset (production) it is one attribute test.
 FAULT_ENV = "FEDMASK_FAULT"
+# FEDMASK_FAULT_ACTION=stop: SIGSTOP instead, so tests/faults/test_redis_kill.py can kill Redis while
+# the aggregator stands still at that exact point, then let it go on (SIGCONT).
+FAULT_ACTION_ENV = "FEDMASK_FAULT_ACTION"
 FAULT_POINTS = (
     "consumed",  # an update was decoded and checked, not yet stored (its delivery is unacked)
     "stored",  # ingest_update has run, the delivery is not acked yet
@@ -91,6 +98,7 @@ class AggregatorCore:
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
+        self._fault_signal = signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL
         self._fault_hits = 0
 
     # -- uplink -------------------------------------------------------------------------
@@ -208,7 +216,11 @@ class AggregatorCore:
                     log.info("late update of %s from round %d carried into round %d", msg.device, msg.round, current)
                     return ACK
             elif current - msg.round < max_staleness:  # the next round can still take it
-                self.store.set_pending(msg.device, msg.round, body)  # counted when it is carried or expires
+                # Counted again when it is carried or expires; a device keeps only its newest parked update.
+                parked = self.store.set_pending(msg.device, msg.round, body)
+                self.store.incr(_PARK_COUNTERS[parked])
+                if parked == "replaced":
+                    self.store.incr("late:parked")
                 return ACK
         self.store.incr("late:dropped")
         raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update "
@@ -224,13 +236,14 @@ class AggregatorCore:
         return rec
 
     def _fault(self, point: str) -> None:
-        """SIGKILL this process if FEDMASK_FAULT names `point` and this is its n-th hit (see FAULT_ENV)."""
+        """SIGKILL (or SIGSTOP) this process if FEDMASK_FAULT names `point` and this is its n-th hit."""
         if self._fault_plan is None or self._fault_plan[0] != point:
             return
         self._fault_hits += 1
         if self._fault_hits == self._fault_plan[1]:
-            log.warning("%s=%s:%d reached: killing the aggregator (SIGKILL)", FAULT_ENV, point, self._fault_hits)
-            os.kill(os.getpid(), signal.SIGKILL)
+            log.warning("%s=%s:%d reached: %s to the aggregator", FAULT_ENV, point, self._fault_hits,
+                        self._fault_signal.name)
+            os.kill(os.getpid(), self._fault_signal)
 
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
@@ -277,9 +290,13 @@ class AggregatorCore:
         return info
 
     def _carry_parked(self, round_id: int, max_staleness: int, now: float) -> None:
-        for device, late_round, body in self.store.take_pending():
-            if round_id - late_round <= max_staleness and \
-                    self.store.carry_update(round_id, device, body, now) in ("carried", "duplicate"):
+        """Move every parked late update into the new round, each in one atomic step (a crash never
+        loses one nor carries it twice); too stale ones, or of a device sampled afresh, expire."""
+        for device, _, _ in self.store.pending():
+            status, late_round = self.store.carry_pending(round_id, device, max_staleness, now)
+            if status == "none":
+                continue
+            if status in ("carried", "duplicate"):
                 self.store.incr("late:carried")
                 continue
             self.store.incr("late:expired")  # too stale by now, or the device was sampled afresh
@@ -313,6 +330,11 @@ class AggregatorCore:
         if self.store.claim_close(round_id):
             return True
         owner = self.store.closer_of(round_id)
+        if owner is not None and owner == (self.store.closer_id or default_closer_id()):
+            # Our own close, cut short by an outage (Redis killed mid-close): resume runs under the
+            # service lock, so no close of ours is still going; waiting out our own lease would stall it.
+            self.store.renew_close(round_id)
+            return True
         if owner is None or not closer_is_dead_here(owner):
             return False
         self.store.renew_close(round_id)

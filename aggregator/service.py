@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from aggregator.core import AggregatorCore
 from aggregator.dropped_tally import DroppedTally
-from aggregator.store import RoundStore, StoreError
+from aggregator.store import RoundStore, StoreError, redact_url
 from aggregator.store_closer import DEFAULT_LEASE_S, default_closer_id
+from aggregator.store_durability import require_ack_durability
 from shared.amqp import (
     AGGREGATOR_QUEUE,
     DROPPED_QUEUE,
@@ -48,6 +49,7 @@ class ServiceSettings:
     redis_prefix: str = "fm:"  # RoundStore key prefix: lets two aggregators (or a test) share one Redis db
     close_lease_s: float = DEFAULT_LEASE_S  # several aggregators on one queue: see aggregator/store_closer.py
     closer_id: str = ""  # unique among the aggregators sharing the queue; "" = host:pid
+    ack_durability: str = "fsync"  # aggregator/store_durability.py: refuse a Redis that acks before fsync
 
 
 class AggregatorService:
@@ -106,11 +108,13 @@ class AggregatorService:
     def run(self) -> None:
         self.store.ping()
         s, setup = self.settings, self.setup
+        durability = self.store.ack_durability()  # before the first ack: refuses a Redis that would lose acked updates
+        require_ack_durability(durability, s.ack_durability, redact_url(s.redis_url))
         # `round start` rebuilds the model from these; `round status` shows the variant to operators.
         self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
                                "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,
                                "config_origin": setup.origin, "fingerprint": self.core.fingerprint,
-                               "amqp_address": self.amqp.address()})
+                               "amqp_address": self.amqp.address(), "ack_durability": durability.describe()})
         with self.lock:
             resumed = self.core.resume()
         if resumed:

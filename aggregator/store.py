@@ -21,7 +21,9 @@ from aggregator.redis_url import client_from_url, replicas_to_wait
 from aggregator.redis_url import redact_url as redact_url
 from aggregator.store_closer import CloseLease
 from aggregator.store_devices import DeviceLifecycle
+from aggregator.store_durability import AckDurability, read_ack_durability
 from aggregator.store_keys import StoreKeys, register_scripts
+from aggregator.store_pending import PendingUpdates
 from shared.errors import ConfigError, FedMaskError
 from shared.rounds import UpdateStatus
 
@@ -77,7 +79,7 @@ def _s(raw: object) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-class RoundStore(DeviceLifecycle, CloseLease):
+class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
     wait_replicas = 0  # replicas that must hold an update before ingest_update returns (URL ?replicas=N)
 
     def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:
@@ -294,37 +296,6 @@ class RoundStore(DeviceLifecycle, CloseLease):
             raise StoreError(f"admit_update returned {res!r}")
         return cast(CarryStatus, res)
 
-    def set_pending(self, device_id: str, round_id: int, body: bytes) -> None:
-        """Park a late update until the next round opens; a newer one replaces an older one."""
-        key = self.keys.key("pending", device_id)
-        with self._guard("set_pending"):
-            old = self.client.hget(key, "round")
-            if old is not None and int(cast(bytes, old)) >= round_id:
-                return
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(key, mapping={"round": round_id, "body": bytes(body)})
-            pipe.sadd(self.keys.key("pending"), device_id)
-            pipe.execute()
-
-    def pending_devices(self) -> set[str]:
-        with self._guard("pending_devices"):
-            return {_s(m) for m in cast(set[bytes], self.client.smembers(self.keys.key("pending")))}
-
-    def take_pending(self) -> list[tuple[str, int, bytes]]:
-        """Remove and return every parked late update as (device, round, body)."""
-        with self._guard("take_pending"):
-            devices = sorted(_s(m) for m in cast(set[bytes], self.client.smembers(self.keys.key("pending"))))
-            out = []
-            for d in devices:
-                pipe = self.client.pipeline(transaction=True)
-                pipe.hmget(self.keys.key("pending", d), ["round", "body"])
-                pipe.delete(self.keys.key("pending", d))
-                pipe.srem(self.keys.key("pending"), d)
-                (r, body), *_ = pipe.execute()
-                if r is not None and body is not None:
-                    out.append((d, int(r), bytes(body)))
-        return out
-
     def mark_late(self, round_id: int, device_id: str) -> None:
         with self._guard("mark_late"):
             self.client.sadd(self.keys.in_round(round_id, "late"), device_id)
@@ -397,3 +368,8 @@ class RoundStore(DeviceLifecycle, CloseLease):
     def ping(self) -> None:
         with self._guard("ping"):
             self.client.ping()
+
+    def ack_durability(self) -> AckDurability:
+        """Whether the server makes an answered write durable (aggregator/store_durability.py)."""
+        with self._guard("ack_durability"):
+            return read_ack_durability(self.client)

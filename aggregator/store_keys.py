@@ -19,7 +19,8 @@ Key layout (prefix <p>, default "fm:"):
   <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
   <p>devices:unreachable / :removed   sets (aggregator/store_devices.py)
   <p>pending:<id>              hash    round, body: a late update waiting for the next round (carry policy)
-  <p>pending                   set     devices with a pending late update
+  <p>pending                   set     devices with a pending late update (both moved by Lua scripts
+                                       only: aggregator/store_pending.py)
   <p>config                    hash    the running aggregator's task, width, seed, merge, fingerprint
   <p>counters                  hash    name -> int; the store itself counts nothing, callers do
 
@@ -41,7 +42,7 @@ from redis.commands.core import Script
 from shared.errors import ConfigError
 
 SCRIPT_NAMES: Final = ("open_round", "admit_update", "close_round", "mark_closed", "set_mask",
-                       "register_device", "touch")
+                       "register_device", "touch", "park_update", "carry_pending")
 _SOURCES: Final = {name: files("aggregator").joinpath(f"lua/{name}.lua").read_text("utf-8")
                    for name in SCRIPT_NAMES}
 

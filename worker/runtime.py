@@ -3,12 +3,25 @@
 Threading (pika is not thread-safe): the Consumer owns the connection thread and runs
 `on_delivery` in a worker thread, so minutes of training never starve heartbeats. This module's
 Publisher is created and used only from that worker thread.
+
+A task, from delivery to ack, and what a kill at each point (FEDMASK_WORKER_FAULT) leads to; the task
+is acked last, so after any kill it is redelivered to the restarted worker:
+  train in memory               -> "trained":   <id>.npz still holds the state before training: the
+                                                redelivered task is trained again, bit-identically
+  outbox := (update, trained state)  -> "outboxed": the restart puts the outbox's state in <id>.npz and
+                                                re-sends its update; the redelivered task is then done
+  <id>.npz := trained state     -> "saved":     as "outboxed"
+  publish, broker confirm       -> "published": as "outboxed" (the aggregator drops the duplicate)
+  <id>.sent := round; drop outbox -> "cleared": the redelivered task's round is sent: acked at once
+  ack the task
+worker/outbox.py says how each file is written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -23,6 +36,7 @@ from shared.amqp import AmqpSettings, Consumer, Delivery, Outcome, Publisher, de
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.errors import CodecError, FedMaskError, LayoutMismatch
 from shared.models import ModelSpec
+from worker.outbox import Outbox, fsync_file, write_atomic
 
 log = logging.getLogger("fedmask.worker")
 
@@ -36,6 +50,23 @@ class Profile:
 
 
 PROFILES = {"jetson": Profile(threads=1, slowdown=1.0), "pi4": Profile(threads=1, slowdown=5.0)}
+
+# Fault injection for tests/faults/test_worker_outbox.py: FEDMASK_WORKER_FAULT=<point>[:<n>] makes the
+# worker SIGKILL itself the n-th time (default 1) it reaches <point> of a task (the module docstring).
+WORKER_FAULT_ENV = "FEDMASK_WORKER_FAULT"
+WORKER_FAULT_POINTS = ("trained", "outboxed", "saved", "published", "cleared")
+
+
+def worker_fault_plan(spec: str | None) -> tuple[str, int] | None:
+    """Parse FEDMASK_WORKER_FAULT: None when unset or empty, else (point, n)."""
+    if not spec:
+        return None
+    point, _, count = spec.partition(":")
+    count = count or "1"
+    if point not in WORKER_FAULT_POINTS or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{WORKER_FAULT_ENV} must be <point>[:<n>] with n >= 1 and point one of "
+                         f"{', '.join(WORKER_FAULT_POINTS)}; got {spec!r}")
+    return point, int(count)
 
 
 class WrongVariant(FedMaskError):
@@ -57,19 +88,28 @@ class Worker:
         self.failure: WrongVariant | None = None
         self.amqp = amqp
         self.state_path = state_dir / f"{device_id}.npz"
+        self.trained_path = state_dir / f"{device_id}.trained.npz"  # the state after training, on its way
+        self.outbox = Outbox(state_dir, device_id)
         self.stats_path = state_dir / f"{device_id}.stats.jsonl"  # one line per message: what a board spends
         state_dir.mkdir(parents=True, exist_ok=True)
         self._publisher: Publisher | None = None
         self.stop_event = threading.Event()
         self.rounds_done = 0
+        self._fault_plan = worker_fault_plan(os.environ.get(WORKER_FAULT_ENV))  # read once
+        self._fault_hits = 0
 
     @property
     def device_id(self) -> str:
         return self.device.device_id
 
     def enrol(self) -> None:
-        """Resume from disk if possible (no second pruning), else prune once; then say hello.
-        Hello is idempotent at the aggregator, so it is sent on every start."""
+        """Resume from disk if possible (no second pruning), else prune once; then say hello, and
+        re-send an update the outbox still holds. Hello is idempotent at the aggregator, so it is sent
+        on every start."""
+        pending = self.outbox.pending()
+        if pending is not None:  # killed after training, before the confirm: the outbox's state is the truth
+            write_atomic(self.state_path, pending.state)
+        self.trained_path.unlink(missing_ok=True)
         if self.state_path.exists():
             self.device.load(self.state_path)
             log.info("%s resumed from %s (mask version %d)", self.device_id, self.state_path, self.device.mask_version)
@@ -81,7 +121,13 @@ class Worker:
         body = codec.encode(hello)
         with Publisher(self.amqp) as pub:
             pub.publish_uplink(self.device_id, "hello", body, user_id=self.amqp_user)
-        self._record(type="hello", bytes_up=len(body))
+            self._record(type="hello", bytes_up=len(body))
+            if pending is not None:
+                pub.publish_uplink(self.device_id, "update", pending.body, user_id=self.amqp_user)
+                self.outbox.confirmed(pending.round_id)
+                self._record(type="update", round=pending.round_id, bytes_up=len(pending.body), board_s=0.0,
+                             resent=True)
+                log.info("%s re-sent its round %d update from the outbox", self.device_id, pending.round_id)
 
     def _record(self, **fields: object) -> None:
         with self.stats_path.open("a") as f:
@@ -139,6 +185,9 @@ class Worker:
         return Outcome.reject("wrong_variant")
 
     def _train(self, task: codec.Message) -> None:
+        if task.round <= self.outbox.last_sent():
+            log.info("%s already sent its round %d update: the task is done", self.device_id, task.round)
+            return
         if task.deadline is not None and task.deadline < time.time():
             log.warning("%s skipped round %d: its deadline has passed", self.device_id, task.round)
             return
@@ -147,13 +196,32 @@ class Worker:
         spent = time.perf_counter() - start
         if self.profile.slowdown > 1:  # emulate a slower board: the same work, stretched
             time.sleep(spent * (self.profile.slowdown - 1))
-        self.device.save(self.state_path)
+        self._fault("trained")
+        body = codec.encode(update)
+        # The order below is what makes every kill point end as an undisturbed run (module docstring).
+        self.device.save(self.trained_path)
+        self.outbox.put(task.round, body, self.trained_path.read_bytes())
+        self._fault("outboxed")
+        os.replace(self.trained_path, self.state_path)
+        fsync_file(self.state_path)  # before <id>.sent may say the round is done
+        self._fault("saved")
         if self._publisher is None:
             self._publisher = Publisher(self.amqp)
-        body = codec.encode(update)
-        self._publisher.publish_uplink(self.device_id, "update", body, user_id=self.amqp_user)
+        self._publisher.publish_uplink(self.device_id, "update", body, user_id=self.amqp_user)  # confirmed
+        self._fault("published")
+        self.outbox.confirmed(task.round)
         self.rounds_done += 1
         self._record(type="update", round=task.round, bytes_up=len(body), train_s=round(spent, 3),
                      board_s=round(time.perf_counter() - start, 3))
+        self._fault("cleared")
         log.info("%s trained round %d in %.2fs (x%.0f profile)", self.device_id, task.round, spent,
                  self.profile.slowdown)
+
+    def _fault(self, point: str) -> None:
+        """SIGKILL this process if FEDMASK_WORKER_FAULT names `point` and this is its n-th hit."""
+        if self._fault_plan is None or self._fault_plan[0] != point:
+            return
+        self._fault_hits += 1
+        if self._fault_hits == self._fault_plan[1]:
+            log.warning("%s=%s:%d reached: killing the worker (SIGKILL)", WORKER_FAULT_ENV, point, self._fault_hits)
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -16,16 +16,30 @@ queue (ops/bench/adapter_floor.py); ingest can never beat it.
 Close latency: `rounds` more rounds with quorum 1.0; per round closed_at - closing_at from Redis
 (closer elected -> last merged mask confirmed by the broker). Device queues are purged after every
 round; each must have held exactly its task and its merged mask.
+
+The cost of durable acks (`durability`): "always" and/or "everysec" run the whole measurement against
+a redis-server of the benchmark's own, started for it with broker_config/redis.conf's persistence
+(appendonly yes, aof-use-rdb-preamble yes) and that appendfsync, its AOF in the system's temporary
+folder (a disk here; on tmpfs an fsync costs nothing and the comparison means nothing); "both" runs
+the two one after the other in one run, every other setting equal.
 """
 
 from __future__ import annotations
 
 import cProfile
+import shutil
+import socket
 import statistics
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
+
+import redis
 
 from aggregator.service import AggregatorService, ServiceSettings
 from aggregator.store import RoundInfo, redact_url
@@ -47,6 +61,7 @@ from ops.fleet.emulated import (
 )
 from shared.amqp import AGGREGATOR_QUEUE, Consumer, Delivery, Outcome, queue_depth
 
+DURABILITY_CHOICES = ("", "always", "everysec", "both")  # "": the --redis-url as it is
 INGEST_TARGET_RATIO = 0.7  # from the issue: ingest >= 0.7 x the broker's raw delivery rate
 CLOSE_TARGET_SECONDS = 1.0  # from the issue, at 100 devices x 1M parameters
 
@@ -67,6 +82,7 @@ class PipelineBenchConfig:
     floor_messages: int = 1000  # queue length for the adapter floor (see ops/bench/adapter_floor.py)
     publisher_threads: int = 8
     timeout: float = 300.0  # per wait (hellos, one round); a stuck pipeline fails instead of hanging
+    durability: str = ""  # see the module docstring: "", "always", "everysec" or "both"
 
 
 class TimedHandler:
@@ -107,7 +123,64 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 
 
 def run_pipeline_bench(cfg: PipelineBenchConfig,
                        on_round: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Run both measurements in one sandbox; returns the figures (see the module docstring)."""
+    """Run both measurements in one sandbox; returns the figures (see the module docstring). With
+    `durability`, once per appendfsync policy against a redis-server of its own, figures by policy."""
+    if cfg.durability not in DURABILITY_CHOICES:
+        raise BenchError(f"durability must be one of always, everysec, both; got {cfg.durability!r}")
+    if not cfg.durability:
+        return _run_once(cfg, on_round)
+    policies = ["always", "everysec"] if cfg.durability == "both" else [cfg.durability]
+    by_policy = {}
+    for policy in policies:
+        with _private_redis(policy) as url:
+            by_policy[policy] = _run_once(replace(cfg, redis_url=url), on_round)
+            by_policy[policy]["appendfsync"] = policy
+    out: dict[str, Any] = {"durability": by_policy,
+                           "problems": [f"{k}: {p}" for k, r in by_policy.items() for p in r["problems"]]}
+    if len(by_policy) == 2:
+        out["fsync_cost"] = {
+            "ingest_always_over_everysec": by_policy["always"]["ingest"]["updates_per_s"]
+            / by_policy["everysec"]["ingest"]["updates_per_s"],
+            "close_p50_always_minus_everysec_s": by_policy["always"]["close"]["p50_s"]
+            - by_policy["everysec"]["close"]["p50_s"]}
+    return out
+
+
+@contextmanager
+def _private_redis(appendfsync: str) -> Iterator[str]:
+    """A redis-server of the benchmark's own on a free loopback port: AOF on with `appendfsync`, data in a
+    temporary folder; shut down and removed afterwards."""
+    if shutil.which("redis-server") is None:
+        raise BenchError("--durability needs redis-server on PATH (it starts one of its own)")
+    folder = Path(tempfile.mkdtemp(prefix=f"fedmask-bench-redis-{appendfsync}-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                             "--appendonly", "yes", "--appendfsync", appendfsync, "--aof-use-rdb-preamble", "yes",
+                             "--save", "", "--logfile", str(folder / "redis.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    try:
+        wait_for(lambda: _answers(client) or proc.poll() is not None, 30, "the benchmark's redis-server", poll=0.1)
+        if proc.poll() is not None:
+            raise BenchError(f"redis-server exited {proc.returncode}; see {folder / 'redis.log'}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _run_once(cfg: PipelineBenchConfig, on_round: Callable[[int, float], None] | None) -> dict[str, Any]:
     model = BenchModel.for_params(cfg.task, cfg.params, cfg.seed)
     before = host_load()
     with sandbox(cfg.amqp_url, cfg.redis_url, cfg.api_url, cfg.devices) as box:

@@ -94,6 +94,23 @@ def format_pipeline(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_durability(r: dict[str, Any]) -> str:
+    """What `fedmask bench pipeline --durability ...` prints without --json: each run, then the cost."""
+    lines: list[str] = []
+    for policy, run in r["durability"].items():
+        lines += [f"== Redis appendfsync {policy} (a redis-server of the benchmark's own, AOF on)",
+                  format_pipeline(run), ""]
+    lines.append(f"{'appendfsync':12s} {'ingest updates/s':>17s} {'MB/s':>7s} {'handler ms':>11s} {'close p50 s':>12s}")
+    for policy, run in r["durability"].items():
+        ing = run["ingest"]
+        lines.append(f"{policy:12s} {ing['updates_per_s']:17.1f} {ing['mb_per_s']:7.1f} "
+                     f"{ing['handler_ms_median']:11.2f} {run['close']['p50_s']:12.3f}")
+    if cost := r.get("fsync_cost"):
+        lines.append(f"fsync on every ack: ingest x{cost['ingest_always_over_everysec']:.3f} of everysec's, "
+                     f"close p50 {cost['close_p50_always_minus_everysec_s'] * 1e3:+.1f} ms")
+    return "\n".join(lines)
+
+
 def format_load(r: dict[str, Any]) -> str:
     """What `fedmask bench load` prints without --json."""
     c, a, t, close = r["config"], r["accounting"], r["throughput"], r["close"]

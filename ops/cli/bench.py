@@ -67,28 +67,34 @@ def _finish(result: dict[str, Any], text: str, as_json: bool, out: Path | None) 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="(ingest, raw) pairs; the median is reported")
 @click.option("--profile", is_flag=True, help="cProfile the aggregator's handler during the ingest round")
+@click.option("--durability", type=click.Choice(["always", "everysec", "both"]), default=None,
+              help="run against a redis-server of its own with this appendfsync (both: one run each, the fsync "
+                   "cost of durable acks); instead of --redis-url")
 @_service_options
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the figures (JSON)")
 def pipeline(devices: int, params: int, rounds: int, task: str, seed: int, repeats: int, profile: bool,
-             amqp_url: str, redis_url: str, api_url: str, as_json: bool, out: Path | None) -> None:
+             durability: str | None, amqp_url: str, redis_url: str, api_url: str, as_json: bool,
+             out: Path | None) -> None:
     """Aggregator ingest rate vs the broker's raw rate, and round close latency (emulated devices)."""
     from tqdm import tqdm
 
     from ops.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
-    from ops.bench.report import format_pipeline
+    from ops.bench.report import format_durability, format_pipeline
     from shared.errors import FedMaskError
 
     cfg = PipelineBenchConfig(devices=devices, params=params, rounds=rounds, task=task, seed=seed, profile=profile,
-                              ingest_repeats=repeats, amqp_url=amqp_url, redis_url=redis_url, api_url=api_url)
-    bar = tqdm(total=rounds, desc="close latency", unit="round", file=sys.stderr, leave=False, dynamic_ncols=True)
+                              ingest_repeats=repeats, amqp_url=amqp_url, redis_url=redis_url, api_url=api_url,
+                              durability=durability or "")
+    bar = tqdm(total=rounds * (2 if durability == "both" else 1), desc="close latency", unit="round",
+               file=sys.stderr, leave=False, dynamic_ncols=True)
     try:
         result = run_pipeline_bench(cfg, on_round=lambda _i, s: (bar.set_postfix_str(f"close {s:.3f}s"), bar.update()))
     except FedMaskError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
-    _finish(result, format_pipeline(result), as_json, out)
+    _finish(result, format_durability(result) if durability else format_pipeline(result), as_json, out)
 
 
 @bench.command("load")

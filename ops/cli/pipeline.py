@@ -97,21 +97,29 @@ def aggregator() -> None:
               help="seconds another aggregator on the same queue waits before finishing a close whose closer died")
 @click.option("--closer-id", default="",
               help="this aggregator's name among those sharing the queue [default: host:pid]")
+@click.option("--ack-durability", type=click.Choice(["fsync", "unchecked"]), envvar="FEDMASK_ACK_DURABILITY",
+              default="fsync", show_default=True,
+              help="fsync: refuse a Redis without appendonly yes + appendfsync always (acked updates would die "
+                   "with it); unchecked: accept that risk")
 def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
-                   seed: int, close_lease: float, closer_id: str) -> None:
+                   seed: int, close_lease: float, closer_id: str, ack_durability: str) -> None:
     """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains). Run several
     against the same queue and Redis to share the load: exactly one closes each round."""
     from aggregator.service import AggregatorService, ServiceSettings
+    from shared.errors import ConfigError
 
     _log(True)
     try:
         svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
                                                 seed=seed, variant=variant, merge=merge, close_lease_s=close_lease,
-                                                closer_id=closer_id))
+                                                closer_id=closer_id, ack_durability=ack_durability))
     except ValueError as exc:  # a variant/merge combination variant_setup refuses
         raise click.ClickException(str(exc)) from exc
     svc.install_signal_handlers()
-    svc.run()
+    try:
+        svc.run()
+    except ConfigError as exc:  # e.g. a Redis that would lose acked updates (--ack-durability)
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("worker")

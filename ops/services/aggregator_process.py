@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.services.deployment import ROOT, Deployment
+from ops.services.local_servers import REDIS, started_here
 from shared.errors import FedMaskError
 
 
@@ -39,6 +40,10 @@ def start_aggregator(dep: Deployment, say: Any, wait_s: float = 120.0) -> int:
            dep.redis_url, "--task", dep.task, "--seed", str(dep.seed), "--merge", dep.merge]
     if dep.width is not None:
         cmd += ["--width", str(dep.width)]
+    if REDIS.name not in started_here(dep):
+        # A Redis that was already running is not ours to configure: its appendfsync decides whether a
+        # crash of it loses acked updates; the aggregator's log says which (aggregator/store_durability.py).
+        cmd += ["--ack-durability", "unchecked"]
     log = dep.log_file.open("a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -203,7 +203,8 @@ def deployment(amqp_service_url: str, redis_service_url: str) -> Iterator[Deploy
         cleanup.callback(client.close)
         cleanup.callback(_delete_keys, client, f"test:faults*:{tag}:")  # this run's and the undisturbed run's
         service = AggregatorService(ServiceSettings(amqp_url=admin.url, redis_url=redis_service_url, task=TASK,
-                                                    width=WIDTH, seed=SEED, redis_prefix=prefix))
+                                                    width=WIDTH, seed=SEED, redis_prefix=prefix,
+                                                    ack_durability="unchecked"))  # the machine's Redis
         crashes: list[BaseException] = []
 
         def run_service() -> None:
