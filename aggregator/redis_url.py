@@ -2,6 +2,12 @@
 
 Kept apart from RoundStore because this is where TLS is decided: rediss:// always verifies the
 server, and nothing in the URL's query string may weaken that.
+
+Redis with replicas and Sentinel: redis+sentinel://[user:password@]host:port[,host:port...]/<master>[/db]
+names the Sentinels (not Redis itself) and the monitored master's name; the client asks them where
+the master is and asks again after a failover. The password is Redis's; Sentinels are reached
+without one. `?replicas=N` (any scheme) makes every stored update wait until N replicas hold it
+before the aggregator acks it (Redis WAIT): a failover then loses no acknowledged update.
 """
 
 from __future__ import annotations
@@ -31,6 +37,48 @@ def redact_url(url: str) -> str:
 TLS_ENV: Final = {"ca_file": "FEDMASK_REDIS_CA", "cert_file": "FEDMASK_REDIS_CERT", "key_file": "FEDMASK_REDIS_KEY"}
 
 
+SENTINEL_SCHEME: Final = "redis+sentinel"
+
+
+def replicas_to_wait(url: str) -> int:
+    """The URL's `replicas` query value (0 when absent)."""
+    try:
+        values = parse_qs(urlsplit(url).query).get("replicas", ["0"])
+        n = int(values[-1])
+    except ValueError:
+        raise ConfigError(f"bad Redis URL {redact_url(url)}: replicas must be a whole number") from None
+    if not 0 <= n <= 16:
+        raise ConfigError(f"bad Redis URL {redact_url(url)}: replicas must be 0..16, got {n}")
+    return n
+
+
+def _without_query_key(url: str, key: str) -> str:
+    parts = urlsplit(url)
+    kept = "&".join(kv for kv in parts.query.split("&") if kv and kv.split("=", 1)[0] != key)
+    return parts._replace(query=kept).geturl()
+
+
+def _sentinel_client(url: str) -> redis.Redis:
+    from redis.sentinel import Sentinel
+
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    try:
+        sentinels = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]) if ":" in h else 26379)
+                     for h in hosts.split(",") if h]
+    except ValueError:
+        raise ConfigError(f"bad Redis URL {redact_url(url)}: Sentinels are host:port[,host:port...]") from None
+    path = [p for p in parts.path.split("/") if p]
+    if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError(f"bad Redis URL {redact_url(url)}: expected "
+                          f"{SENTINEL_SCHEME}://host:port[,host:port...]/<master-name>[/<db>]")
+    sentinel = Sentinel(sentinels, socket_connect_timeout=5.0, socket_timeout=5.0)  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        path[0], db=int(path[1]) if len(path) == 2 else 0, decode_responses=False, socket_connect_timeout=5.0,
+        socket_timeout=30.0, username=parts.username or None, password=parts.password or None)
+    return master
+
+
 def client_from_url(url: str, *, ca_file: str | None = None, cert_file: str | None = None,
                     key_file: str | None = None) -> redis.Redis:
     """A client (decode_responses=False, as RoundStore needs) for redis:// or rediss://; see
@@ -42,6 +90,12 @@ def client_from_url(url: str, *, ca_file: str | None = None, cert_file: str | No
         raise ConfigError(f"bad Redis URL {redact_url(url)}: {exc}") from None
     if any(name.startswith("ssl") for name in query):
         raise ConfigError(f"bad Redis URL {redact_url(url)}: TLS options go in from_url's arguments, not the URL")
+    replicas_to_wait(url)  # checked here, applied by RoundStore
+    url = _without_query_key(url, "replicas")
+    if parts.scheme == SENTINEL_SCHEME:
+        if ca_file or cert_file or key_file:
+            raise ConfigError("TLS to Redis through Sentinel is not supported yet: use rediss:// to one server")
+        return _sentinel_client(url)
     if parts.scheme == "rediss":  # not given: from the environment (the CLI's --redis-ca etc. set it)
         ca_file = ca_file or os.environ.get(TLS_ENV["ca_file"]) or None
         cert_file = cert_file or os.environ.get(TLS_ENV["cert_file"]) or None

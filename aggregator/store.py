@@ -17,7 +17,7 @@ from typing import Any, Final, Literal, cast, get_args
 
 import redis
 
-from aggregator.redis_url import client_from_url
+from aggregator.redis_url import client_from_url, replicas_to_wait
 from aggregator.redis_url import redact_url as redact_url
 from aggregator.store_closer import CloseLease
 from aggregator.store_devices import DeviceLifecycle
@@ -29,6 +29,7 @@ STATES: Final = ("open", "closing", "closed")
 CarryStatus = Literal["carried", "duplicate", "sampled", "closed", "unknown_round"]
 _UPDATE_STATUSES: Final = get_args(UpdateStatus)
 _CARRY_STATUSES: Final = get_args(CarryStatus)
+WAIT_TIMEOUT_MS: Final = 5000
 _MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a time
 
 
@@ -77,6 +78,8 @@ def _s(raw: object) -> str:
 
 
 class RoundStore(DeviceLifecycle, CloseLease):
+    wait_replicas = 0  # replicas that must hold an update before ingest_update returns (URL ?replicas=N)
+
     def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:
         self.keys = StoreKeys(prefix)  # refuses a prefix with braces
         if client.connection_pool.connection_kwargs.get("decode_responses"):
@@ -91,7 +94,9 @@ class RoundStore(DeviceLifecycle, CloseLease):
         ca_file, or the system store when None) and host name; cert_file/key_file are a client
         certificate for servers with tls-auth-clients yes. TLS options are these arguments: the URL's
         query string may not carry ssl_* options (redis-py would let them override, e.g. ssl_cert_reqs=none)."""
-        return cls(client_from_url(url, ca_file=ca_file, cert_file=cert_file, key_file=key_file), prefix)
+        store = cls(client_from_url(url, ca_file=ca_file, cert_file=cert_file, key_file=key_file), prefix)
+        store.wait_replicas = replicas_to_wait(url)
+        return store
 
     def close(self) -> None:
         self.client.close()
@@ -262,7 +267,12 @@ class RoundStore(DeviceLifecycle, CloseLease):
                                    args=[device_id, _num(now, "now")], client=pipe)
             self._scripts["close_round"](keys=[keys[0], keys[2], self.keys.in_round(round_id, "closer")],
                                          args=[_num(now, "now"), *self.closer_args()], client=pipe)
-            status_raw, _, elected = pipe.execute()
+            if self.wait_replicas:  # the caller acks on return: the update must be on N replicas first
+                pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)  # type: ignore[no-untyped-call]
+            status_raw, _, elected, *acked = pipe.execute()
+        if self.wait_replicas and int(acked[0]) < self.wait_replicas:
+            raise StoreError(f"only {acked[0]} of {self.wait_replicas} Redis replicas confirmed the update of "
+                             f"{device_id} within {WAIT_TIMEOUT_MS} ms; it is not acknowledged", retryable=True)
         status = _s(status_raw)
         if status not in _UPDATE_STATUSES:
             raise StoreError(f"admit_update returned {status!r}")

@@ -70,8 +70,11 @@ class PrivateRabbitMQ:
     """A RabbitMQ node of the test's own. `config` lines are appended to the node's rabbitmq.conf
     (the listeners are always ours); `definitions` is a definitions file to import at boot."""
 
-    def __init__(self, directory: Path, *, config: str = "", definitions: Path | None = None) -> None:
+    def __init__(self, directory: Path, *, config: str = "", definitions: Path | None = None,
+                 home: Path | None = None) -> None:
+        """home: the HOME (and so the Erlang cookie) to use; nodes of one cluster must share it."""
         self.dir = directory
+        self.home = home or directory / "home"
         self.node = f"fmtest-{uuid.uuid4().hex[:8]}@localhost"
         self.amqp_port, self.management_port, self.dist_port = _free_ports(3)
         self.config, self.definitions = config, definitions
@@ -93,7 +96,7 @@ class PrivateRabbitMQ:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
         env.update({
-            "HOME": str(self.dir / "home"),  # its own .erlang.cookie: the machine node's CLI cannot reach it
+            "HOME": str(self.home),  # its own .erlang.cookie: the machine node's CLI cannot reach it
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.amqp_port),
@@ -110,8 +113,9 @@ class PrivateRabbitMQ:
         return env
 
     def _write_config(self) -> None:
-        for sub in ("home", "mnesia", "log"):
+        for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
         lines = [
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",
             "management.tcp.ip = 127.0.0.1",
@@ -167,6 +171,13 @@ class PrivateRabbitMQ:
         self.ctl("start_app", timeout=300)
         self.ctl("await_startup", timeout=300)
         wait_until(self.answers, 120, f"RabbitMQ node {self.node} to answer again", every=0.5)
+
+    def join(self, seed: PrivateRabbitMQ) -> None:
+        """Join `seed`'s cluster (both must share `home`): this node's own data is reset."""
+        self.ctl("stop_app")
+        self.ctl("reset")
+        self.ctl("join_cluster", seed.node, timeout=180)
+        self.start_app()
 
     def kill(self) -> None:
         """SIGKILL the whole node (beam and its helpers): a crash, not a shutdown."""

@@ -109,8 +109,15 @@ class AmqpSettings:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ConfigError(f"AMQP URL must be amqp[s]://user:password@host:port/vhost, got {self.redacted()}")
+        try:
+            nodes = [urlsplit(u) for u in self.node_urls()]
+            bad = parts.scheme not in ("amqp", "amqps") or not nodes or not all(n.hostname for n in nodes)
+            bad = bad or any(n.port is not None and n.port <= 0 for n in nodes)  # .port raises for a bad port
+        except ValueError:
+            bad = True
+        if bad:
+            raise ConfigError(f"AMQP URL must be amqp[s]://user:password@host:port[,host:port...]/vhost, "
+                              f"got {self.redacted()}")
         if not 0 <= self.heartbeat <= 600:
             raise ConfigError(f"heartbeat must be 0..600 s, got {self.heartbeat}")
         if not 1 <= self.prefetch <= 65535:
@@ -143,11 +150,23 @@ class AmqpSettings:
                     kw[name] = os.environ[env]
         return cls(url=url, **kw)
 
-    def address(self) -> str:
-        """scheme://host:port/vhost, without credentials: what an aggregator records for operators."""
+    def node_urls(self) -> list[str]:
+        """One URL per broker node. A clustered broker is named by listing its nodes in the URL's host
+        part, amqp://user:pw@node1:5672,node2:5672,node3:5672/vhost (as libpq and MongoDB do);
+        connections try them in that order, so a stopped node costs one refused connect."""
         parts = urlsplit(self.url)
-        port = parts.port or (5671 if self.tls else 5672)
-        return f"{parts.scheme}://{parts.hostname or '127.0.0.1'}:{port}/{quote(self.vhost, safe='')}"
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        prefix = userinfo + "@" if userinfo else ""
+        return [urlunsplit(parts._replace(netloc=prefix + h.strip())) for h in hosts.split(",") if h.strip()]
+
+    def address(self) -> str:
+        """scheme://host:port[,host:port...]/vhost, without credentials: what an aggregator records
+        for operators."""
+        hosts = []
+        for u in self.node_urls():
+            parts = urlsplit(u)
+            hosts.append(f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if self.tls else 5672)}")
+        return f"{urlsplit(self.url).scheme}://{','.join(hosts)}/{quote(self.vhost, safe='')}"
 
     @property
     def tls(self) -> bool:
@@ -192,15 +211,20 @@ class AmqpSettings:
         except ValueError:
             return "<unparseable AMQP URL>"
 
-    def _parameters(self, name: str) -> Any:
+    def _parameters(self, name: str) -> list[Any]:
         """The one place connection parameters are built: every connection (publisher, consumer,
-        admin channels) goes through _connect and here, so TLS cannot be skipped by one of them."""
-        params = pika.URLParameters(self.url)
-        context = self.ssl_context()
-        params.ssl_options = None if context is None else pika.SSLOptions(context, self.server_hostname or params.host)
-        params.heartbeat = self.heartbeat
-        params.blocked_connection_timeout = 60.0  # a memory/disk alarm fails a publish instead of hanging it
-        params.socket_timeout = 10.0
-        params.connection_attempts = 1
-        params.client_properties = {"connection_name": f"fedmask:{name}"}
-        return params
+        admin channels) goes through _connect and here, so TLS cannot be skipped by one of them.
+        One entry per node (node_urls); pika tries them in order."""
+        out = []
+        for url in self.node_urls():
+            params = pika.URLParameters(url)
+            context = self.ssl_context()
+            params.ssl_options = None if context is None else pika.SSLOptions(context,
+                                                                              self.server_hostname or params.host)
+            params.heartbeat = self.heartbeat
+            params.blocked_connection_timeout = 60.0  # a memory/disk alarm fails a publish instead of hanging it
+            params.socket_timeout = 10.0
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": f"fedmask:{name}"}
+            out.append(params)
+        return out

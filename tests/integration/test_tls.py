@@ -233,12 +233,16 @@ def test_amqp_tls_settings_are_checked(pki: Pki, tmp_path: Path) -> None:
     ctx = s.ssl_context()
     assert ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
-    params = s._parameters("t")
+    [params] = s._parameters("t")
     assert params.ssl_options.context is not None and params.ssl_options.server_hostname == "broker.example"
     assert params.port == 5671
-    assert AmqpSettings.from_url(url)._parameters("t").ssl_options.server_hostname == "localhost"
+    assert AmqpSettings.from_url(url)._parameters("t")[0].ssl_options.server_hostname == "localhost"
     assert AmqpSettings.from_url("amqp://u:p@localhost/").ssl_context() is None
-    assert AmqpSettings.from_url("amqp://u:p@localhost/")._parameters("t").ssl_options is None
+    assert AmqpSettings.from_url("amqp://u:p@localhost/")._parameters("t")[0].ssl_options is None
+    # A cluster: every node gets the same TLS settings, its own host name checked.
+    nodes = AmqpSettings.from_url(f"amqps://u:{SECRET}@node1:5671,node2:5672/fedmask", ca_file=str(pki.ca))
+    assert [(p.host, p.port, p.ssl_options.server_hostname) for p in nodes._parameters("t")] == \
+        [("node1", 5671, "node1"), ("node2", 5672, "node2")]
     assert SECRET not in repr(s)
     bad: list[tuple[str, dict[str, Any]]] = [
         (f"amqp://u:{SECRET}@localhost/", {"ca_file": str(pki.ca)}),  # TLS settings on a plain URL: not ignored

@@ -74,3 +74,31 @@ def test_service_state_is_found_from_any_folder(tmp_path: Path, monkeypatch: pyt
     assert default_run_dir() == tmp_path / "home" / ".local" / "state" / "fedmask" / "services"
     monkeypatch.chdir(tmp_path)
     assert default_run_dir().is_absolute()
+
+
+def test_a_clustered_broker_is_named_by_its_nodes() -> None:
+    s = AmqpSettings.from_url("amqp://dev:pw@node1:5672,node2,node3:5673/fleet")
+    assert s.node_urls() == ["amqp://dev:pw@node1:5672/fleet", "amqp://dev:pw@node2/fleet",
+                             "amqp://dev:pw@node3:5673/fleet"]
+    assert s.address() == "amqp://node1:5672,node2:5672,node3:5673/fleet"
+    assert (s.username, s.vhost) == ("dev", "fleet") and "pw" not in s.redacted()
+    assert [(p.host, p.port) for p in s._parameters("t")] == [("node1", 5672), ("node2", 5672), ("node3", 5673)]
+    for bad in ("amqp://dev:pw@node1:5672,:5673/fleet", "amqp://dev:pw@node1:99999/fleet", "amqp://dev:pw@/fleet"):
+        with pytest.raises(ConfigError, match="host:port"):
+            AmqpSettings.from_url(bad)
+
+
+def test_redis_behind_sentinel_is_named_by_its_sentinels() -> None:
+    from aggregator.redis_url import redact_url, replicas_to_wait
+
+    url = "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26379/fedmask/2?replicas=1"
+    assert replicas_to_wait(url) == 1 and replicas_to_wait("redis://h:6379/0") == 0
+    client = client_from_url(url)  # nothing is contacted until the first command
+    assert client.connection_pool.connection_kwargs["db"] == 2
+    assert "s3cret" not in redact_url(url)
+    for bad in ("redis+sentinel://10.0.0.1:26379/", "redis+sentinel://10.0.0.1:x/fedmask",
+                "redis+sentinel://10.0.0.1/fedmask/db", "redis://h/0?replicas=many", "redis://h/0?replicas=99"):
+        with pytest.raises(ConfigError):
+            client_from_url(bad)
+    with pytest.raises(ConfigError, match="Sentinel"):
+        client_from_url("redis+sentinel://10.0.0.1:26379/fedmask", ca_file=__file__)
