@@ -20,6 +20,7 @@ from aggregator.store import RoundInfo, RoundStore, StoreError
 from shared import codec
 from shared.bits import pack, scatter_at
 from shared.errors import CodecError, ConfigError
+from shared.log_safety import RejectionLog, printable
 from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
 from shared.rounds import (
@@ -85,6 +86,8 @@ class AggregatorCore:
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
+        # One line per reason per window, not per message: a board flooding rejects cannot flood the log.
+        self.rejections = RejectionLog(log)
         self._fault_hits = 0
 
     # -- uplink -------------------------------------------------------------------------
@@ -102,7 +105,7 @@ class AggregatorCore:
             raise CodecError("wrong_type", f"devices may send hello or update, not {msg.type}")
         except CodecError as err:
             self.store.incr(f"rejected:{err.reason}")
-            log.warning("rejected %s: %s", routing_key, err)
+            self.rejections.note(err.reason, f"{printable(routing_key)}: {printable(str(err))}")
             return Decision("reject", err.reason)
 
     def _hello(self, msg: codec.Message) -> Decision:

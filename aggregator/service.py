@@ -25,6 +25,7 @@ from shared.amqp import (
     Publisher,
 )
 from shared.errors import FedMaskError
+from shared.log_safety import printable
 from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 log = logging.getLogger("fedmask.aggregator")
@@ -66,6 +67,7 @@ class AggregatorService:
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
         # round in 'closing', which only resume() finishes. The next tick that reaches Redis runs it.
         self._resume_pending = False
+        self.consumer: Consumer | None = None  # the uplink consumer, once run() has started it
 
     def on_delivery(self, d: Delivery) -> Outcome:
         """While Redis (or the downlink) is unreachable, retry the delivery in place with backoff rather
@@ -82,7 +84,7 @@ class AggregatorService:
                 if not err.retryable:
                     raise
                 self._resume_pending = True
-                log.warning("%s not handled (%s); retrying in %.1f s", d.routing_key, err, delay)
+                log.warning("%s not handled (%s); retrying in %.1f s", printable(d.routing_key), err, delay)
             if self.stop.wait(delay):
                 return Outcome.requeue()
             delay = min(delay * 2, RETRY_MAX_SECONDS)
@@ -113,7 +115,11 @@ class AggregatorService:
             resumed = self.core.resume()
         if resumed:
             log.warning("resumed closing rounds %s", resumed)
-        consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch)
+        # The consumer's own rejections (unreadable properties, a handler that keeps failing) are counted
+        # beside the core's, as rejected:<reason>.
+        consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch,
+                            on_reject=lambda reason: self.store.incr(f"rejected:{reason}"))
+        self.consumer = consumer  # for operators' and tests' eyes: connections, rejections
         consumer.start_in_thread()
         log.info("aggregator up: task %s, model %s, %s, amqp %s", self.settings.task,
                  self.core.fingerprint, self.setup.describe(), self.amqp.redacted())
@@ -122,6 +128,8 @@ class AggregatorService:
                 if consumer.error is not None:  # the broker refused us (credentials, permissions): stop loudly
                     raise FedMaskError(f"uplink consumer failed: {consumer.error}")
                 self._tick()
+                self.core.rejections.flush()  # the summaries of rejections kept out of the log
+                consumer.rejections.flush()
         finally:
             consumer.stop()
             self.publisher.close()

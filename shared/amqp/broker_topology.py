@@ -3,7 +3,7 @@
 Topology (vhost fedmask; every name below is `settings.namespace + NAME`, and the namespace is empty
 outside tests):
   fedmask.uplink    topic exchange   devices publish device.<id>.<kind> with user_id = their own user
-  aggregator.uplink quorum queue     bound to device.*.*; dead-letters to fedmask.dead
+  aggregator.uplink quorum queue     bound to device.*.*; dead-letters to fedmask.dead; delivery limit
   fedmask.downlink  direct exchange  routing key <id> -> queue device.<id> (classic, dead-letters too)
   fedmask.dead      fanout exchange  -> dead.letters
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from shared.amqp.connection import _amqp_errors, _close_quietly, _connect
-from shared.amqp.settings import AmqpSettings, device_queue
+from shared.amqp.settings import AmqpError, AmqpSettings, device_queue
 
 UPLINK_EXCHANGE: Final = "fedmask.uplink"
 DOWNLINK_EXCHANGE: Final = "fedmask.downlink"
@@ -26,6 +26,15 @@ DEAD_EXCHANGE: Final = "fedmask.dead"
 AGGREGATOR_QUEUE: Final = "aggregator.uplink"
 DEAD_QUEUE: Final = "dead.letters"
 UPLINK_BINDING: Final = "device.*.*"
+# The second line against a poison message (the first is the consumer: shared/amqp/untrusted.py). A
+# quorum queue counts every delivery that came back unsettled (a dropped connection, a nack with
+# requeue); past this many RabbitMQ dead-letters the message to fedmask.dead itself, x-death reason
+# "delivery_limit" (3.10: 1 + limit deliveries in all). It has to sit well above the consumer's own
+# max_attempts (5), so a handler that keeps failing is rejected with our reason first, and above the
+# reconnects and restarts an honest update may live through while in flight (each returns up to
+# `prefetch` messages at once): the broker's dead letter keeps the message's own headers and no reason
+# of ours, and the device that sent it stays "busy" until max_staleness.
+UPLINK_DELIVERY_LIMIT: Final = 20
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ def topology(namespace: str = "") -> Topology:
             ExchangeSpec(ns + DEAD_EXCHANGE, "fanout"),
         ),
         queues=(
-            QueueSpec(ns + AGGREGATOR_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": ns + DEAD_EXCHANGE}),
+            QueueSpec(ns + AGGREGATOR_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": ns + DEAD_EXCHANGE,
+                                              "x-delivery-limit": UPLINK_DELIVERY_LIMIT}),
             QueueSpec(ns + DEAD_QUEUE, {}),
         ),
         bindings=(
@@ -99,10 +109,20 @@ def declare_topology(channel: Any, *, namespace: str = "", device_ids: tuple[str
     """Idempotent: exchanges, the aggregator's quorum queue with its dead-letter exchange, dead.letters,
     and the queues of `device_ids` as enrolment declares them (device_topology). In production the
     aggregator passes no devices: enrolment declares each device's queue over the management API."""
-    with _amqp_errors("declare topology", "the given channel"):
-        _declare(channel, topology(namespace))
-        for device_id in device_ids:
-            _declare(channel, device_topology(device_id, namespace))
+    try:
+        with _amqp_errors("declare topology", "the given channel"):
+            _declare(channel, topology(namespace))
+            for device_id in device_ids:
+                _declare(channel, device_topology(device_id, namespace))
+    except AmqpError as err:
+        if "x-delivery-limit" not in str(err):
+            raise
+        # A queue declared before the delivery limit was shipped: RabbitMQ refuses to change a queue's
+        # arguments (406 inequivalent arg), and we must not delete a queue that may hold updates.
+        raise AmqpError(f"{err}. {namespace + AGGREGATOR_QUEUE} was declared without x-delivery-limit "
+                        f"{UPLINK_DELIVERY_LIMIT}: stop the aggregator, let the queue drain, delete it "
+                        f"(rabbitmqctl delete_queue -p <vhost> --if-empty {namespace + AGGREGATOR_QUEUE}) and "
+                        f"start the aggregator again (docs/deployment.md)", code=err.code, retryable=False) from err
 
 
 def delete_topology(settings: AmqpSettings, *, device_ids: tuple[str, ...] = ()) -> None:

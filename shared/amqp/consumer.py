@@ -108,6 +108,7 @@ class _Link:
     open: bool = True
     accepting: bool = True  # False while draining: queued deliveries are left for redelivery
     uncommitted: int = 0  # settlements sent but not yet committed (connection thread only)
+    cautious: int = 0  # settlements still to go at prefetch 1 before the full prefetch (see _serve)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class Consumer:
         self.on_reject = on_reject
         self.rejections = RejectionLog(log, window=log_window)  # also rate-limits handler failures
         self.connections = 0  # successful connect+consume cycles; >1 means it reconnected
+        self.opened = 0  # connections opened, also those lost before consuming began (a poison at the head)
         self.error: AmqpError | None = None  # set when start_in_thread's run ended on a fatal error
         self._work: queue_mod.Queue[_Work | None] = queue_mod.Queue()
         self._link: _Link | None = None
@@ -246,18 +248,26 @@ class Consumer:
     def _serve(self, stop: threading.Event) -> None:
         """One connection's life: returns after a graceful stop, raises AmqpError otherwise."""
         self._consumed = False
+        # After a lost connection only one delivery is in flight until `prefetch` have settled. If what
+        # killed the connection was a message (a poison our decoder does not know yet), it comes back at
+        # the head, and the queue's delivery limit retires it alone: at full prefetch every reconnect
+        # would also count against the honest updates delivered beside it (issue 10).
+        cautious = self.prefetch if self.opened and self.prefetch > 1 else 0
         connection = _connect(self.settings, f"consumer:{self.queue}")
+        self.opened += 1
         link: _Link | None = None
         try:
             with _amqp_errors(f"consume {self.queue}", self.settings.redacted()):
                 channel = connection.channel()
-                channel.basic_qos(prefetch_count=self.prefetch)
+                channel.basic_qos(prefetch_count=1 if cautious else self.prefetch)
                 channel.tx_select()
-                link = _Link(connection, channel)
+                # The broker took us: a failure from here on (a delivery that arrives during
+                # basic_consume and drops the connection) starts the backoff over, as later ones do.
+                self._consumed = True
+                link = _Link(connection, channel, cautious=cautious)
                 channel.add_on_cancel_callback(self._on_cancel)
                 channel.basic_consume(self.queue, functools.partial(self._on_message, link), auto_ack=False)
             self._link = link
-            self._consumed = True
             self.connections += 1
             self._ready.set()
             log.info("consuming %s on %s (prefetch %d)", self.queue, self.settings.redacted(), self.prefetch)
@@ -343,6 +353,10 @@ class Consumer:
         if link.uncommitted and (last or link.uncommitted >= _MAX_UNCOMMITTED) and link.channel.is_open:
             link.channel.tx_commit()
             link.uncommitted = 0
+        if link.cautious and link.channel.is_open:
+            link.cautious -= 1
+            if not link.cautious:
+                link.channel.basic_qos(prefetch_count=self.prefetch)
 
     def _dead_properties(self, work: _Work, reason: str) -> Any:
         return dead_letter_properties(reason=reason, exchange=work.exchange, routing_key=work.delivery.routing_key,
@@ -397,14 +411,14 @@ class Consumer:
             if attempts >= self.max_attempts:
                 # A traceback only with the line the rate limit lets through: a flood must not write one each.
                 self.rejections.note("handler_error", f"handler failed on {where} (attempt {attempts}): "
-                                                      f"{type(e).__name__}: {printable(e)}", exc_info=True)
+                                                      f"{type(e).__name__}: {printable(str(e))}", exc_info=True)
                 self._rejected("handler_error")
                 return Outcome.reject("handler_error")
             self._failures[key] = attempts
             while len(self._failures) > 1024:
                 self._failures.popitem(last=False)
             self.rejections.note("handler_retry", f"handler failed on {where} (attempt {attempts} of "
-                                                  f"{self.max_attempts}): {type(e).__name__}: {printable(e)}; requeued")
+                                                  f"{self.max_attempts}): {type(e).__name__}: {printable(str(e))}")
             return Outcome.requeue()
 
     def _schedule(self, work: _Work, outcome: Outcome) -> None:

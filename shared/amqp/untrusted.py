@@ -60,10 +60,11 @@ _FLAG_HEADERS: Final = 1 << 13
 
 
 class UndecodableProperties(pika.spec.BasicProperties):  # type: ignore[misc]
-    """Properties that could not be read: every field None (no user_id, no headers), `problem` says why."""
+    """Properties that could not be read: `problem` says why; no headers. `user_id` is still set when
+    the header table could be stepped over by its length (the broker validated it: it names the sender)."""
 
-    def __init__(self, problem: str) -> None:
-        super().__init__()
+    def __init__(self, problem: str, user_id: str | None = None) -> None:
+        super().__init__(user_id=user_id)
         self.problem = problem
 
 
@@ -115,6 +116,27 @@ def _table_problem(data: bytes, offset: int) -> str | None:
     return None
 
 
+def _user_id_past_the_table(encoded: bytes) -> str | None:
+    """The user_id of properties whose header table we refuse: the same payload with the table
+    replaced by an empty one (skipped by its declared length), decoded by pika; None if that fails."""
+    try:
+        (flags,) = struct.unpack_from(">H", encoded, 0)
+        offset = 2
+        for flag in (_FLAG_CONTENT_TYPE, _FLAG_CONTENT_ENCODING):
+            if flags & flag:
+                offset += 1 + encoded[offset]
+        if flags & 1 or not flags & _FLAG_HEADERS:
+            return None
+        (size,) = struct.unpack_from(">I", encoded, offset)
+        rest = encoded[offset + 4 + size:]
+        if offset + 4 + size > len(encoded):
+            return None
+        user_id = pika.spec.BasicProperties().decode(encoded[:offset] + b"\0\0\0\0" + rest).user_id
+        return user_id if isinstance(user_id, str) else None
+    except Exception:  # anything: it was a courtesy
+        return None
+
+
 def properties_problem(encoded: bytes) -> str | None:
     """Why the BasicProperties payload `encoded` (flag words, then the fields) is not to be decoded, or
     None. Checks the flag words and the header table; the other fields are plain strings and octets."""
@@ -148,7 +170,7 @@ def decode_properties(encoded: bytes) -> Any:
             return pika.spec.BasicProperties().decode(encoded)
         except Exception as exc:  # anything pika's decoder raises; RecursionError included
             problem = f"pika could not decode the properties ({type(exc).__name__})"
-    return UndecodableProperties(problem)
+    return UndecodableProperties(problem, _user_id_past_the_table(encoded))
 
 
 def decode_frame(data_in: bytes) -> tuple[int, Any]:
