@@ -42,6 +42,7 @@ import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
 
 from shared.amqp.broker_topology import DEAD_EXCHANGE
 from shared.amqp.connection import _amqp_errors, _close_quietly, _connect
+from shared.amqp.delivery import Delivery, Outcome
 from shared.amqp.settings import DEVICE_QUEUE_PREFIX, AmqpError, AmqpSettings
 from shared.amqp.untrusted import (
     MAX_REASON_CHARS,
@@ -59,43 +60,6 @@ log = logging.getLogger("fedmask.amqp")
 __all__ = ["MAX_REASON_CHARS", "REASON_HEADER", "Consumer", "DeadLetterMode", "Delivery", "Outcome"]
 BAD_PROPERTIES: Final = "bad_properties"  # the reason for a delivery whose properties could not be read
 _MAX_UNCOMMITTED: Final = 64  # settlements per transaction at most (bounded by prefetch in practice)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    routing_key: str
-    user_id: str | None  # message property, validated by the broker
-    body: bytes
-    headers: dict[str, Any]
-    redelivered: bool
-    delivery_tag: int
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the consumer does with a delivery: ack it, reject it to dead.letters with a reason
-    (a short machine-readable code, at most 256 chars), or requeue it for another try."""
-
-    action: Literal["ack", "reject", "requeue"]
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        if self.action not in ("ack", "reject", "requeue"):
-            raise ValueError(f"unknown outcome {self.action!r}")
-        if self.action == "reject" and not self.reason:
-            raise ValueError("a reject needs a reason")
-
-    @staticmethod
-    def ack() -> Outcome:
-        return Outcome("ack")
-
-    @staticmethod
-    def reject(reason: str) -> Outcome:
-        return Outcome("reject", reason[:MAX_REASON_CHARS])
-
-    @staticmethod
-    def requeue() -> Outcome:
-        return Outcome("requeue")
 
 
 @dataclass(eq=False)

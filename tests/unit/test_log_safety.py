@@ -15,7 +15,8 @@ FORGED = 'device.m.x\n{"t":"2026","level":"ERROR","logger":"fedmask","msg":"forg
 
 @pytest.mark.parametrize(("raw", "shown"), [
     ("device.alice.update", "device.alice.update"),
-    (FORGED, 'device.m.x\\x0a{\\"t\\":\\"2026\\",\\"level\\":\\"ERROR\\",\\"logger\\":\\"fedmask\\",\\"msg\\":\\"forged\\"}'),
+    (FORGED, 'device.m.x\\x0a{\\"t\\":\\"2026\\",\\"level\\":\\"ERROR\\",'
+             '\\"logger\\":\\"fedmask\\",\\"msg\\":\\"forged\\"}'),
     ("a\rb\tc\x00d\x1b[31m", "a\\x0db\\x09c\\x00d\\x1b[31m"),
     ("line\u2028sep\u200bzero-width\x85nel", "line\\u2028sep\\u200bzero-width\\x85nel"),
     ("back\\slash 'q'", "back\\\\slash \\'q\\'"),
