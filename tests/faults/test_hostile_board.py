@@ -440,3 +440,32 @@ def test_an_unknown_poison_is_retired_by_the_delivery_limit_alone(amqp_service_u
     finally:
         consumer.stop()
         delete_topology(s)
+
+
+# ------------------------------------------------------------------------------------------ a small flood
+
+FLOOD = 1000
+
+
+def test_a_flood_of_rejects_is_counted_in_full_and_logged_at_a_bounded_rate(board: Board) -> None:
+    """1,000 undecodable messages as fast as one confirmed publisher sends them: every one counted
+    and dead-lettered, the log a few lines (one per reason per 10 s window), no traceback."""
+    dep, store = board, board.store
+    arguments = dep.management._request("GET", f"/queues/{quote(dep.admin.vhost, safe='')}/{AGGREGATOR_QUEUE}")
+    assert arguments["arguments"]["x-delivery-limit"] == UPLINK_DELIVERY_LIMIT  # the shipped second line
+    started = time.monotonic()
+    with Publisher(dep.mallory) as link:
+        for i in range(FLOOD):
+            link.publish_uplink(dep.mallory_id, "update", b"\xc1flood %d" % i)
+    sent_s = time.monotonic() - started
+    dep.wait_for(lambda: store.counters().get("rejected:undecodable", 0) == FLOOD, 120, "every flood message")
+    took = time.monotonic() - started
+    dep.wait_for(lambda: queue_depth(dep.admin, DEAD_QUEUE) == FLOOD, 20, "every dead letter")
+    time.sleep(dep.service.settings.tick_seconds * 2)
+    entries = [json.loads(line) for line in dep.log.getvalue().splitlines()]
+    about = [e for e in entries if "rejected (undecodable)" in e["msg"]]
+    windows = int(took // 10) + 1  # RejectionLog's default window is 10 s
+    assert 1 <= len(about) <= 2 * windows, [e["msg"] for e in about]
+    assert not [e for e in entries if "exc" in e]
+    print(f"\n{FLOOD} rejects: published in {sent_s:.1f} s, all counted and dead-lettered in {took:.1f} s "
+          f"({FLOOD / took:.0f}/s); {len(about)} log lines about them")
