@@ -442,6 +442,43 @@ def test_an_unknown_poison_is_retired_by_the_delivery_limit_alone(amqp_service_u
         delete_topology(s)
 
 
+def test_after_a_lost_connection_the_full_prefetch_comes_back(amqp_service_url: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cautious prefetch of 1 lasts `prefetch` settlements, then the consumer asks for its full
+    prefetch again on the same channel, and consumption goes on without another reconnect."""
+    s = AmqpSettings.from_url(amqp_service_url, namespace=f"test-{uuid.uuid4().hex[:10]}.")
+    with open_channel(s) as ch:
+        declare_topology(ch, namespace=s.namespace)
+    real, raised = untrusted.decode_properties, []
+
+    def fails_once(encoded: bytes) -> Any:
+        if b"once" in encoded and not raised:
+            raised.append(True)
+            raise RuntimeError("a transient decoder failure")
+        return real(encoded)
+
+    seen: list[bytes] = []
+    consumer = Consumer(s, s.namespace + AGGREGATOR_QUEUE, lambda d: (seen.append(d.body), Outcome.ack())[1],
+                        prefetch=4)
+    try:
+        monkeypatch.setattr(untrusted, "decode_properties", fails_once)
+        with raw.RawPublisher(s) as link:
+            link.publish(s.namespace + UPLINK_EXCHANGE, "device.m.update", raw.basic_properties_bytes(
+                headers=raw.field_table([("m", raw.long_string_value(b"once"))]), user_id=s.username), b"m0")
+            for i in range(1, 12):
+                link.publish(s.namespace + UPLINK_EXCHANGE, "device.m.update",
+                             raw.basic_properties_bytes(headers=None, user_id=s.username), b"m%d" % i)
+        consumer.start_in_thread()
+        deadline = time.monotonic() + 30
+        while len(set(seen)) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(set(seen)) == sorted(b"m%d" % i for i in range(12))
+        assert consumer.opened == 2 and consumer._link is not None and consumer._link.cautious == 0
+    finally:
+        consumer.stop()
+        delete_topology(s)
+
+
 # ------------------------------------------------------------------------------------------ a small flood
 
 FLOOD = 1000
