@@ -213,9 +213,10 @@ class Consumer:
         """One connection's life: returns after a graceful stop, raises AmqpError otherwise."""
         self._consumed = False
         # After a lost connection only one delivery is in flight until `prefetch` have settled. If what
-        # killed the connection was a message (a poison our decoder does not know yet), it comes back at
-        # the head, and the queue's delivery limit retires it alone: at full prefetch every reconnect
-        # would also count against the honest updates delivered beside it (issue 10).
+        # killed the connection was a message (a poison our decoder does not know yet), each time it
+        # kills the connection again it is the only delivery returned, and the queue's delivery limit
+        # retires it alone: at full prefetch every reconnect would also count against the honest
+        # updates delivered beside it (issue 10; tests/faults/test_hostile_board.py).
         cautious = self.prefetch if self.opened and self.prefetch > 1 else 0
         connection = _connect(self.settings, f"consumer:{self.queue}")
         self.opened += 1
