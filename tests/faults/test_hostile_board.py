@@ -479,6 +479,19 @@ def test_after_a_lost_connection_the_full_prefetch_comes_back(amqp_service_url: 
         delete_topology(s)
 
 
+def test_a_queue_declared_before_the_delivery_limit_is_refused_with_the_way_out(amqp_service_url: str) -> None:
+    s = AmqpSettings.from_url(amqp_service_url, namespace=f"test-{uuid.uuid4().hex[:10]}.")
+    with open_channel(s) as ch:  # what an older version declared
+        ch.queue_declare(queue=s.namespace + AGGREGATOR_QUEUE, durable=True, arguments={
+            "x-queue-type": "quorum", "x-dead-letter-exchange": s.namespace + "fedmask.dead"})
+    try:
+        with pytest.raises(AmqpError, match="delete_queue -p <vhost> --if-empty") as refused, open_channel(s) as ch:
+            declare_topology(ch, namespace=s.namespace)
+        assert "inequivalent arg 'x-delivery-limit'" in str(refused.value) and not refused.value.retryable
+    finally:
+        delete_topology(s)
+
+
 # ------------------------------------------------------------------------------------------ a small flood
 
 FLOOD = 1000
