@@ -20,7 +20,7 @@ help:
 	@echo "make experiment-all  the whole tuned comparison (tune every variant, 3 seeds on every split); prints wall time"
 	@echo "make bench     benchmarks: merge kernel, pipeline ingest and close latency, decoupling, 500-device load"
 	@echo "make lint      ruff + mypy"
-	@echo "make fuzz      10,000-example decoder fuzz run"
+	@echo "make fuzz      10,000-example fuzz run of the decoder and of message properties"
 
 setup: $(STAMP)
 
@@ -71,7 +71,7 @@ faults: setup
 	FEDMASK_FLOOD_SECONDS=$${FEDMASK_FLOOD_SECONDS:-60} $(BIN)/python -m pytest -q -rA tests/faults
 
 fuzz: setup
-	FEDMASK_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/unit/test_codec.py -k fuzz
+	FEDMASK_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/unit/test_codec.py tests/unit/test_untrusted_properties.py -k fuzz
 
 simulate: setup
 	$(BIN)/fedmask simulate --task $(TASK) --json-out $(RUNS)/simulate-$(TASK).json

@@ -21,6 +21,7 @@ from aggregator.store_closer import closer_is_dead_here, default_closer_id
 from shared import codec
 from shared.bits import pack, scatter_at
 from shared.errors import CodecError, ConfigError
+from shared.log_safety import RejectionLog, printable
 from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
 from shared.rounds import (
@@ -99,6 +100,8 @@ class AggregatorCore:
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
         self._fault_signal = signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL
+        # One line per reason per window, not per message: a board flooding rejects cannot flood the log.
+        self.rejections = RejectionLog(log)
         self._fault_hits = 0
 
     # -- uplink -------------------------------------------------------------------------
@@ -116,7 +119,7 @@ class AggregatorCore:
             raise CodecError("wrong_type", f"devices may send hello or update, not {msg.type}")
         except CodecError as err:
             self.store.incr(f"rejected:{err.reason}")
-            log.warning("rejected %s: %s", routing_key, err)
+            self.rejections.note(err.reason, f"{printable(routing_key)}: {printable(str(err))}")
             return Decision("reject", err.reason)
 
     def _hello(self, msg: codec.Message) -> Decision:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aggregator.core import AggregatorCore
 from aggregator.dropped_tally import DroppedTally
@@ -29,6 +29,7 @@ from shared.amqp import (
     device_of_user,
 )
 from shared.errors import FedMaskError
+from shared.log_safety import printable
 from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 log = logging.getLogger("fedmask.aggregator")
@@ -67,6 +68,7 @@ class AggregatorService:
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
         # round in 'closing', which only resume() finishes. The next tick that reaches Redis runs it.
         self._resume_pending = False
+        self.consumer: Consumer | None = None  # the uplink consumer, once run() has started it
 
     def on_delivery(self, d: Delivery) -> Outcome:
         """While Redis (or the downlink) is unreachable, retry the delivery in place with backoff rather
@@ -85,7 +87,7 @@ class AggregatorService:
                 if not err.retryable:
                     raise
                 self._resume_pending = True
-                log.warning("%s not handled (%s); retrying in %.1f s", d.routing_key, err, delay)
+                log.warning("%s not handled (%s); retrying in %.1f s", printable(d.routing_key), err, delay)
             if self.stop.wait(delay):
                 return Outcome.requeue()
             delay = min(delay * 2, RETRY_MAX_SECONDS)
@@ -109,7 +111,12 @@ class AggregatorService:
         self.store.ping()
         s, setup = self.settings, self.setup
         durability = self.store.ack_durability()  # before the first ack: refuses a Redis that would lose acked updates
-        require_ack_durability(durability, s.ack_durability, redact_url(s.redis_url))
+        if self.store.wait_replicas:  # every ack waits for replicas (URL ?replicas=N): they are the guard
+            durability = replace(durability, verdict=f"replicated to {self.store.wait_replicas} before each ack")
+            log.info("redis %s: every update waits for %d replica(s) before it is acked", redact_url(s.redis_url),
+                     self.store.wait_replicas)
+        else:
+            require_ack_durability(durability, s.ack_durability, redact_url(s.redis_url))
         # `round start` rebuilds the model from these; `round status` shows the variant to operators.
         self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
                                "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,
@@ -119,7 +126,11 @@ class AggregatorService:
             resumed = self.core.resume()
         if resumed:
             log.warning("resumed closing rounds %s", resumed)
-        consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch)
+        # The consumer's own rejections (unreadable properties, a handler that keeps failing) are counted
+        # beside the core's, as rejected:<reason>.
+        consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch,
+                            on_reject=lambda reason: self.store.incr(f"rejected:{reason}"))
+        self.consumer = consumer  # for operators' and tests' eyes: connections, rejections
         consumer.start_in_thread()
         # What the bounded dead.letters pushes out is counted (aggregator/dropped_tally.py); own thread, no lock.
         tally = Consumer(self.amqp, DROPPED_QUEUE, DroppedTally(self.store, self.stop).on_delivery, prefetch=64)
@@ -131,6 +142,8 @@ class AggregatorService:
                 if consumer.error is not None:  # the broker refused us (credentials, permissions): stop loudly
                     raise FedMaskError(f"uplink consumer failed: {consumer.error}")
                 self._tick()
+                self.core.rejections.flush()  # the summaries of rejections kept out of the log
+                consumer.rejections.flush()
         finally:
             consumer.stop()
             tally.stop()

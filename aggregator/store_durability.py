@@ -5,9 +5,10 @@ that moment Redis alone holds it. With `appendfsync everysec` Redis answers befo
 file reaches the disk, so a crash of Redis (SIGKILL, OOM kill, power cut) loses up to about a second
 of acknowledged updates. With `appendfsync always` Redis fsyncs the AOF before it answers each write,
 so an answered write survives. Redis 7.0 (this deployment's) has no WAITAOF (7.2) to ask for that per
-write, and WAIT covers replicas, which this deployment does not run: so the aggregator needs the
-server's own setting, appendonly yes and appendfsync always (broker_config/redis.conf ships them; the
-cost is measured by `fedmask bench pipeline --durability both`, docs/results.md).
+write, and WAIT covers replicas (a redis+sentinel:// URL with ?replicas=N uses it, and then this check
+is skipped: aggregator/redis_url.py); on one server the aggregator needs the server's own setting,
+appendonly yes and appendfsync always (broker_config/redis.conf ships them; the cost is measured
+by `fedmask bench pipeline --durability both`, docs/results.md).
 
 Modes (`fedmask aggregator run --ack-durability`, env FEDMASK_ACK_DURABILITY):
   fsync      (default) the server must say appendonly yes and appendfsync always, or the aggregator
@@ -39,6 +40,8 @@ class AckDurability:
     appendfsync: str | None
 
     def describe(self) -> str:
+        if self.verdict.startswith("replicated"):
+            return self.verdict
         if self.verdict == "unverified":
             return "unverified (this Redis user may not run CONFIG GET)"
         return f"{self.verdict} (appendonly {self.appendonly}, appendfsync {self.appendfsync})"

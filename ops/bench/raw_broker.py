@@ -4,24 +4,30 @@ shared.amqp is otherwise pika's only user. What is here must not go through it: 
 raw baseline (how fast the broker alone delivers a queue, against which the aggregator's ingest is
 measured), their broker-side bookkeeping (purging device queues, reading dead letters), and, for
 the hostile-input tests, publishes that shared.amqp.Publisher never makes (no user_id property;
-a flood without publisher confirms, tests/faults/test_flood.py).
+a flood without publisher confirms, tests/faults/test_flood.py; header tables pika cannot encode,
+sent over a socket of our own: RawPublisher).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 
 import pika  # type: ignore[import-untyped, unused-ignore]
 import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
+import pika.frame  # type: ignore[import-untyped, unused-ignore]
+import pika.spec  # type: ignore[import-untyped, unused-ignore]
 
 from ops.bench.figures import rate
-from shared.amqp import CONTENT_TYPE, DEAD_QUEUE, REASON_HEADER, AmqpSettings, device_queue, open_channel
+from shared.amqp import CONTENT_TYPE, DEAD_QUEUE, REASON_HEADER, AmqpError, AmqpSettings, device_queue, open_channel
 
 SCRATCH_QUEUE: Final = "bench.scratch"
 
@@ -154,3 +160,166 @@ def flood_process(url: str, exchange: str, routing_key: str, body_bytes: int, un
 def flood_result(proc: subprocess.Popen[str], timeout: float) -> FloodTally:
     out, _ = proc.communicate(timeout=timeout)
     return FloodTally(**json.loads(out.strip().splitlines()[-1]))
+# -- hand-built content headers (tests/faults/test_hostile_board.py) --------------------------------
+# pika can decode, but not encode, some header tables a board can send (a 'T' timestamp past year
+# 9999, tables nested deeper than Python's recursion limit), so the poison tests build the content
+# header's property bytes themselves and speak just enough AMQP over a socket to publish them. The
+# method frames are pika's own marshalling; only the property payload is ours.
+
+MAX_DATETIME_SECONDS: Final = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can hold
+
+
+def field_table(entries: Sequence[tuple[str, bytes]]) -> bytes:
+    """An AMQP field table from (key, encoded value) pairs: the value bytes start with the type octet."""
+    payload = b"".join(struct.pack("B", len(k.encode())) + k.encode() + v for k, v in entries)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def timestamp_value(seconds: int) -> bytes:
+    return b"T" + struct.pack(">Q", seconds)
+
+
+def double_value(value: float) -> bytes:
+    return b"d" + struct.pack(">d", value)
+
+
+def long_string_value(value: bytes) -> bytes:
+    return b"S" + struct.pack(">I", len(value)) + value
+
+
+def nested_table_value(depth: int) -> bytes:
+    """A table holding a table ... `depth` levels deep (built inside out, no recursion)."""
+    value = b"F" + field_table([])
+    for _ in range(depth - 1):
+        value = b"F" + field_table([("n", value)])
+    return value
+
+
+def basic_properties_bytes(*, headers: bytes | None, user_id: str | None, content_type: str = CONTENT_TYPE,
+                           delivery_mode: int = 2) -> bytes:
+    """BasicProperties as on the wire (flag word, then the fields present in spec order), with the
+    header table given as raw bytes (field_table), so it may hold anything."""
+    flags, parts = 0, []
+    flags |= pika.spec.BasicProperties.FLAG_CONTENT_TYPE
+    parts.append(struct.pack("B", len(content_type)) + content_type.encode())
+    if headers is not None:
+        flags |= pika.spec.BasicProperties.FLAG_HEADERS
+        parts.append(headers)
+    flags |= pika.spec.BasicProperties.FLAG_DELIVERY_MODE
+    parts.append(struct.pack("B", delivery_mode))
+    if user_id is not None:
+        flags |= pika.spec.BasicProperties.FLAG_USER_ID
+        parts.append(struct.pack("B", len(user_id.encode())) + user_id.encode())
+    return struct.pack(">H", flags) + b"".join(parts)
+
+
+class RawPublisher:
+    """One AMQP connection over a plain socket (amqp:// only) that publishes, with publisher confirms,
+    messages whose property bytes are given verbatim. Refusals come out as AmqpError, like shared.amqp's."""
+
+    CHANNEL: Final = 1
+
+    def __init__(self, settings: AmqpSettings, timeout: float = 10.0) -> None:
+        u = urlsplit(settings.url)
+        if u.scheme != "amqp":
+            raise AmqpError("RawPublisher speaks amqp:// only")
+        self._sock = socket.create_connection((u.hostname or "127.0.0.1", u.port or 5672), timeout=timeout)
+        self._buffer = b""
+        self._tag = 0
+        self._sock.sendall(pika.frame.ProtocolHeader().marshal())
+        self._expect(pika.spec.Connection.Start, channel=0)
+        response = f"\0{settings.username}\0{unquote(u.password or 'guest')}"
+        self._send_method(0, pika.spec.Connection.StartOk(client_properties={"connection_name": "fedmask:raw"},
+                                                          mechanism="PLAIN", response=response))
+        tune = self._expect(pika.spec.Connection.Tune, channel=0)
+        self.frame_max = int(tune.frame_max) or 131072
+        self._send_method(0, pika.spec.Connection.TuneOk(channel_max=1, frame_max=self.frame_max, heartbeat=0))
+        self._send_method(0, pika.spec.Connection.Open(virtual_host=settings.vhost))
+        self._expect(pika.spec.Connection.OpenOk, channel=0)
+        self._send_method(self.CHANNEL, pika.spec.Channel.Open())
+        self._expect(pika.spec.Channel.OpenOk)
+        self._send_method(self.CHANNEL, pika.spec.Confirm.Select())
+        self._expect(pika.spec.Confirm.SelectOk)
+
+    def publish(self, exchange: str, routing_key: str, properties: bytes, body: bytes) -> None:
+        """Publish and wait for the broker's confirm; a channel or connection close is an AmqpError."""
+        self._send_method(self.CHANNEL, pika.spec.Basic.Publish(exchange=exchange, routing_key=routing_key,
+                                                                mandatory=True))
+        header = struct.pack(">HHQ", pika.spec.BasicProperties.INDEX, 0, len(body)) + properties
+        frames = [self._frame(pika.spec.FRAME_HEADER, header)]
+        step = self.frame_max - 8
+        frames += [self._frame(pika.spec.FRAME_BODY, body[i:i + step]) for i in range(0, len(body), step)]
+        self._sock.sendall(b"".join(frames))
+        self._tag += 1
+        returned = False
+        while True:
+            method = self._next_method()
+            if isinstance(method, pika.spec.Basic.Return):
+                returned = True
+                self._skip_content()
+            elif isinstance(method, pika.spec.Basic.Ack):
+                if returned:
+                    raise AmqpError("message was returned unroutable", code=312)
+                return
+            elif isinstance(method, pika.spec.Basic.Nack):
+                raise AmqpError("broker nacked the message")
+
+    def close(self) -> None:
+        try:
+            self._send_method(0, pika.spec.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0))
+            self._expect(pika.spec.Connection.CloseOk, channel=0)
+        except (AmqpError, OSError):
+            pass
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> RawPublisher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- frames
+
+    @staticmethod
+    def _frame(frame_type: int, payload: bytes) -> bytes:
+        return struct.pack(">BHI", frame_type, RawPublisher.CHANNEL, len(payload)) + payload + b"\xce"
+
+    def _send_method(self, channel: int, method: Any) -> None:
+        self._sock.sendall(pika.frame.Method(channel, method).marshal())
+
+    def _read_frame(self) -> Any:
+        while True:
+            consumed, frame = pika.frame.decode_frame(self._buffer)
+            if frame is not None:
+                self._buffer = self._buffer[consumed:]
+                return frame
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise AmqpError("the broker closed the socket", retryable=True)
+            self._buffer += chunk
+
+    def _next_method(self) -> Any:
+        while True:
+            frame = self._read_frame()
+            if not isinstance(frame, pika.frame.Method):
+                continue  # heartbeats
+            method = frame.method
+            if isinstance(method, (pika.spec.Channel.Close, pika.spec.Connection.Close)):
+                closed = "channel" if isinstance(method, pika.spec.Channel.Close) else "connection"
+                raise AmqpError(f"broker closed the {closed}: {method.reply_code} {method.reply_text}",
+                                code=int(method.reply_code))
+            return method
+
+    def _expect(self, kind: Any, channel: int = CHANNEL) -> Any:
+        method = self._next_method()
+        if not isinstance(method, kind):
+            raise AmqpError(f"expected {kind.NAME}, got {method.NAME}")
+        return method
+
+    def _skip_content(self) -> None:
+        header = self._read_frame()
+        remaining = int(getattr(header, "body_size", 0))
+        while remaining > 0:
+            body = self._read_frame()
+            remaining -= len(getattr(body, "fragment", b""))

@@ -25,8 +25,13 @@ variant_opt = click.option("--variant", type=VARIANTS, default="preset", show_de
 
 
 def _log(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    """JSON lines on stderr. The formatter encodes each record with json.dumps: a message holding what
+    a device sent (a routing key with a newline and a JSON object in it) cannot add a line or a field."""
+    from shared.log_safety import JsonLogFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     logging.getLogger("pika").setLevel(logging.WARNING)  # pika's INFO lines drown the service's own
 
 

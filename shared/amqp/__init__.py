@@ -7,7 +7,9 @@ project's own errors. The package is split by job, and callers import from `shar
   connection.py       connecting and error translation; open_channel, queue_depth
   broker_topology.py  the exchanges, queues and bindings as data; declare_topology, delete_topology
   publisher.py        Publisher: confirmed uplink and downlink publishes
-  consumer.py         Consumer, Delivery, Outcome: manual acks, a handler thread, dead letters
+  consumer.py         Consumer: manual acks, a handler thread, dead letters
+  delivery.py         Delivery and Outcome, what a handler takes and returns
+  untrusted.py        a board's properties read without trusting them: total decoding, clean dead letters
 """
 
 from shared.amqp.broker_topology import (

@@ -3,7 +3,7 @@
 Topology (vhost fedmask; every name below is `settings.namespace + NAME`, and the namespace is empty
 outside tests):
   fedmask.uplink    topic exchange   devices publish device.<id>.<kind> with user_id = their own user
-  aggregator.uplink quorum queue     bound to device.*.*; dead-letters to fedmask.dead
+  aggregator.uplink quorum queue     bound to device.*.*; dead-letters to fedmask.dead; delivery limit
   fedmask.downlink  direct exchange  routing key <id> -> queue device.<id> (classic, dead-letters too)
   fedmask.dead      fanout exchange  -> dead.letters (bounded; its overflow and expired letters go on to)
   fedmask.dropped   fanout exchange  -> dead.dropped (bounded; the aggregator counts and acks what lands here)
@@ -37,6 +37,15 @@ DEAD_QUEUE: Final = "dead.letters"
 DROPPED_EXCHANGE: Final = "fedmask.dropped"
 DROPPED_QUEUE: Final = "dead.dropped"
 UPLINK_BINDING: Final = "device.*.*"
+# The second line against a poison message (the first is the consumer: shared/amqp/untrusted.py). A
+# quorum queue counts every delivery that came back unsettled (a dropped connection, a nack with
+# requeue); past this many RabbitMQ dead-letters the message to fedmask.dead itself, x-death reason
+# "delivery_limit" (3.10: 1 + limit deliveries in all). It has to sit well above the consumer's own
+# max_attempts (5), so a handler that keeps failing is rejected with our reason first, and above the
+# reconnects and restarts an honest update may live through while in flight (each returns up to
+# `prefetch` messages at once): the broker's dead letter keeps the message's own headers and no reason
+# of ours, and the device that sent it stays "busy" until max_staleness.
+UPLINK_DELIVERY_LIMIT: Final = 20
 
 # dead.letters has no consumer in production: an operator reads it. Its bounds: 100,000 letters or
 # 256 MiB (a message larger than the byte bound would push every other letter out, measured, so the
@@ -106,7 +115,7 @@ def topology(namespace: str = "") -> Topology:
         ),
         queues=(
             QueueSpec(ns + AGGREGATOR_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": ns + DEAD_EXCHANGE,
-                                              **UPLINK_LIMITS}),
+                                              **UPLINK_LIMITS, "x-delivery-limit": UPLINK_DELIVERY_LIMIT}),
             QueueSpec(ns + DEAD_QUEUE, {**DEAD_LETTER_LIMITS, "x-dead-letter-exchange": ns + DROPPED_EXCHANGE}),
             QueueSpec(ns + DROPPED_QUEUE, dict(DROPPED_LIMITS)),
         ),
@@ -139,10 +148,13 @@ def _declare(channel: Any, topo: Topology) -> None:
         except pika.exceptions.ChannelClosedByBroker as e:
             if e.reply_code != 406:
                 raise
+            # RabbitMQ refuses to change a queue's arguments, and we must not delete a queue that may hold
+            # updates: say how to move it out of the way.
             raise AmqpError(f"queue {q.name} exists with other arguments than this release declares ({e.reply_text}); "
-                            "it was declared by an older release (before the queue limits): move its messages "
-                            "away and delete it, as docs/deployment.md ('Upgrading the queue limits') shows",
-                            code=406) from e
+                            "it was declared by an older release (before the queue limits and the delivery "
+                            "limit): stop the aggregator, let the queue drain, delete it (rabbitmqctl delete_queue "
+                            f"-p <vhost> --if-empty {q.name}) and start again, as docs/deployment.md ('Upgrading "
+                            "the queue limits') shows", code=406) from e
     for b in topo.bindings:
         channel.queue_bind(queue=b.queue, exchange=b.exchange, routing_key=b.routing_key)
 

@@ -19,6 +19,7 @@ import pika  # type: ignore[import-untyped, unused-ignore]
 import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
 
 from shared.amqp.settings import AmqpError, AmqpSettings
+from shared.amqp.untrusted import SafeSelectConnection
 
 log = logging.getLogger("fedmask.amqp")
 
@@ -71,8 +72,10 @@ def _amqp_errors(what: str, where: str, *, retryable: bool | None = None) -> Ite
 
 
 def _connect(settings: AmqpSettings, name: str) -> Any:
+    """Every connection reads frames with SafeSelectConnection: a content header pika cannot decode
+    becomes UndecodableProperties instead of a dropped connection (untrusted.py says why)."""
     with _amqp_errors(f"connect ({name})", settings.redacted()):
-        return pika.BlockingConnection(settings._parameters(name))
+        return pika.BlockingConnection(settings._parameters(name), _impl_class=SafeSelectConnection)
 
 
 def _close_quietly(connection: Any) -> None:

@@ -16,6 +16,12 @@ while the previous commit was in flight goes into the next one.
 A device's consumer cannot write to fedmask.dead (its permissions allow fedmask.uplink only), so on
 device queues a reject is a plain `nack(requeue=False)`: the queue's x-dead-letter-exchange moves it
 to dead.letters with RabbitMQ's x-death headers (reason "rejected"), and the reason is logged.
+
+Hostile properties (untrusted.py). Our connections decode content headers totally: properties pika
+cannot read arrive as UndecodableProperties, and the consumer rejects that delivery with reason
+bad_properties without calling the handler; a dead letter's headers are built from scratch, never
+copied from the delivery. Rejections are logged through a RejectionLog (shared/log_safety.py): the
+first of each reason per window in full, the rest counted, so a flood cannot flood the log.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import queue as queue_mod
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -36,50 +42,24 @@ import pika.exceptions  # type: ignore[import-untyped, unused-ignore]
 
 from shared.amqp.broker_topology import DEAD_EXCHANGE
 from shared.amqp.connection import _amqp_errors, _close_quietly, _connect
+from shared.amqp.delivery import Delivery, Outcome
 from shared.amqp.settings import DEVICE_QUEUE_PREFIX, AmqpError, AmqpSettings
+from shared.amqp.untrusted import (
+    MAX_REASON_CHARS,
+    REASON_HEADER,
+    UndecodableProperties,
+    dead_letter_properties,
+    delivery_count,
+    plain,
+    text,
+)
+from shared.log_safety import RejectionLog, printable
 
 log = logging.getLogger("fedmask.amqp")
 
-REASON_HEADER: Final = "x-reject-reason"
-MAX_REASON_CHARS: Final = 256
+__all__ = ["MAX_REASON_CHARS", "REASON_HEADER", "Consumer", "DeadLetterMode", "Delivery", "Outcome"]
+BAD_PROPERTIES: Final = "bad_properties"  # the reason for a delivery whose properties could not be read
 _MAX_UNCOMMITTED: Final = 64  # settlements per transaction at most (bounded by prefetch in practice)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    routing_key: str
-    user_id: str | None  # message property, validated by the broker
-    body: bytes
-    headers: dict[str, Any]
-    redelivered: bool
-    delivery_tag: int
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the consumer does with a delivery: ack it, reject it to dead.letters with a reason
-    (a short machine-readable code, at most 256 chars), or requeue it for another try."""
-
-    action: Literal["ack", "reject", "requeue"]
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        if self.action not in ("ack", "reject", "requeue"):
-            raise ValueError(f"unknown outcome {self.action!r}")
-        if self.action == "reject" and not self.reason:
-            raise ValueError("a reject needs a reason")
-
-    @staticmethod
-    def ack() -> Outcome:
-        return Outcome("ack")
-
-    @staticmethod
-    def reject(reason: str) -> Outcome:
-        return Outcome("reject", reason[:MAX_REASON_CHARS])
-
-    @staticmethod
-    def requeue() -> Outcome:
-        return Outcome("requeue")
 
 
 @dataclass(eq=False)
@@ -92,6 +72,7 @@ class _Link:
     open: bool = True
     accepting: bool = True  # False while draining: queued deliveries are left for redelivery
     uncommitted: int = 0  # settlements sent but not yet committed (connection thread only)
+    cautious: int = 0  # settlements still to go at prefetch 1 before the full prefetch (see _serve)
 
 
 @dataclass(frozen=True)
@@ -99,19 +80,12 @@ class _Work:
     link: _Link
     delivery: Delivery
     exchange: str
-    properties: Any
+    properties: Any  # as received: maybe UndecodableProperties
+    problem: str = ""  # set: the delivery is rejected with BAD_PROPERTIES, the handler never sees it
 
 
 class _Cancelled(Exception):
     pass
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 DeadLetterMode = Literal["auto", "republish", "native"]
@@ -125,7 +99,8 @@ class Consumer:
     "handler_error" on its `max_attempts`-th failure; attempts are counted in process and, on quorum
     queues, from the broker's x-delivery-count. `dead_letter`: "republish" (reason header, needs
     write permission on fedmask.dead), "native" (nack without requeue), "auto" (native on device
-    queues, republish elsewhere).
+    queues, republish elsewhere). `on_reject(reason)` is called (handler thread) for the rejections
+    the consumer decides itself (bad_properties, handler_error), so the service can count them.
     """
 
     def __init__(
@@ -140,6 +115,8 @@ class Consumer:
         requeue_delay: float = 1.0,
         stop_grace: float = 30.0,
         max_backoff: float = 30.0,
+        on_reject: Callable[[str], None] | None = None,
+        log_window: float = 10.0,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -152,7 +129,10 @@ class Consumer:
         self.requeue_delay = requeue_delay
         self.stop_grace = stop_grace
         self.max_backoff = max_backoff
+        self.on_reject = on_reject
+        self.rejections = RejectionLog(log, window=log_window)  # also rate-limits handler failures
         self.connections = 0  # successful connect+consume cycles; >1 means it reconnected
+        self.opened = 0  # connections opened, also those lost before consuming began (a poison at the head)
         self.error: AmqpError | None = None  # set when start_in_thread's run ended on a fatal error
         self._work: queue_mod.Queue[_Work | None] = queue_mod.Queue()
         self._link: _Link | None = None
@@ -232,18 +212,27 @@ class Consumer:
     def _serve(self, stop: threading.Event) -> None:
         """One connection's life: returns after a graceful stop, raises AmqpError otherwise."""
         self._consumed = False
+        # After a lost connection only one delivery is in flight until `prefetch` have settled. If what
+        # killed the connection was a message (a poison our decoder does not know yet), each time it
+        # kills the connection again it is the only delivery returned, and the queue's delivery limit
+        # retires it alone: at full prefetch every reconnect would also count against the honest
+        # updates delivered beside it (issue 10; tests/faults/test_hostile_board.py).
+        cautious = self.prefetch if self.opened and self.prefetch > 1 else 0
         connection = _connect(self.settings, f"consumer:{self.queue}")
+        self.opened += 1
         link: _Link | None = None
         try:
             with _amqp_errors(f"consume {self.queue}", self.settings.redacted()):
                 channel = connection.channel()
-                channel.basic_qos(prefetch_count=self.prefetch)
+                channel.basic_qos(prefetch_count=1 if cautious else self.prefetch)
                 channel.tx_select()
-                link = _Link(connection, channel)
+                # The broker took us: a failure from here on (a delivery that arrives during
+                # basic_consume and drops the connection) starts the backoff over, as later ones do.
+                self._consumed = True
+                link = _Link(connection, channel, cautious=cautious)
                 channel.add_on_cancel_callback(self._on_cancel)
                 channel.basic_consume(self.queue, functools.partial(self._on_message, link), auto_ack=False)
             self._link = link
-            self._consumed = True
             self.connections += 1
             self._ready.set()
             log.info("consuming %s on %s (prefetch %d)", self.queue, self.settings.redacted(), self.prefetch)
@@ -278,15 +267,22 @@ class Consumer:
         raise _Cancelled()
 
     def _on_message(self, link: _Link, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """Runs in pika's I/O loop, so it must not raise: whatever it cannot read becomes a problem."""
+        problem = properties.problem if isinstance(properties, UndecodableProperties) else ""
+        try:
+            headers = {} if problem else plain(properties.headers or {})
+            user_id = properties.user_id if isinstance(properties.user_id, str) else None
+        except Exception as exc:  # a header pika decoded into something plain() cannot walk
+            headers, user_id, problem = {}, None, f"unreadable headers ({type(exc).__name__})"
         delivery = Delivery(
-            routing_key=method.routing_key,
-            user_id=properties.user_id,
+            routing_key=text(method.routing_key),
+            user_id=user_id,
             body=body,
-            headers=_plain(properties.headers or {}),
+            headers=headers,
             redelivered=bool(method.redelivered),
             delivery_tag=int(method.delivery_tag),
         )
-        self._work.put(_Work(link, delivery, method.exchange, properties))
+        self._work.put(_Work(link, delivery, text(method.exchange), properties, problem))
 
     def _settle(self, work: _Work, outcome: Outcome) -> None:
         """Runs on the connection thread. Settlements are committed in batches: the commit is sent
@@ -311,7 +307,8 @@ class Consumer:
                                       work.delivery.body, self._dead_properties(work, outcome.reason))
                 channel.basic_ack(tag)
             else:
-                log.warning("rejected delivery %s from %s: %s", work.delivery.routing_key, self.queue, outcome.reason)
+                self.rejections.note(outcome.reason, f"delivery {printable(work.delivery.routing_key)} "
+                                                     f"from {self.queue}, to dead.letters by the queue")
                 channel.basic_nack(tag, requeue=False)
             link.uncommitted += 1
         finally:
@@ -321,26 +318,15 @@ class Consumer:
         if link.uncommitted and (last or link.uncommitted >= _MAX_UNCOMMITTED) and link.channel.is_open:
             link.channel.tx_commit()
             link.uncommitted = 0
+        if link.cautious and link.channel.is_open:
+            link.cautious -= 1
+            if not link.cautious:
+                link.channel.basic_qos(prefetch_count=self.prefetch)
 
     def _dead_properties(self, work: _Work, reason: str) -> Any:
-        p = work.properties
-        headers = dict(p.headers or {})
-        headers.update({
-            REASON_HEADER: reason[:MAX_REASON_CHARS],
-            "x-original-exchange": work.exchange,
-            "x-original-routing-key": work.delivery.routing_key,
-            "x-original-queue": self.queue,
-            "x-rejected-by": self.settings.username,
-            "x-rejected-at": int(time.time()),
-        })
-        if p.user_id:
-            headers["x-original-user-id"] = p.user_id
-        # user_id is dropped: the property must equal the publishing connection's user, which is now ours.
-        return pika.BasicProperties(
-            content_type=p.content_type, content_encoding=p.content_encoding, message_id=p.message_id,
-            correlation_id=p.correlation_id, timestamp=p.timestamp, type=p.type, app_id=p.app_id,
-            delivery_mode=pika.DeliveryMode.Persistent, headers=headers,
-        )
+        return dead_letter_properties(reason=reason, exchange=work.exchange, routing_key=work.delivery.routing_key,
+                                      queue=self.queue, rejected_by=self.settings.username,
+                                      received=work.properties, headers=work.delivery.headers)
 
     # -- worker thread
 
@@ -353,12 +339,25 @@ class Consumer:
             try:
                 if not (work.link.open and work.link.accepting):
                     continue  # from a dead or draining connection: the broker redelivers it
-                outcome = self._call_handler(work.delivery)
+                outcome = self._refuse(work) if work.problem else self._call_handler(work.delivery)
                 if outcome.action == "requeue" and self.requeue_delay > 0:
                     stop.wait(self.requeue_delay)  # an immediate requeue would spin on a failing dependency
                 self._schedule(work, outcome)
             finally:
                 self._busy.clear()
+
+    def _refuse(self, work: _Work) -> Outcome:
+        """A delivery whose properties could not be read: dead-lettered without calling the handler."""
+        self.rejections.note(BAD_PROPERTIES, f"{printable(work.delivery.routing_key)}: {printable(work.problem)}")
+        self._rejected(BAD_PROPERTIES)
+        return Outcome.reject(BAD_PROPERTIES)
+
+    def _rejected(self, reason: str) -> None:
+        if self.on_reject is not None:
+            try:
+                self.on_reject(reason)
+            except Exception:  # counting must never decide a delivery's fate
+                log.warning("on_reject(%s) failed", reason, exc_info=True)
 
     def _call_handler(self, delivery: Delivery) -> Outcome:
         try:
@@ -367,19 +366,24 @@ class Consumer:
                 raise TypeError(f"handler returned {type(outcome).__name__}, not Outcome")
             return outcome
         except Exception as e:
-            key = hashlib.sha256(delivery.routing_key.encode() + b"\0" + delivery.body).hexdigest()
+            key = hashlib.sha256(delivery.routing_key.encode(errors="backslashreplace") + b"\0"
+                                 + delivery.body).hexdigest()
             attempts = self._failures.pop(key, 0) + 1
-            count = delivery.headers.get("x-delivery-count")
-            if isinstance(count, int):
+            count = delivery_count(delivery.headers)
+            if count is not None:
                 attempts = max(attempts, count + 1)
+            where = printable(delivery.routing_key)
             if attempts >= self.max_attempts:
-                log.exception("handler failed on %s (attempt %d): rejecting", delivery.routing_key, attempts)
+                # A traceback only with the line the rate limit lets through: a flood must not write one each.
+                self.rejections.note("handler_error", f"handler failed on {where} (attempt {attempts}): "
+                                                      f"{type(e).__name__}: {printable(str(e))}", exc_info=True)
+                self._rejected("handler_error")
                 return Outcome.reject("handler_error")
             self._failures[key] = attempts
             while len(self._failures) > 1024:
                 self._failures.popitem(last=False)
-            log.warning("handler failed on %s (attempt %d of %d): %s: %s; requeueing", delivery.routing_key,
-                        attempts, self.max_attempts, type(e).__name__, e)
+            self.rejections.note("handler_retry", f"handler failed on {where} (attempt {attempts} of "
+                                                  f"{self.max_attempts}): {type(e).__name__}: {printable(str(e))}")
             return Outcome.requeue()
 
     def _schedule(self, work: _Work, outcome: Outcome) -> None:
