@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aggregator.round_stats import stats_row
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from aggregator.store_closer import closer_is_dead_here, default_closer_id
 from shared import codec
@@ -185,7 +186,8 @@ class AggregatorCore:
         status, elected = self.store.ingest_update(msg.round, msg.device, body, now)
         self._fault("stored")
         if status == "stored":
-            self.store.note_update(msg.device, msg.round, "updates:stored")  # the board is free again
+            # The board is free again; its training statistics join the round's (aggregator/round_stats.py).
+            self.store.note_update(msg.device, msg.round, "updates:stored", stats=stats_row(msg.stats))
             if elected:
                 self.close(msg.round)
             return ACK

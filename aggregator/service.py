@@ -12,8 +12,8 @@ import signal
 import threading
 from dataclasses import dataclass, replace
 
-from aggregator.core import AggregatorCore
 from aggregator.dropped_tally import DroppedTally
+from aggregator.metrics import DEFAULT_METRICS_HOST, AggregatorMetrics, MeteredCore
 from aggregator.store import RoundStore, StoreError, redact_url
 from aggregator.store_closer import DEFAULT_LEASE_S, default_closer_id
 from aggregator.store_durability import require_ack_durability
@@ -51,6 +51,10 @@ class ServiceSettings:
     close_lease_s: float = DEFAULT_LEASE_S  # several aggregators on one queue: see aggregator/store_closer.py
     closer_id: str = ""  # unique among the aggregators sharing the queue; "" = host:pid
     ack_durability: str = "fsync"  # aggregator/store_durability.py: refuse a Redis that acks before fsync
+    # Prometheus endpoint (aggregator/metrics.py). 0 here: a service built in code serves none unless
+    # asked; `fedmask aggregator run` defaults to DEFAULT_METRICS_PORT.
+    metrics_port: int = 0
+    metrics_host: str = DEFAULT_METRICS_HOST
 
 
 class AggregatorService:
@@ -60,9 +64,11 @@ class AggregatorService:
         self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         self.publisher = Publisher(self.amqp, declare=True)
-        self.core = AggregatorCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
-                                   prune_last_k=self.setup.fedmask.prune_last_k)
+        self.core = MeteredCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
+                                prune_last_k=self.setup.fedmask.prune_last_k)
         self.store.set_closer(s.closer_id or default_closer_id(), s.close_lease_s)
+        self.metrics = self.core.metrics = AggregatorMetrics(self.store)
+        self.metrics_port: int | None = None  # the bound port once run() serves metrics
         self.lock = threading.Lock()
         self.stop = threading.Event()
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
@@ -75,6 +81,7 @@ class AggregatorService:
         than fail it: a failed delivery is requeued and dead-lettered after the consumer's max_attempts,
         which would lose an update to an outage. handle() is idempotent, and nothing is acked before it
         returns; a drain (SIGTERM) during the wait requeues the delivery for the next aggregator."""
+        self.metrics.received(d.routing_key)  # once per delivery, not per retry below
         delay = 0.5
         while True:
             try:
@@ -126,6 +133,7 @@ class AggregatorService:
             resumed = self.core.resume()
         if resumed:
             log.warning("resumed closing rounds %s", resumed)
+        self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         # The consumer's own rejections (unreadable properties, a handler that keeps failing) are counted
         # beside the core's, as rejected:<reason>.
         consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch,
@@ -148,6 +156,7 @@ class AggregatorService:
             consumer.stop()
             tally.stop()
             self.publisher.close()
+            self.metrics.shutdown()
             log.info("aggregator stopped")
 
     def install_signal_handlers(self) -> None:

@@ -280,12 +280,15 @@ class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
             raise StoreError(f"admit_update returned {status!r}")
         return cast(UpdateStatus, status), int(elected) == 1
 
-    def note_update(self, device_id: str, round_id: int, counter: str) -> None:
-        """mark_reported and incr(counter) in one round trip."""
+    def note_update(self, device_id: str, round_id: int, counter: str, stats: dict[str, float] | None = None) -> None:
+        """mark_reported and incr(counter) in one round trip; with `stats` (the update's training
+        statistics, checked by the codec) also the device's row of the round's stats hash."""
         with self._guard("note_update"):
             pipe = self.client.pipeline(transaction=False)
             pipe.hset(self.keys.key("device", device_id), "reported", round_id)
             pipe.hincrby(self.keys.key("counters"), counter, 1)
+            if stats:
+                pipe.hset(self.keys.in_round(round_id, "stats"), device_id, json.dumps(stats, sort_keys=True))
             pipe.execute()
 
     def carry_update(self, round_id: int, device_id: str, body: bytes, now: float) -> CarryStatus:

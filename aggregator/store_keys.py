@@ -17,6 +17,8 @@ Key layout (prefix <p>, default "fm:"):
   <p>{r<r>}:arrivals           hash    id -> unix time its update was stored
   <p>{r<r>}:closer            string  the closer's id, with an expiry (the close lease: store_closer.py)
   <p>{r<r>}:update:<id>        string  the raw encoded update (SET NX: a redelivery is a no-op)
+  <p>{r<r>}:stats              hash    id -> json of its stored update's stats (loss, accuracy, val_accuracy,
+                                       samples, train_seconds): aggregator/round_stats.py reads it
   <p>devices:unreachable / :removed   sets (aggregator/store_devices.py)
   <p>pending:<id>              hash    round, body: a late update waiting for the next round (carry policy)
   <p>pending                   set     devices with a pending late update (both moved by Lua scripts

@@ -24,6 +24,7 @@ Fields (a msgpack map with string keys)
   version   int    mask version: update = the version trained from; task/mask = the aggregator's version
                    of the device's merged mask
   stats     map    optional keys: samples (int >= 0), loss (finite float), accuracy (float 0..1),
+                   val_accuracy (float 0..1: the trained mask on the device's own validation split),
                    train_seconds (finite float >= 0)
   deadline  float  unix seconds, finite, >= 0
 
@@ -99,6 +100,7 @@ class Stats:
     samples: int | None = None
     loss: float | None = None
     accuracy: float | None = None
+    val_accuracy: float | None = None
     train_seconds: float | None = None
 
 
@@ -293,7 +295,7 @@ def _checked(msg: Message) -> Message:
     return msg
 
 
-_FLOAT_FIELDS = frozenset({"deadline", "loss", "accuracy", "train_seconds"})
+_FLOAT_FIELDS = frozenset({"deadline", "loss", "accuracy", "val_accuracy", "train_seconds"})
 
 
 def _wire_scalar(name: str, value: object) -> object:

@@ -102,6 +102,7 @@ _STATS_CHECKS: Final[Mapping[str, Check]] = {
     "samples": _uint(_MAX_INT),
     "loss": _float(),
     "accuracy": _float(0.0, 1.0),
+    "val_accuracy": _float(0.0, 1.0),
     "train_seconds": _float(0.0),
 }
 

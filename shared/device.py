@@ -39,11 +39,16 @@ def derive_seed(*parts: int | str) -> int:
 
 class DeviceRuntime:
     def __init__(self, device_id: str, spec: ModelSpec, cfg: FedMaskConfig,
-                 train_xy: tuple[np.ndarray, np.ndarray], seed: int) -> None:
+                 train_xy: tuple[np.ndarray, np.ndarray], seed: int,
+                 val_xy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.device_id = device_id
         self.spec = spec
         self.cfg = cfg
         self.x, self.y = train_xy
+        # The device's own validation split: when given (and not empty), every update reports the trained
+        # mask's accuracy on it, so an operator sees whether learning works without touching test data.
+        # The simulator leaves it out (it scores validation itself; its updates stay byte-identical).
+        self.val_xy = val_xy if val_xy is not None and len(val_xy[1]) > 0 else None
         self.seed = seed
         self.model: MaskedNet = build_model(spec)
         self.fingerprint = self.model.fingerprint()
@@ -75,11 +80,13 @@ class DeviceRuntime:
                                       seed=derive_seed(self.seed, "round", task.round, self.device_id))
         inside = select(pack(self._upload_bits(task.round)), self.structure, self.nbits)
         st = self.last_stats
+        # Scored with the hard mask in eval mode: no random draw, so training and uploads are unchanged.
+        val_accuracy = None if self.val_xy is None else self.evaluate(*self.val_xy)[1]
         return codec.make_update(
             device=self.device_id, round=task.round, model=self.fingerprint, layout=self.layout,
             bits=inside.tobytes(), nbits=popcount(self.structure), version=self.mask_version,
             stats=codec.Stats(samples=st.samples, loss=_finite(st.loss), accuracy=st.accuracy,
-                              train_seconds=st.seconds))
+                              val_accuracy=val_accuracy, train_seconds=st.seconds))
 
     def handle_mask(self, msg: codec.Message) -> None:
         """Adopt a merged mask: scores keep their magnitude and take the received sign; or, for an

@@ -78,12 +78,12 @@ class WrongVariant(FedMaskError):
 class Worker:
     def __init__(self, device_id: str, spec: ModelSpec, cfg: FedMaskConfig, train_xy: tuple[np.ndarray, np.ndarray],
                  *, amqp: AmqpSettings, state_dir: Path, seed: int, profile: str = "jetson",
-                 variant: str = "preset") -> None:
+                 variant: str = "preset", val_xy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
         self.profile = PROFILES[profile]
         self.cfg = replace(cfg, train=cfg.train.with_(threads=self.profile.threads))
-        self.device = DeviceRuntime(device_id, spec, self.cfg, train_xy, seed)
+        self.device = DeviceRuntime(device_id, spec, self.cfg, train_xy, seed, val_xy=val_xy)
         self.variant = variant  # only for messages: the config itself is `cfg`
         self.failure: WrongVariant | None = None
         self.amqp = amqp
@@ -211,8 +211,11 @@ class Worker:
         self._fault("published")
         self.outbox.confirmed(task.round)
         self.rounds_done += 1
+        st = update.stats
+        learning = {} if st is None else {k: v for k, v in (("loss", st.loss), ("accuracy", st.accuracy),
+                                                            ("val_accuracy", st.val_accuracy)) if v is not None}
         self._record(type="update", round=task.round, bytes_up=len(body), train_s=round(spent, 3),
-                     board_s=round(time.perf_counter() - start, 3))
+                     board_s=round(time.perf_counter() - start, 3), **learning)
         self._fault("cleared")
         log.info("%s trained round %d in %.2fs (x%.0f profile)", self.device_id, task.round, spent,
                  self.profile.slowdown)

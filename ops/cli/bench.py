@@ -12,6 +12,7 @@ import click
 from ops.bench.merge_kernel import run_aggregate_bench
 from ops.bench.report import format_aggregate
 from ops.cli.common import write_json
+from ops.cli.progress import Progress
 
 
 @click.group()
@@ -77,8 +78,6 @@ def pipeline(devices: int, params: int, rounds: int, task: str, seed: int, repea
              durability: str | None, amqp_url: str, redis_url: str, api_url: str, as_json: bool,
              out: Path | None) -> None:
     """Aggregator ingest rate vs the broker's raw rate, and round close latency (emulated devices)."""
-    from tqdm import tqdm
-
     from ops.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
     from ops.bench.report import format_durability, format_pipeline
     from shared.errors import FedMaskError
@@ -86,8 +85,8 @@ def pipeline(devices: int, params: int, rounds: int, task: str, seed: int, repea
     cfg = PipelineBenchConfig(devices=devices, params=params, rounds=rounds, task=task, seed=seed, profile=profile,
                               ingest_repeats=repeats, amqp_url=amqp_url, redis_url=redis_url, api_url=api_url,
                               durability=durability or "")
-    bar = tqdm(total=rounds * (2 if durability == "both" else 1), desc="close latency", unit="round",
-               file=sys.stderr, leave=False, dynamic_ncols=True)
+    bar = Progress(rounds * (2 if durability == "both" else 1), "close latency", "round", stream=sys.stderr,
+                   leave=False)
     try:
         result = run_pipeline_bench(cfg, on_round=lambda _i, s: (bar.set_postfix_str(f"close {s:.3f}s"), bar.update()))
     except FedMaskError as exc:
@@ -115,8 +114,6 @@ def load(devices: int, rounds: int, params: int, sample_rate: float, quorum: flo
          out: Path | None) -> None:
     """Many emulated devices vs the aggregator process: throughput, close latency, peak memory,
     and an exact accounting of every update (exit 1 if any vanished)."""
-    from tqdm import tqdm
-
     from ops.bench.load import LoadBenchConfig, run_load_bench
     from ops.bench.report import format_load
     from shared.errors import FedMaskError
@@ -124,7 +121,7 @@ def load(devices: int, rounds: int, params: int, sample_rate: float, quorum: flo
     cfg = LoadBenchConfig(devices=devices, rounds=rounds, params=params, sample_rate=sample_rate, quorum=quorum,
                           deadline=deadline, bad_rate=bad_rate, seed=seed, amqp_url=amqp_url, redis_url=redis_url,
                           api_url=api_url)
-    bar = tqdm(total=rounds, desc="rounds", unit="round", file=sys.stderr, leave=False, dynamic_ncols=True)
+    bar = Progress(rounds, "rounds", "round", stream=sys.stderr, leave=False)
     try:
         result = run_load_bench(cfg, on_round=lambda _i, s: (bar.set_postfix_str(f"close {s:.3f}s"), bar.update()))
     except FedMaskError as exc:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
+from ops.cli.progress import Progress
 from shared.data import FederatedDataset, load_task
 from shared.errors import FedMaskError
 from shared.models import ModelSpec
@@ -18,17 +18,15 @@ from shared.presets import TaskPreset, preset
 
 
 class Bar:
-    """A tqdm bar fed by shared/'s progress callbacks (stderr, so --json on stdout stays clean)."""
+    """A progress bar fed by shared/'s progress callbacks (stderr, so --json on stdout stays clean);
+    it animates only on a terminal (ops/cli/progress.py)."""
 
     def __init__(self, desc: str, total: int, enabled: bool = True) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="round", file=sys.stderr, disable=not enabled,
-                        dynamic_ncols=True, leave=False)
+        self.bar = Progress(total, desc, "round", stream=sys.stderr, enabled=enabled, leave=False)
 
     def __call__(self, done: int, total: int, info: dict[str, Any]) -> None:
-        self.bar.n = done
-        post = {k: f"{v:.3f}" for k, v in info.items() if k in ("accuracy", "uplink_mb")}
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.refresh()
+        self.bar.set_postfix_str(", ".join(f"{k}={v:.3f}" for k, v in info.items() if k in ("accuracy", "uplink_mb")))
+        self.bar.set_n(done)
 
     def close(self) -> None:
         self.bar.close()

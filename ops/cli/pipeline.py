@@ -16,6 +16,7 @@ from ops.cli.common import write_json
 AMQP_ENV, REDIS_ENV = "FEDMASK_AMQP_URL", "FEDMASK_REDIS_URL"
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/fedmask"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_METRICS_PORT = 9811  # aggregator.metrics.DEFAULT_METRICS_PORT, spelled out so `--help` does not import it
 TASKS = click.Choice(["activity", "mnist", "digits", "shakespeare"])
 # shared.variant_setup.PIPELINE_VARIANTS, spelled out so that `--help` does not import torch.
 VARIANTS = click.Choice(["preset", "fedmask", "fedmask-local", "fedmask-agree", "fedpm"])
@@ -106,10 +107,16 @@ def aggregator() -> None:
               default="fsync", show_default=True,
               help="fsync: refuse a Redis without appendonly yes + appendfsync always (acked updates would die "
                    "with it); unchecked: accept that risk")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="FEDMASK_METRICS_PORT",
+              default=DEFAULT_METRICS_PORT, show_default=True, help="Prometheus /metrics port; 0: no endpoint")
+@click.option("--metrics-host", envvar="FEDMASK_METRICS_HOST", default="127.0.0.1", show_default=True,
+              help="address the metrics endpoint binds (it has no authentication)")
 def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
-                   seed: int, close_lease: float, closer_id: str, ack_durability: str) -> None:
+                   seed: int, close_lease: float, closer_id: str, ack_durability: str, metrics_port: int,
+                   metrics_host: str) -> None:
     """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains). Run several
-    against the same queue and Redis to share the load: exactly one closes each round."""
+    against the same queue and Redis to share the load: exactly one closes each round (each serves its
+    own metrics endpoint: give each its own --metrics-port)."""
     from aggregator.service import AggregatorService, ServiceSettings
     from shared.errors import ConfigError
 
@@ -117,7 +124,8 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
     try:
         svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
                                                 seed=seed, variant=variant, merge=merge, close_lease_s=close_lease,
-                                                closer_id=closer_id, ack_durability=ack_durability))
+                                                closer_id=closer_id, ack_durability=ack_durability,
+                                                metrics_port=metrics_port, metrics_host=metrics_host))
     except ValueError as exc:  # a variant/merge combination variant_setup refuses
         raise click.ClickException(str(exc)) from exc
     svc.install_signal_handlers()

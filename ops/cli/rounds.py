@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from ops.cli.pipeline import AMQP_ENV, TASKS, describe_aggregator, redis_opt, redis_tls_opts, tls_opts
+from ops.cli.progress import Progress
 from shared.errors import FedMaskError
 
 
@@ -98,18 +98,42 @@ def _info(redis_url: str, round_id: int | None, store: Any = None) -> Any:
 @redis_tls_opts
 @click.option("--json", "as_json", is_flag=True)
 def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
-    """State of ROUND (default: the newest), with per-device latency."""
+    """State of ROUND (default: the newest), with per-device latency, training loss and accuracy and
+    validation accuracy, and their means."""
+    from aggregator.round_stats import round_stats
     from ops.control.rounds import render_round, round_rows, round_summary
 
     store, info = _info(redis_url, round_id)
     now = time.time()
+    stats = round_stats(store, info.round_id)
     if as_json:
-        payload = {**round_summary(info, now), "devices": round_rows(info, now), "counters": store.counters(),
-                   "aggregator": store.config()}
+        payload = {**round_summary(info, now, stats), "devices": round_rows(info, now, stats),
+                   "counters": store.counters(), "aggregator": store.config()}
         click.echo(json.dumps(payload, indent=2))
         return
     click.echo(describe_aggregator(store.config()))
-    click.echo(render_round(info, now))
+    click.echo(render_round(info, now, stats))
+
+
+@round_.command("history")
+@redis_opt
+@redis_tls_opts
+@click.option("--last", type=click.IntRange(min=1), default=None, help="only the newest N rounds [default: all]")
+@click.option("--json", "as_json", is_flag=True, help="a JSON array, one object per round")
+def round_history(redis_url: str, last: int | None, as_json: bool) -> None:
+    """One row per round, oldest first: state, sampled, received, merged, late, carried, the means of the
+    training loss and accuracy and validation accuracy its devices reported, round time, close latency."""
+    from aggregator.round_stats import history
+    from aggregator.store import RoundStore
+    from ops.control.rounds import render_history
+
+    rows = history(RoundStore.from_url(redis_url), last)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        raise click.ClickException("no round has been started")
+    click.echo(render_history(rows))
 
 
 @round_.command("watch")
@@ -118,14 +142,16 @@ def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
 @click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
 @click.option("--once", is_flag=True, help="print one snapshot and exit")
 def round_watch(redis_url: str, interval: float, once: bool) -> None:
-    """A live table of the newest round: sampled, received, carried, late, per-device latency (Ctrl-C stops)."""
+    """A live table of the newest round: sampled, received, carried, late, per-device latency, loss and
+    accuracy, and their means (Ctrl-C stops)."""
+    from aggregator.round_stats import round_stats
     from ops.control.rounds import render_round
 
     store = None
     try:
         while True:
             store, info = _info(redis_url, None, store)
-            text = render_round(info, time.time())
+            text = render_round(info, time.time(), round_stats(store, info.round_id))
             if once:
                 click.echo(text)
                 return
@@ -142,25 +168,26 @@ def round_watch(redis_url: str, interval: float, once: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON summary per round on stdout")
 def round_run(rounds: int, as_json: bool, **kw: Any) -> None:
     """Open R rounds back to back, each once the previous one closed, with a progress bar."""
+    from aggregator.round_stats import round_stats
     from aggregator.store import RoundStore
     from ops.control.rounds import round_summary, run_rounds
 
     core = _core(kw["amqp_url"], kw["redis_url"], kw["task"], kw["width"], kw["seed"])
     store: RoundStore = core.store
-    bar = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True, file=click.get_text_stream("stderr"))
+    bar = Progress(rounds, "rounds", "round", stream=click.get_text_stream("stderr"))
 
     def progress(info: Any) -> None:
         bar.set_postfix_str(f"round {info.round_id}: {len(info.received)}/{info.quorum} of {len(info.sampled)}")
 
     def closed(info: Any) -> None:
         bar.update(1)
-        summary = round_summary(info, time.time())
+        summary = round_summary(info, time.time(), round_stats(store, info.round_id))
         if as_json:
             click.echo(json.dumps(summary))
         else:
-            tqdm.write(f"round {info.round_id} closed in {summary['elapsed_s']:.1f}s: "
-                       f"{len(info.received)}/{len(info.sampled)} received, {len(info.carried)} carried, "
-                       f"{len(info.late)} late", file=click.get_text_stream("stderr"))
+            bar.write(f"round {info.round_id} closed in {summary['elapsed_s']:.1f}s: "
+                      f"{len(info.received)}/{len(info.sampled)} received, {len(info.carried)} carried, "
+                      f"{len(info.late)} late")
 
     try:
         run = run_rounds(core, store, rounds, _plan(kw), on_round=closed, on_poll=progress)

@@ -17,7 +17,7 @@ from shared.sim.variants import VARIANTS, VariantConfig
 
 
 class _Bars(TuneHooks):
-    """One tqdm bar per trial (stderr), closed when the trial ends."""
+    """One progress bar per trial (stderr), closed when the trial ends."""
 
     def __init__(self, variant: str, rounds: int, enabled: bool) -> None:
         self.variant, self.rounds, self.enabled = variant, rounds, enabled

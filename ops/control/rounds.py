@@ -148,9 +148,18 @@ def run_rounds(core: AggregatorCore, store: RoundStore, rounds: int, plan: Round
     return log
 
 
-def round_rows(info: RoundInfo, now: float) -> list[dict[str, Any]]:
-    """One row per device involved in the round: its state and how long its update took."""
+Stats = dict[str, dict[str, float]]  # device -> what its update reported (aggregator/round_stats.py)
+
+
+def _fmt(x: float | None, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:{width}{spec}}"
+
+
+def round_rows(info: RoundInfo, now: float, stats: Stats | None = None) -> list[dict[str, Any]]:
+    """One row per device involved in the round: its state, how long its update took, and the training
+    loss and accuracy and validation accuracy it reported (None: not reported, or not stored yet)."""
     received, carried, late = set(info.received), set(info.carried), set(info.late)
+    stats = stats or {}
     rows = []
     for d in sorted(set(info.sampled) | carried):
         if d in received:
@@ -164,31 +173,55 @@ def round_rows(info: RoundInfo, now: float) -> list[dict[str, Any]]:
         latency = info.arrivals.get(d)
         if latency is None and state == "waiting":
             latency = now - info.opened_at  # still running: how long it has been
-        rows.append({"device": d, "state": state, "seconds": None if latency is None else round(latency, 3)})
+        mine = stats.get(d, {})
+        rows.append({"device": d, "state": state, "seconds": None if latency is None else round(latency, 3),
+                     "loss": mine.get("loss"), "accuracy": mine.get("accuracy"),
+                     "val_accuracy": mine.get("val_accuracy")})
     return rows
 
 
-def round_summary(info: RoundInfo, now: float) -> dict[str, Any]:
+def round_summary(info: RoundInfo, now: float, stats: Stats | None = None) -> dict[str, Any]:
+    from aggregator.round_stats import mean_stats
+
     end = info.closed_at if info.closed_at is not None else now
     return {"round": info.round_id, "state": info.state, "sampled": len(info.sampled),
             "received": len(info.received), "carried": len(info.carried), "late": len(info.late),
             "quorum": info.quorum, "elapsed_s": round(end - info.opened_at, 3),
             "seconds_to_deadline": round(max(0.0, info.deadline - now), 1),
             "close_latency_s": None if info.close_seconds is None else round(info.close_seconds, 4),
-            "policy": info.policy}
+            "policy": info.policy, **mean_stats(stats or {})}
 
 
-def render_round(info: RoundInfo, now: float) -> str:
-    """The text of `fedmask round watch`: a header line and a device table."""
-    s = round_summary(info, now)
+def render_round(info: RoundInfo, now: float, stats: Stats | None = None) -> str:
+    """The text of `fedmask round watch` and `round status`: a header line, the round's means and a
+    device table."""
+    s = round_summary(info, now, stats)
     head = (f"round {s['round']}  {s['state']:<7}  received {s['received']}/{s['sampled']} (quorum {s['quorum']})"
             f"  carried {s['carried']}  late {s['late']}  {s['elapsed_s']:.1f}s elapsed")
     if s["state"] == "open":
         head += f", {s['seconds_to_deadline']:.0f}s to deadline"
     if s["close_latency_s"] is not None:
         head += f", closed in {s['close_latency_s'] * 1e3:.0f} ms"
-    lines = [head, f"{'device':<24} {'state':<9} {'seconds':>8}"]
-    for row in round_rows(info, now):
-        secs = "" if row["seconds"] is None else f"{row['seconds']:8.2f}"
-        lines.append(f"{row['device']:<24} {row['state']:<9} {secs:>8}")
+    means = (f"mean over reporting devices: train loss {_fmt(s['mean_train_loss'], '.4f', 0)}, "
+             f"train acc {_fmt(s['mean_train_accuracy'], '.3f', 0)}, val acc {_fmt(s['mean_val_accuracy'], '.3f', 0)}")
+    lines = [head, means, f"{'device':<24} {'state':<9} {'seconds':>8} {'loss':>8} {'acc':>6} {'val acc':>7}"]
+    for row in round_rows(info, now, stats):
+        lines.append(f"{row['device']:<24} {row['state']:<9} {_fmt(row['seconds'], '.2f', 8)} "
+                     f"{_fmt(row['loss'], '.4f', 8)} {_fmt(row['accuracy'], '.3f', 6)} "
+                     f"{_fmt(row['val_accuracy'], '.3f', 7)}")
+    return "\n".join(lines)
+
+
+def render_history(rows: list[dict[str, Any]]) -> str:
+    """The text of `fedmask round history`: one line per round (aggregator/round_stats.history rows)."""
+    lines = [f"{'round':>6} {'state':<8}{'sampled':>8}{'recv':>6}{'merged':>7}{'late':>6}{'carried':>8}"
+             f"{'loss':>9}{'acc':>7}{'val acc':>8}{'round s':>9}{'close ms':>9}"]
+    for r in rows:
+        close_ms = None if r["close_latency_s"] is None else r["close_latency_s"] * 1e3
+        merged = "-" if r["merged"] is None else str(r["merged"])
+        lines.append(f"{r['round']:>6} {r['state']:<8}{r['sampled']:>8}{r['received']:>6}{merged:>7}{r['late']:>6}"
+                     f"{r['carried']:>8} {_fmt(r['mean_train_loss'], '.4f', 8)}"
+                     f" {_fmt(r['mean_train_accuracy'], '.3f', 6)} {_fmt(r['mean_val_accuracy'], '.3f', 7)}"
+                     f" {_fmt(r['duration_s'], '.1f', 8)}"
+                     f" {_fmt(close_ms, '.0f', 8)}")
     return "\n".join(lines)

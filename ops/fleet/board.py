@@ -29,4 +29,4 @@ def board_worker(device_id: str, *, profile: str, task: str, amqp_url: str, stat
                           f"{', '.join(d.device_id for d in data.devices[:5])}, ...")
     return Worker(device_id, setup.spec, setup.fedmask, (mine.train.x, mine.train.y),
                   amqp=AmqpSettings.from_url(amqp_url), state_dir=state_dir, seed=seed, profile=profile,
-                  variant=setup.variant)
+                  variant=setup.variant, val_xy=(mine.val.x, mine.val.y))

@@ -44,6 +44,8 @@ def start_aggregator(dep: Deployment, say: Any, wait_s: float = 120.0) -> int:
         # A Redis that was already running is not ours to configure: its appendfsync decides whether a
         # crash of it loses acked updates; the aggregator's log says which (aggregator/store_durability.py).
         cmd += ["--ack-durability", "unchecked"]
+    if dep.metrics_port is not None:
+        cmd += ["--metrics-port", str(dep.metrics_port)]
     log = dep.log_file.open("a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

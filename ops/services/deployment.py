@@ -49,6 +49,7 @@ class Deployment:
     width: int | None = None
     seed: int = 0
     merge: str = "head"
+    metrics_port: int | None = None  # the aggregator's --metrics-port (None: its default)
 
     @property
     def amqp_host(self) -> tuple[str, int]:
