@@ -55,6 +55,7 @@ class StoreSnapshot:
     enrolled: int
     alive: int
     unreachable: int
+    parked: int
     current: RoundInfo | None  # the newest round
     means: dict[str, float | None]  # round_stats.mean_stats of the newest closed round
 
@@ -88,7 +89,8 @@ class StoreCollector:
         closed = (current or 0) if info is not None and info.state == "closed" else (current or 0) - 1
         return StoreSnapshot(counters=s.counters(), enrolled=len(s.device_ids()),
                              alive=len(s.alive(self.clock() - ALIVE_WINDOW_S)), unreachable=s.unreachable_count(),
-                             current=info, means=mean_stats(round_stats(s, closed)) if closed >= 1 else {})
+                             parked=len(s.pending_devices()), current=info,
+                             means=mean_stats(round_stats(s, closed)) if closed >= 1 else {})
 
 
 def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
@@ -129,6 +131,8 @@ def _families(snap: StoreSnapshot | None) -> Iterator[Metric]:
                  snap.alive if snap else None)
     yield _gauge("fedmask_devices_unreachable", "devices whose merged mask could not be delivered",
                  snap.unreachable if snap else None)
+    yield _gauge("fedmask_late_updates_parked", "late updates waiting in Redis for the next round to carry them",
+                 snap.parked if snap else None)
     info = snap.current if snap else None
     yield _gauge("fedmask_round_current", "id of the newest round (0: none opened yet)",
                  (info.round_id if info else 0) if snap else None)

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ops.demo.metrics_scrape import render as render_metrics
+
 
 def render_table(report: dict[str, Any]) -> str:
     lines = [f"{'device':<14}{'profile':<8}{'mask v':>7}{'acc merged':>11}{'acc final':>10}{'updates':>8}"
@@ -29,6 +31,12 @@ def render_table(report: dict[str, Any]) -> str:
     if report["close_latency_ms"]:
         lines.append(f"round close latency p50 {report['close_latency_ms']['p50']:.0f} ms, "
                      f"max {report['close_latency_ms']['max']:.0f} ms")
+    learning = [r for r in report.get("learning", []) if r["mean_val_accuracy"] is not None]
+    if learning:
+        lines.append("mean validation accuracy per round (devices' own reports): " +
+                     " ".join(f"{r['round']}:{r['mean_val_accuracy']:.3f}" for r in learning))
+    if "metrics" in report:
+        lines.append(render_metrics(report["metrics"]))
     return "\n".join(lines)
 
 
@@ -40,7 +48,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     devices = report["devices"]
     colors = {"pi4": "tab:red", "jetson": "tab:blue"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.5))
     from matplotlib.patches import Patch
 
     for r in report["rounds"]:
@@ -64,7 +72,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax2.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
     ax2.set(ylabel="test accuracy (own data)", ylim=(0, 1), title="personalized accuracy per device")
     ax2.legend(fontsize=8)
+    plot_learning(ax3, report.get("learning", []))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_learning(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Mean validation (and training) accuracy per round, as the devices reported them in their updates."""
+    for key, label, style in (("mean_val_accuracy", "validation (own split)", "o-"),
+                              ("mean_train_accuracy", "training", "s--")):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=label, markersize=4)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round", ylabel="mean accuracy over the round's devices", ylim=(0, 1),
+           title="learning: what the devices report each round")
+    if rows:
+        ax.legend(fontsize=8)

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.round_stats import history
 from aggregator.store import RoundInfo, RoundStore
 from ops.control.rounds import RoundPlan
+from ops.demo.metrics_scrape import Scraper, free_port
 from ops.fleet.workers import Fleet, FleetSpec, fleet_profiles, worker_stats
 from shared.errors import FedMaskError
 
@@ -74,21 +76,34 @@ def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
     say(f"loading {s.task} data (the first run builds a cache under .data/) ...")
     ids = [d.device_id for d in load_task(s.task, num_devices=p.devices, seed=s.seed, **p.data_options).devices]
     profiles = fleet_profiles(ids, s.workers, s.pi4)
+    port = free_port()  # its own port: a deployment's aggregator may hold the default one
     spec = FleetSpec(task=s.task, devices=profiles, amqp_url=s.amqp_url, redis_url=s.redis_url,
-                     run_dir=s.out, seed=s.seed)
+                     run_dir=s.out, seed=s.seed, metrics_port=port)
     plan = RoundPlan(rate=1.0, quorum=s.quorum, deadline_s=s.deadline_s, seed=s.seed, late=s.late,
                      max_staleness=s.max_staleness)
+    scraper = Scraper(f"http://127.0.0.1:{port}/metrics")
     started = time.time()
+
+    def on_round(info: RoundInfo) -> None:
+        _say_round(say, info)
+        scraper.scrape()  # as Prometheus would, while the run goes on
+
     with Fleet(spec, say=say) as fleet:
-        run = fleet.run_rounds(s.rounds, plan, on_round=lambda i: _say_round(say, i))
+        scraper.scrape()
+        run = fleet.run_rounds(s.rounds, plan, on_round=on_round)
         store = RoundStore.from_url(s.redis_url)
         fleet.wait_outstanding(s.deadline_s)
         fleet.wait_last_masks()
+        scraper.scrape()  # the last one, before the aggregator stops
         counters = store.counters()
         # Re-read every round: late updates keep arriving (and are listed) after a round closed.
         final = [store.info(r.round_id) or r for r in run.rounds]
+        learning = history(store)
     devices = evaluate_devices(s.task, profiles, fleet.state_dir, s.seed)
     report = summarize(final, devices, counters, s, time.time() - started)
+    report["metrics"] = scraper.summary()
+    report["learning"] = [{k: row[k] for k in ("round", "reported_stats", "mean_train_loss", "mean_train_accuracy",
+                                               "mean_val_accuracy")} for row in learning]
     silent = [d for d, r in devices.items() if r["updates"] == 0]
     if silent:  # a board that never answered a task means the pipeline is broken for it
         raise FedMaskError(f"devices that never sent an update: {', '.join(silent)}")

@@ -83,6 +83,7 @@ class FleetSpec:
     seed: int = 0
     merge: str = "head"
     api_url: str = "http://127.0.0.1:15672"
+    metrics_port: int | None = None  # the aggregator's /metrics port (None: its default)
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Fleet:
     def deployment(self) -> Deployment:
         s = self.spec
         return Deployment(amqp_url=with_vhost(s.amqp_url, s.vhost), redis_url=s.redis_url,
-                          run_dir=s.run_dir / "services", task=s.task, width=s.width, seed=s.seed, merge=s.merge)
+                          run_dir=s.run_dir / "services", task=s.task, width=s.width, seed=s.seed, merge=s.merge,
+                          metrics_port=s.metrics_port)
 
     @property
     def state_dir(self) -> Path:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ops.demo.metrics_scrape import REPORTED
+
 pytestmark = pytest.mark.services
 
 
@@ -30,3 +32,16 @@ def test_small_demo_runs_end_to_end(amqp_service_url: str, redis_service_url: st
     # quorum 0.6 of 3 = 2: the rounds close on the two Jetsons, before the Pi 4's first update
     assert report["turnaround_seconds_by_profile"]["pi4"] > report["turnaround_seconds_by_profile"]["jetson"]
     assert "mean personalized accuracy" in res.stdout
+    # The aggregator's /metrics endpoint, scraped during the run: every counter family is there.
+    metrics = report["metrics"]
+    assert metrics["scrapes"] >= 4 and metrics["missing"] == [] and set(REPORTED) <= set(metrics["families"])
+    last = metrics["last"]
+    assert last["fedmask_rounds_closed_total"] == 3 and last["fedmask_devices_enrolled"] == 3
+    assert last["fedmask_updates_stored_total"] == sum(r["received"] for r in report["rounds"])
+    assert last["fedmask_updates_received_total"] >= last["fedmask_updates_stored_total"]
+    assert last["fedmask_round_close_seconds_count"] == 3
+    assert "metrics (" in res.stdout and "late updates carried" in res.stdout
+    # The devices' own validation accuracy, averaged per round, is in the report (and the plot).
+    assert [r["round"] for r in report["learning"]] == [1, 2, 3]
+    assert all(0 <= r["mean_val_accuracy"] <= 1 for r in report["learning"])
+    assert "mean validation accuracy per round" in res.stdout
