@@ -87,9 +87,12 @@ class StoreCollector:
         info = s.info(current) if current is not None else None
         # The learning gauges describe the newest round that has closed (an open round is still filling).
         closed = (current or 0) if info is not None and info.state == "closed" else (current or 0) - 1
-        return StoreSnapshot(counters=s.counters(), enrolled=len(s.device_ids()),
-                             alive=len(s.alive(self.clock() - ALIVE_WINDOW_S)), unreachable=s.unreachable_count(),
-                             parked=len(s.pending_devices()), current=info,
+        with s._guard("metrics"):  # counts only: a scrape never lists a large fleet's ids
+            enrolled = int(s.client.scard(s.keys.key("devices")))
+            alive = int(s.client.zcount(s.keys.key("devices:alive"), self.clock() - ALIVE_WINDOW_S, "+inf"))
+            parked = int(s.client.scard(s.keys.key("pending")))
+        return StoreSnapshot(counters=s.counters(), enrolled=enrolled, alive=alive,
+                             unreachable=s.unreachable_count(), parked=parked, current=info,
                              means=mean_stats(round_stats(s, closed)) if closed >= 1 else {})
 
 

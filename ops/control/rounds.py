@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aggregator.core import AggregatorCore
+from aggregator.round_stats import mean_stats
 from aggregator.store import RoundInfo, RoundStore
 from shared.amqp import AmqpSettings, Publisher
 from shared.errors import FedMaskError
@@ -148,14 +149,14 @@ def run_rounds(core: AggregatorCore, store: RoundStore, rounds: int, plan: Round
     return log
 
 
-Stats = dict[str, dict[str, float]]  # device -> what its update reported (aggregator/round_stats.py)
+DeviceStats = dict[str, dict[str, float]]  # device -> what its update reported (aggregator/round_stats.py)
 
 
 def _fmt(x: float | None, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if x is None else f"{x:{width}{spec}}"
 
 
-def round_rows(info: RoundInfo, now: float, stats: Stats | None = None) -> list[dict[str, Any]]:
+def round_rows(info: RoundInfo, now: float, stats: DeviceStats | None = None) -> list[dict[str, Any]]:
     """One row per device involved in the round: its state, how long its update took, and the training
     loss and accuracy and validation accuracy it reported (None: not reported, or not stored yet)."""
     received, carried, late = set(info.received), set(info.carried), set(info.late)
@@ -180,9 +181,7 @@ def round_rows(info: RoundInfo, now: float, stats: Stats | None = None) -> list[
     return rows
 
 
-def round_summary(info: RoundInfo, now: float, stats: Stats | None = None) -> dict[str, Any]:
-    from aggregator.round_stats import mean_stats
-
+def round_summary(info: RoundInfo, now: float, stats: DeviceStats | None = None) -> dict[str, Any]:
     end = info.closed_at if info.closed_at is not None else now
     return {"round": info.round_id, "state": info.state, "sampled": len(info.sampled),
             "received": len(info.received), "carried": len(info.carried), "late": len(info.late),
@@ -192,7 +191,7 @@ def round_summary(info: RoundInfo, now: float, stats: Stats | None = None) -> di
             "policy": info.policy, **mean_stats(stats or {})}
 
 
-def render_round(info: RoundInfo, now: float, stats: Stats | None = None) -> str:
+def render_round(info: RoundInfo, now: float, stats: DeviceStats | None = None) -> str:
     """The text of `fedmask round watch` and `round status`: a header line, the round's means and a
     device table."""
     s = round_summary(info, now, stats)
