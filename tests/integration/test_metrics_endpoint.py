@@ -5,7 +5,6 @@ RabbitMQ and worker processes, a scrape shows every counter family with the roun
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -14,14 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.store import RoundStore
 from tests.integration.pipeline_fleet import N, cli, start_pipeline, wait
+from tests.private_services import PrivateRedis, free_port
 
 pytestmark = pytest.mark.services
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -31,10 +25,15 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def test_endpoint_after_a_round(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> None:
+def test_endpoint_after_a_round(amqp_service_url: str, tmp_path: Path) -> None:
     port = free_port()
-    with start_pipeline(amqp_service_url, redis_service_url, tmp_path,
-                        aggregator_args=["--merge", "head", "--metrics-port", str(port)], worker_args=[]) as p:
+    # A redis-server of this test's own: start_pipeline resets the service's keys, and other suites
+    # running at the same time against the machine's Redis would otherwise see (and reset) ours.
+    with PrivateRedis(tmp_path / "redis", appendfsync="everysec") as redis_server, \
+            start_pipeline(amqp_service_url, redis_server.url(), tmp_path,
+                           aggregator_args=["--merge", "head", "--metrics-port", str(port)], worker_args=[],
+                           first=8) as p:  # digits-008..013: other suites use the first and the last six
+        redis_service_url = redis_server.url()
         store: RoundStore = p["store"]
         ids: list[str] = p["ids"]
         wait(lambda: sorted(store.device_ids()) == sorted(ids), 120, "every worker's hello")
