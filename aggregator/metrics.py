@@ -39,7 +39,10 @@ DEFAULT_METRICS_PORT: Final = 9811  # `fedmask aggregator run --metrics-port`; 0
 DEFAULT_METRICS_HOST: Final = "127.0.0.1"  # the endpoint has no authentication: expose it deliberately
 ALIVE_WINDOW_S: Final = 120.0  # a heartbeat within this window counts as alive (as `devices list` does)
 CLOSE_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-LATE_OUTCOMES: Final = ("carried", "dropped", "expired")  # always exported, so a dashboard never shows "no data"
+# Every way a late update is counted (aggregator/core.py): carried into a later round, dropped, expired while
+# parked, parked, or dropped at parking time because a newer one of the device's replaced it or was parked
+# already (replaced, superseded). Always exported, so a dashboard never shows "no data".
+LATE_OUTCOMES: Final = ("carried", "dropped", "expired", "parked", "replaced", "superseded")
 ROUND_SETS: Final = ("sampled", "received", "carried", "late")
 # Store counters with a family of their own; the rest are exported as fedmask_store_events{counter=...}.
 _PLAIN: Final = {"updates:stored": ("fedmask_updates_stored", "updates persisted for the round they were sent for"),
@@ -114,7 +117,8 @@ def _families(snap: StoreSnapshot | None) -> Iterator[Metric]:
     rejected = CounterMetricFamily("fedmask_updates_rejected", "uplink messages dead-lettered, by reason "
                                    "(deployment total, from Redis)", labels=["reason"])
     late = CounterMetricFamily("fedmask_late_updates", "updates for a round that had closed, by outcome: carried "
-                               "into a later round, dropped, or expired while parked", labels=["outcome"])
+                               "into a later round, dropped, expired while parked, parked, replaced or superseded "
+                               "(deployment total, from Redis)", labels=["outcome"])
     other = CounterMetricFamily("fedmask_store_events", "every other counter of the store, by its name",
                                 labels=["counter"])
     if snap:

@@ -37,7 +37,7 @@ STATS = {"a": {"loss": 0.5, "accuracy": 0.8, "val_accuracy": 0.7, "samples": 100
          "b": {"loss": 0.3, "accuracy": 0.9, "val_accuracy": 0.9, "samples": 50.0}}
 SNAP = StoreSnapshot(counters={"updates:stored": 12, "updates:duplicate": 1, "rejected:undecodable": 2,
                                "rejected:round_closed": 1, "late:carried": 3, "late:dropped": 1,
-                               "late:replaced": 1, "rounds:closed": 6, "unreachable:marked": 1},
+                               "late:replaced": 1, "late:later_kind": 2, "rounds:closed": 6, "unreachable:marked": 1},
                      enrolled=4, alive=3, unreachable=1, parked=1, current=_info(), means=mean_stats(STATS))
 
 
@@ -73,7 +73,9 @@ def test_every_family_is_exported_with_the_store_counters(metrics: AggregatorMet
     assert s["fedmask_updates_rejected_total{reason=round_closed}"] == 1
     assert s["fedmask_late_updates_total{outcome=carried}"] == 3
     assert s["fedmask_late_updates_total{outcome=expired}"] == 0  # known outcomes are there from the start
-    assert s["fedmask_late_updates_total{outcome=replaced}"] == 1  # a late:<x> counter added later shows too
+    assert s["fedmask_late_updates_total{outcome=replaced}"] == 1
+    assert s["fedmask_late_updates_total{outcome=superseded}"] == 0
+    assert s["fedmask_late_updates_total{outcome=later_kind}"] == 2  # a late:<x> counter added later shows too
     assert s["fedmask_store_events_total{counter=unreachable:marked}"] == 1  # and any other counter
     assert s["fedmask_rounds_closed_total"] == 6
     assert (s["fedmask_devices_enrolled"], s["fedmask_devices_alive"], s["fedmask_devices_unreachable"]) == (4, 3, 1)
