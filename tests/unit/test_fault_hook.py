@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from aggregator.core import ACK, Decision, fault_plan
+from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService, ServiceSettings
 from aggregator.store import RoundStore, StoreError
 from shared.amqp import AmqpSettings, Delivery
@@ -62,6 +63,7 @@ def _service(core: _FlakyCore) -> AggregatorService:
     svc.settings = ServiceSettings(amqp_url="amqp://127.0.0.1/", redis_url="redis://127.0.0.1/0")
     svc.amqp = AmqpSettings.from_url(svc.settings.amqp_url)  # on_delivery maps user_id to a device of its vhost
     svc.core, svc.lock, svc.stop, svc._resume_pending = core, threading.Lock(), threading.Event(), False  # type: ignore[assignment]
+    svc.metrics = AggregatorMetrics(RoundStore.from_url(svc.settings.redis_url))  # counting touches no Redis
     return svc
 
 
@@ -72,6 +74,7 @@ def test_a_delivery_waits_for_redis_instead_of_failing() -> None:
     svc = _service(_FlakyCore(failures=1))
     assert svc.on_delivery(DELIVERY).action == "ack"
     assert svc.core.calls == 2 and svc._resume_pending  # type: ignore[attr-defined]
+    assert svc.metrics.updates_received._value.get() == 1  # one delivery, counted once across its retries
 
 
 def test_a_drain_during_the_wait_requeues_and_a_broken_rule_still_raises() -> None:
