@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,7 +249,9 @@ class AggregatorCore:
         if self._fault_hits == self._fault_plan[1]:
             log.warning("%s=%s:%d reached: %s to the aggregator", FAULT_ENV, point, self._fault_hits,
                         self._fault_signal.name)
-            os.kill(os.getpid(), self._fault_signal)
+            # To this thread: a process-directed SIGSTOP stops the process only once another thread
+            # (the main one) takes it, and a loaded machine lets this one run on meanwhile.
+            signal.pthread_kill(threading.get_ident(), self._fault_signal)
 
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,

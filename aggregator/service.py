@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from aggregator.dropped_tally import DroppedTally
 from aggregator.metrics import DEFAULT_METRICS_HOST, AggregatorMetrics, MeteredCore
@@ -118,12 +118,7 @@ class AggregatorService:
         self.store.ping()
         s, setup = self.settings, self.setup
         durability = self.store.ack_durability()  # before the first ack: refuses a Redis that would lose acked updates
-        if self.store.wait_replicas:  # every ack waits for replicas (URL ?replicas=N): they are the guard
-            durability = replace(durability, verdict=f"replicated to {self.store.wait_replicas} before each ack")
-            log.info("redis %s: every update waits for %d replica(s) before it is acked", redact_url(s.redis_url),
-                     self.store.wait_replicas)
-        else:
-            require_ack_durability(durability, s.ack_durability, redact_url(s.redis_url))
+        require_ack_durability(durability, s.ack_durability, redact_url(s.redis_url))
         # `round start` rebuilds the model from these; `round status` shows the variant to operators.
         self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
                                "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,

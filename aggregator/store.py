@@ -375,4 +375,4 @@ class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
     def ack_durability(self) -> AckDurability:
         """Whether the server makes an answered write durable (aggregator/store_durability.py)."""
         with self._guard("ack_durability"):
-            return read_ack_durability(self.client)
+            return read_ack_durability(self.client, self.wait_replicas)

@@ -5,16 +5,19 @@ that moment Redis alone holds it. With `appendfsync everysec` Redis answers befo
 file reaches the disk, so a crash of Redis (SIGKILL, OOM kill, power cut) loses up to about a second
 of acknowledged updates. With `appendfsync always` Redis fsyncs the AOF before it answers each write,
 so an answered write survives. Redis 7.0 (this deployment's) has no WAITAOF (7.2) to ask for that per
-write, and WAIT covers replicas (a redis+sentinel:// URL with ?replicas=N uses it, and then this check
-is skipped: aggregator/redis_url.py); on one server the aggregator needs the server's own setting,
-appendonly yes and appendfsync always (broker_config/redis.conf ships them; the cost is measured
-by `fedmask bench pipeline --durability both`, docs/results.md).
+write. So an acknowledged update is durable in one of two ways:
+  - the server's own setting, appendonly yes and appendfsync always (broker_config/redis.conf ships
+    them; the cost is measured by `fedmask bench pipeline --durability both`, docs/results.md);
+  - replicas: a Redis URL with `?replicas=N` (N >= 1) makes every stored update wait (WAIT) until N
+    replicas hold it before it is acked (aggregator/redis_url.py), so it survives the master's crash
+    whatever the master's appendfsync.
 
 Modes (`fedmask aggregator run --ack-durability`, env FEDMASK_ACK_DURABILITY):
-  fsync      (default) the server must say appendonly yes and appendfsync always, or the aggregator
-             refuses to start. A user whose ACL refuses CONFIG GET (the shipped fedmask-aggregator
-             user: CONFIG GET can read secrets) cannot see the setting: the aggregator then starts,
-             says so in its log, and relies on the deployment's redis.conf.
+  fsync      (default) the server must say appendonly yes and appendfsync always, or the URL must ask
+             for replicas (?replicas=N), or the aggregator refuses to start. A user whose ACL refuses
+             CONFIG GET (the shipped fedmask-aggregator user: CONFIG GET can read secrets) cannot see
+             the setting: the aggregator then starts, says so in its log, and relies on the
+             deployment's redis.conf.
   unchecked  the operator accepts the risk (a Redis that is not theirs to configure, a development
              machine): the aggregator starts and logs what a crash of that Redis would lose.
 """
@@ -38,25 +41,28 @@ class AckDurability:
     verdict: str  # "durable" | "not_durable" | "unverified"
     appendonly: str | None  # None when the server would not say (ACL)
     appendfsync: str | None
+    replicas: int = 0  # replicas every stored update waits for (?replicas=N)
 
     def describe(self) -> str:
-        if self.verdict.startswith("replicated"):
-            return self.verdict
+        if self.replicas:
+            return (f"durable (every update acked once {self.replicas} replica(s) hold it; "
+                    f"appendfsync {self.appendfsync or 'not readable'})")
         if self.verdict == "unverified":
             return "unverified (this Redis user may not run CONFIG GET)"
         return f"{self.verdict} (appendonly {self.appendonly}, appendfsync {self.appendfsync})"
 
 
-def read_ack_durability(client: redis.Redis) -> AckDurability:
-    """What the server's configuration promises for a write it has answered."""
+def read_ack_durability(client: redis.Redis, replicas: int = 0) -> AckDurability:
+    """What the server's configuration (and the replicas every update waits for) promise for a write
+    it has answered."""
     try:
         raw = cast(dict[object, object], client.config_get("append*"))
     except redis.exceptions.NoPermissionError:
-        return AckDurability("unverified", None, None)
+        return AckDurability("durable" if replicas else "unverified", None, None, replicas)
     conf = {_s(k): _s(v) for k, v in raw.items()}
     appendonly, appendfsync = conf.get("appendonly", "no"), conf.get("appendfsync", "everysec")
-    durable = appendonly == "yes" and appendfsync == "always"
-    return AckDurability("durable" if durable else "not_durable", appendonly, appendfsync)
+    durable = replicas >= 1 or (appendonly == "yes" and appendfsync == "always")
+    return AckDurability("durable" if durable else "not_durable", appendonly, appendfsync, replicas)
 
 
 def require_ack_durability(found: AckDurability, mode: str, where: str) -> None:
@@ -78,8 +84,8 @@ def require_ack_durability(found: AckDurability, mode: str, where: str) -> None:
         log.warning("%s (accepted: --ack-durability unchecked)", risk)
         return
     raise ConfigError(f"{risk}. Set appendonly yes and appendfsync always in that server's redis.conf "
-                      "(broker_config/redis.conf), or accept the risk with --ack-durability unchecked "
-                      "(FEDMASK_ACK_DURABILITY=unchecked)")
+                      "(broker_config/redis.conf), or wait for replicas (a Redis URL with ?replicas=N), or "
+                      "accept the risk with --ack-durability unchecked (FEDMASK_ACK_DURABILITY=unchecked)")
 
 
 def _s(raw: object) -> str:

@@ -1,6 +1,6 @@
 """A fleet on services of its own (a RabbitMQ node, a redis-server), for the fault suites of issue 11:
 tests/faults/test_worker_outbox.py and tests/faults/test_redis_kill.py. The Fleet and the undisturbed
-Reference are test_crashes.py's; this adds fault points for workers, a aggregator that can be paused
+Reference are test_crashes.py's; this adds fault points for workers, an aggregator that can be paused
 at a fault point, and the Redis options of broker_config/redis.conf."""
 
 from __future__ import annotations

@@ -101,6 +101,7 @@ def test_redis_killed_while_a_round_closes(fleet: FaultFleet, fault: str) -> Non
             _crash_and_restart(fleet)
             info = fleet.info(r)
             masks_stored = all(fleet.store.mask_version(d) == r for d in fleet.ids)
+            assert f"round {r} closed" not in fleet.aggregator_log(), "the aggregator ran on past the fault point"
             assert (info.state, len(info.received), masks_stored) == STOP_POINTS[fault], \
                 "Redis came back without what it had acknowledged"
         finally:

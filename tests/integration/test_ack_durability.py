@@ -45,3 +45,19 @@ def test_only_fsync_on_every_write_counts_as_durable(server: tuple[str, RoundSto
         require_ack_durability(found, "fsync", "test")
     require_ack_durability(found, "unchecked", "test")  # the operator accepted the risk: a warning
     assert "loses the updates of the last second (accepted" in caplog.text
+
+
+def test_waiting_for_replicas_makes_an_everysec_master_acceptable(tmp_path: Path) -> None:
+    """?replicas=N: every update is acked only once N replicas hold it (WAIT), so the master's own
+    appendfsync no longer decides (the Sentinel fault test runs such a master with everysec)."""
+    if shutil.which("redis-server") is None:
+        missing("redis-server")
+    with PrivateRedis(tmp_path / "redis", appendfsync="everysec") as redis_server:
+        store = RoundStore.from_url(redis_server.url() + "?replicas=1")
+        try:
+            found = store.ack_durability()
+        finally:
+            store.close()
+    assert (found.verdict, found.replicas, found.appendfsync) == ("durable", 1, "everysec")
+    require_ack_durability(found, "fsync", "test")  # accepted: no ConfigError
+    assert "1 replica(s) hold it" in found.describe()
