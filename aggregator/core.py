@@ -28,15 +28,18 @@ from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
 from shared.rounds import (
     DeviceRecord,
+    HeldMask,
     RoundState,
     check_sender,
     check_update,
+    delta_downlink,
     downlink_messages,
     mask_message,
     quorum_count,
     refusal,
     sample_count,
     sample_devices,
+    undelta_update,
     unpack_update,
 )
 from shared.transport import DeviceUnreachable, Envelope, Transport
@@ -99,6 +102,8 @@ class AggregatorCore:
         self.rule = get_rule(merge)
         self.rule_downlink = getattr(self.rule, "downlink", "bits")
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
+        self.layer_sizes = [int(np.prod(shape)) for _, shape in net.layout()]
+        self._initial = pack(net.mask_bits())  # mask version 0: what a device's first delta is coded against
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
         self._fault_signal = signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL
@@ -180,7 +185,12 @@ class AggregatorCore:
 
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
         self._refuse_removed(msg.device)
-        check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
+        rec = check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
+        if msg.enc == "delta":
+            # Decoded at ingest, against the mask the base names: Redis keeps the raw update, so the
+            # close, carried and parked updates and a resumed close never depend on a base again.
+            msg = undelta_update(msg, rec, self.nbits, self._held(msg.device))
+            body = codec.encode(msg)
         self._fault("consumed")
         now = self.clock()
         # One round trip stores, heartbeats and runs the closer election (quorum met, or deadline).
@@ -231,6 +241,20 @@ class AggregatorCore:
         self.store.incr("late:dropped")
         raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update "
                          f"(late policy {policy.get('late', 'drop')}, max staleness {max_staleness})")
+
+    def _held(self, device: str) -> HeldMask:
+        """A device's merged masks a delta-coded update may be coded against: version 0 (the initial
+        mask), the newest and the one before it (a redelivery after a close is coded against that). Under
+        the agreement rule Redis keeps theta levels, not bits: no base, so deltas are stale_base."""
+        def held(version: int) -> np.ndarray | None:
+            if self.rule_downlink == "q4":
+                return None
+            if version == 0:
+                return self._initial
+            packed = self.store.held_masks(device).get(version)
+            return np.frombuffer(packed, np.uint8) if packed is not None and len(packed) == len(self._initial) \
+                else None
+        return held
 
     def _record(self, device: str) -> DeviceRecord | None:
         rec = self._records.get(device)
@@ -371,12 +395,15 @@ class AggregatorCore:
             msg = codec.decode(body, expect_type="update")
             rec = self._record(device)
             rnd.received[device] = unpack_update(msg, rec, self.nbits)
+            if msg.downlink == "delta":
+                rnd.delta_downlink[device] = msg.round
         self._fault("merging")
         messages = downlink_messages(self.rule, self.ctx, rnd, self._records, fingerprint=self.fingerprint,
                                      layout=self.layout)
         renewed = time.monotonic()
         for device, msg in messages.items():
-            self._send(device, codec.encode(msg))  # kept in Redis either way (set_masks below)
+            wire = delta_downlink(msg, rnd, self._records[device], nbits=self.nbits, layer_sizes=self.layer_sizes)
+            self._send(device, codec.encode(wire))  # kept in Redis either way (set_masks below)
             self._fault("published")
             if time.monotonic() - renewed > self.store.lease_ms / 3000:  # a long close keeps its lease
                 self.store.renew_close(round_id)

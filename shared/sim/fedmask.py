@@ -4,12 +4,13 @@ every message encoded and decoded by the real codec (so byte counts are the wire
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from shared import codec
-from shared.bits import pack
+from shared.bits import pack, scatter_at
 from shared.data import DeviceData, FederatedDataset
 from shared.device import DeviceRuntime, FedMaskConfig, derive_seed
 from shared.merge_rules import MergeContext, MergeRule, get_rule
@@ -18,6 +19,7 @@ from shared.rounds import (
     DeviceRecord,
     RoundState,
     agreement_message,
+    delta_downlink,
     downlink_messages,
     receive_update,
     sample_count,
@@ -42,6 +44,11 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
     rule = get_rule(merge)
     net = build_model(spec)
     fp, layout, nbits = net.fingerprint(), net.layout_hash(), net.nbits
+    layer_sizes = [int(np.prod(shape)) for _, shape in net.layout()]
+    # What the aggregator holds to decode delta-coded updates: each device's newest merged mask (packed
+    # full, by version), and version 0, the initial mask every party derives from the model seed.
+    initial = pack(net.mask_bits())
+    merged: dict[str, tuple[int, np.ndarray]] = {}
     ctx = MergeContext(nbits=nbits, pruned_region=pack(net.region_of_last_layers(cfg.prune_last_k)))
     bus = InMemoryTransport()
     devices = {d.device_id: DeviceRuntime(d.device_id, spec, cfg, (d.train.x, d.train.y), seed)
@@ -60,6 +67,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
     hello_bytes = bus.up.bytes
 
     update_bytes, updates, payload_bits, history = 0, 0, 0, []
+    mask_bytes, masks, delta_updates, delta_masks = 0, 0, 0, 0
     pre_merge: dict[str, float] = {}
     for r in range(1, rounds + 1):
         sampled = sample_devices(list(devices), sample_count(len(devices), rate=sample_rate), seed=seed, round_id=r)
@@ -76,15 +84,23 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
                 update_bytes += len(body_up)
                 payload_bits += 8 * len(update.bits or b"")
                 updates += 1
+                delta_updates += update.enc == "delta"
                 bus.publish_uplink(d, "update", body_up)
             pre_merge[d] = devices[d].evaluate(by_id[d].test.x, by_id[d].test.y)[1]
         for env in bus.take_uplink():
             msg = codec.decode(env.body, expect_type="update")
-            receive_update(env, msg, fingerprint=fp, layout=layout, nbits=nbits, rnd=rnd, records=records)
+            receive_update(env, msg, fingerprint=fp, layout=layout, nbits=nbits, rnd=rnd, records=records,
+                           held=_held(merged.get(msg.device), initial))
         rnd.state = "closing"
         for d, msg in downlink_messages(rule, ctx, rnd, records, fingerprint=fp, layout=layout).items():
             records[d].version = msg.version or 0
-            bus.publish_downlink(d, codec.encode(msg))
+            if msg.enc == "structure" and msg.bits is not None:
+                merged[d] = (records[d].version, scatter_at(np.frombuffer(msg.bits, np.uint8), records[d].where(nbits),
+                                                            nbits))
+            wire = delta_downlink(msg, rnd, records[d], nbits=nbits, layer_sizes=layer_sizes)
+            body_down = codec.encode(wire)
+            mask_bytes, masks, delta_masks = mask_bytes + len(body_down), masks + 1, delta_masks + (wire.enc == "delta")
+            bus.publish_downlink(d, body_down)
         rnd.state = "closed"
         for d in sampled:
             for body in bus.take_downlink(d):
@@ -119,6 +135,8 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
         validation_accuracy=mean_accuracy(_accuracies(devices, by_id, "val")), history=history,
         extra={"hello_bytes": hello_bytes, "updates": updates, "update_bytes": update_bytes,
                "uplink_payload_bits_per_param": payload_bits / (nbits * updates) if updates else float("nan"),
+               "coding": cfg.coding, "delta_updates": delta_updates, "masks": masks, "delta_masks": delta_masks,
+               "downlink_bits_per_param": 8 * mask_bytes / (nbits * masks) if masks else float("nan"),
                "structure_density": float(np.mean([r.inside / nbits for r in records.values()])),
                "pre_merge_accuracy": mean_accuracy(pre_merge),
                "final_local_epochs": final_local_epochs, "accuracy_before_final_adaptation": before_final,
@@ -144,6 +162,15 @@ def _broadcast_agreement(rule: MergeRule, ctx: MergeContext, rnd: RoundState, re
         bus.publish_downlink(d, codec.encode(msg))
         for body in bus.take_downlink(d):
             devices[d].handle_mask(codec.decode(body, expect_type="mask"))
+
+
+def _held(newest: tuple[int, np.ndarray] | None, initial: np.ndarray) -> Callable[[int], np.ndarray | None]:
+    """The simulator's copy of the aggregator's lookup: version 0 is the initial mask, else the newest."""
+    def held(version: int) -> np.ndarray | None:
+        if version == 0:
+            return initial
+        return newest[1] if newest is not None and newest[0] == version else None
+    return held
 
 
 def _accuracies(devices: dict[str, DeviceRuntime], by_id: dict[str, DeviceData], split: str) -> dict[str, float]:
