@@ -106,8 +106,8 @@ def encode_change(new: bytes, base: bytes, nbits: int, segments: Sequence[int] |
 
 def decode_change(payload: bytes, base: bytes, nbits: int, mask_crc32: int) -> bytes:
     """The packed mask `payload` codes against `base`; CodecError "bad_delta" for a payload that is
-    malformed or not used up exactly, "bad_base" when the result's CRC32 is not `mask_crc32` (the
-    sender coded against another base)."""
+    malformed, invalid under the base's models or not used up exactly, "bad_base" when the result's
+    CRC32 is not `mask_crc32` (the sender coded against another base: one of the two, either way)."""
     nbytes = (nbits + 7) // 8
     if len(base) != nbytes:
         raise ValueError(f"base must be {nbytes} bytes for {nbits} bits, got {len(base)}")
@@ -127,7 +127,7 @@ def decode_change(payload: bytes, base: bytes, nbits: int, mask_crc32: int) -> b
             flips[start + order] = out
             start += size
         used_up = decoder.maybe_exhausted()
-    except (ValueError, RuntimeError, OverflowError) as exc:  # constriction's errors on bad input
+    except (AssertionError, ValueError, RuntimeError, OverflowError) as exc:  # constriction's, on invalid data
         raise CodecError("bad_delta", f"range decoder: {str(exc)[:80]}") from exc
     if not used_up:
         raise CodecError("bad_delta", "compressed words left over after the last symbol")
@@ -160,8 +160,8 @@ def layer_segments(where: npt.NDArray[np.integer], layer_sizes: Sequence[int]) -
     """Symbols per segment for a structure's bits (`where`: positions of its 1 bits in the full mask),
     cut at the byte where each layer's bits begin; empty segments are dropped."""
     nbytes = (len(where) + 7) // 8
-    starts = np.searchsorted(where, np.cumsum(list(layer_sizes))[:-1]) // 8
-    cuts = sorted({0, nbytes, *(int(s) for s in starts)})
+    starts = np.searchsorted(where, np.cumsum(list(layer_sizes))[:-1])
+    cuts = sorted({0, nbytes, *(int(s) // 8 for s in starts if s < len(where))})
     sizes = [b - a for a, b in itertools.pairwise(cuts) if b > a]
     while len(sizes) > MAX_SEGMENTS:  # never for this project's models; keep the format's bound anyway
         sizes[-2:] = [sizes[-2] + sizes[-1]]
