@@ -50,7 +50,7 @@ HEADER_BYTES: Final = 2
 SEGMENT_BYTES: Final = 8
 _Q_ONE: Final = 65536  # probabilities are q / 65536 with q in 1..65535: never 0 or 1
 _SEGMENT = struct.Struct(">IHH")
-_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(bool)  # [value, bit]
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.intp)
 
 U8 = npt.NDArray[np.uint8]
 
@@ -192,14 +192,25 @@ def _symbol_groups(seg_base: U8, q0: int, q1: int, seg_flips: U8) -> list[tuple[
 
 
 def _byte_models(q0: int, q1: int, base_values: npt.NDArray[np.intp]) -> list[Any]:
-    """For each base byte value, the categorical model of its flip byte. The products are taken in a
-    fixed order with elementwise float64 multiplies (no reductions, no libm), so the encoder and the
-    decoder build bit-identical models on any platform."""
-    p = np.array([q0 / _Q_ONE, q1 / _Q_ONE])
-    bit_of_base = _BYTE_BITS[base_values].astype(np.intp)  # [base, bit]
-    flip_p = p[bit_of_base]  # [base, bit]: probability that this bit flips
-    probs = np.ones((len(base_values), 256))
-    for i in range(8):
-        probs = probs * np.where(_BYTE_BITS[None, :, i], flip_p[:, None, i], 1.0 - flip_p[:, None, i])
+    """For each base byte value b, the categorical model of its flip byte f:
+    P(f | b) = p0^|f & ~b| (1-p0)^|~f & ~b| p1^|f & b| (1-p1)^|~f & b|. Powers come from repeated
+    multiplication and the four factors are multiplied in a fixed order (elementwise float64, no libm
+    pow, no reductions), so the encoder and the decoder build bit-identical models on any platform."""
+    b = base_values.astype(np.uint8)[:, None]
+    f = np.arange(256, dtype=np.uint8)[None, :]
+    ones_b = _POPCOUNT[b]
+    flips_at_1 = _POPCOUNT[f & b]  # bits with base 1 that flip
+    flips_at_0 = _POPCOUNT[f & ~b]  # bits with base 0 that flip
+    tables = [_powers(x) for x in (q0 / _Q_ONE, 1.0 - q0 / _Q_ONE, q1 / _Q_ONE, 1.0 - q1 / _Q_ONE)]
+    probs = tables[0][flips_at_0] * tables[1][8 - ones_b - flips_at_0] \
+        * tables[2][flips_at_1] * tables[3][ones_b - flips_at_1]
     categorical = constriction.stream.model.Categorical
     return [categorical(row, perfect=False) for row in probs]
+
+
+def _powers(x: float) -> npt.NDArray[np.float64]:
+    """x**0 .. x**8 by repeated multiplication."""
+    out = np.ones(9)
+    for k in range(1, 9):
+        out[k] = out[k - 1] * x
+    return out
