@@ -4,7 +4,9 @@ every message encoded and decoded by the real codec (so byte counts are the wire
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
 
     update_bytes, updates, payload_bits, history = 0, 0, 0, []
     mask_bytes, masks, delta_updates, delta_masks = 0, 0, 0, 0
+    raw_update_bytes, raw_mask_bytes = 0, 0  # what the same messages cost raw: both codings in one run
     pre_merge: dict[str, float] = {}
     for r in range(1, rounds + 1):
         sampled = sample_devices(list(devices), sample_count(len(devices), rate=sample_rate), seed=seed, round_id=r)
@@ -85,6 +88,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
                 payload_bits += 8 * len(update.bits or b"")
                 updates += 1
                 delta_updates += update.enc == "delta"
+                raw_update_bytes += _raw_size(update, devices[d])
                 bus.publish_uplink(d, "update", body_up)
             pre_merge[d] = devices[d].evaluate(by_id[d].test.x, by_id[d].test.y)[1]
         for env in bus.take_uplink():
@@ -100,6 +104,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
             wire = delta_downlink(msg, rnd, records[d], nbits=nbits, layer_sizes=layer_sizes)
             body_down = codec.encode(wire)
             mask_bytes, masks, delta_masks = mask_bytes + len(body_down), masks + 1, delta_masks + (wire.enc == "delta")
+            raw_mask_bytes += codec.message_size(msg)
             bus.publish_downlink(d, body_down)
         rnd.state = "closed"
         for d in sampled:
@@ -137,6 +142,8 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
                "uplink_payload_bits_per_param": payload_bits / (nbits * updates) if updates else float("nan"),
                "coding": cfg.coding, "delta_updates": delta_updates, "masks": masks, "delta_masks": delta_masks,
                "downlink_bits_per_param": 8 * mask_bytes / (nbits * masks) if masks else float("nan"),
+               "raw_uplink_bits_per_param": 8 * raw_update_bytes / (nbits * updates) if updates else float("nan"),
+               "raw_downlink_bits_per_param": 8 * raw_mask_bytes / (nbits * masks) if masks else float("nan"),
                "structure_density": float(np.mean([r.inside / nbits for r in records.values()])),
                "pre_merge_accuracy": mean_accuracy(pre_merge),
                "final_local_epochs": final_local_epochs, "accuracy_before_final_adaptation": before_final,
@@ -162,6 +169,15 @@ def _broadcast_agreement(rule: MergeRule, ctx: MergeContext, rnd: RoundState, re
         bus.publish_downlink(d, codec.encode(msg))
         for body in bus.take_downlink(d):
             devices[d].handle_mask(codec.decode(body, expect_type="mask"))
+
+
+def _raw_size(update: codec.Message, dev: DeviceRuntime) -> int:
+    """The size `update` would have had coded raw (what a coding="raw" device sends)."""
+    if update.enc != "delta" or dev.sent is None:
+        return codec.message_size(replace(update, downlink=None))
+    bits = dev.sent[1]
+    return codec.message_size(replace(update, enc="structure", bits=bits, crc32=zlib.crc32(bits), base=None,
+                                      mask_crc32=None, downlink=None))
 
 
 def _held(newest: tuple[int, np.ndarray] | None, initial: np.ndarray) -> Callable[[int], np.ndarray | None]:

@@ -123,3 +123,23 @@ def test_sampled_uploads_are_never_delta_coded() -> None:
 def test_unknown_coding_is_refused() -> None:
     with pytest.raises(ValueError, match="coding"):
         _device("xor")
+
+
+def test_a_delta_run_is_the_raw_run_with_fewer_bytes() -> None:
+    """Same seeds, both codings: identical accuracy per device; the delta run's raw-equivalent byte counts
+    are exactly the raw run's (so one delta run reports both codings side by side)."""
+    from shared.sim.fedmask import run_fedmask
+
+    data = load_task(TASK, num_devices=8, seed=0)
+    spec = model_spec(TASK, width=32, seed=0)
+    runs = {coding: run_fedmask(data, spec, FedMaskConfig(train=preset(TASK).mask_train, local_epochs=1,
+                                                          coding=coding), rounds=3, sample_rate=0.5, seed=3,
+                                merge="head")
+            for coding in ("raw", "delta")}
+    raw, delta = runs["raw"], runs["delta"]
+    assert delta.per_device_accuracy == raw.per_device_accuracy
+    assert delta.extra["raw_uplink_bits_per_param"] == raw.uplink_bits_per_param
+    assert delta.extra["raw_downlink_bits_per_param"] == raw.extra["downlink_bits_per_param"]
+    assert delta.uplink_bits_per_param < raw.uplink_bits_per_param
+    assert delta.extra["downlink_bits_per_param"] < 0.6 * raw.extra["downlink_bits_per_param"]
+    assert delta.extra["delta_updates"] == delta.extra["updates"] and raw.extra["delta_updates"] == 0
