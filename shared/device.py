@@ -69,6 +69,7 @@ class DeviceRuntime:
         self.held: np.ndarray | None = None
         self.sent: tuple[int, bytes] | None = None
         self._segments: list[int] | None = None
+        self._coded_against: int | None = None  # the base version of the last delta-coded update
 
     # -- protocol ----------------------------------------------------------------------
     def hello(self, round_id: int = 0) -> codec.Message:
@@ -111,9 +112,15 @@ class DeviceRuntime:
         """Against the merged mask the device holds, but only when the task says the aggregator holds
         the same version: a device that missed a mask (or whose state predates it) sends raw bits."""
         n = popcount(self.structure) if self.structure is not None else 0
-        if not self._delta_coding() or task.version != self.mask_version:
+        # Never two deltas against one base: a merged mask always follows an update that was merged,
+        # so a second update against the same version means the first was not (late, or refused, e.g.
+        # bad_base if the aggregator's mask of that version is not this one). Raw bits resynchronise.
+        if not self._delta_coding() or task.version != self.mask_version or self._coded_against == self.mask_version:
+            self._coded_against = None
             return Coded("structure", inside)
-        return code_mask(inside, n, self._held_bits(), self.mask_version, self._layer_segments())
+        coded = code_mask(inside, n, self._held_bits(), self.mask_version, self._layer_segments())
+        self._coded_against = self.mask_version if coded.enc == "delta" else None
+        return coded
 
     def _held_bits(self) -> bytes | None:
         assert self.structure is not None

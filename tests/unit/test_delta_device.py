@@ -143,3 +143,14 @@ def test_a_delta_run_is_the_raw_run_with_fewer_bytes() -> None:
     assert delta.uplink_bits_per_param < raw.uplink_bits_per_param
     assert delta.extra["downlink_bits_per_param"] < 0.6 * raw.extra["downlink_bits_per_param"]
     assert delta.extra["delta_updates"] == delta.extra["updates"] and raw.extra["delta_updates"] == 0
+
+
+def test_never_two_deltas_against_one_base() -> None:
+    """An update that got no merged mask back (late, or refused) is followed by raw bits: whatever the
+    aggregator holds, the device resynchronises."""
+    dev = _device("delta")
+    dev.hello()
+    first = dev.handle_task(_task(dev, 1, 0))
+    again = dev.handle_task(_task(dev, 2, 0))  # no mask arrived in between
+    third = dev.handle_task(_task(dev, 3, 0))
+    assert (first.enc, again.enc, third.enc) == ("delta", "structure", "delta")
