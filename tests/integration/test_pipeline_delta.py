@@ -25,7 +25,7 @@ pytestmark = pytest.mark.services
 @pytest.fixture()
 def pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
     with start_pipeline(amqp_service_url, redis_service_url, tmp_path, aggregator_args=["--merge", "head"],
-                        worker_args=["--coding", "delta"]) as p:
+                        worker_args=["--coding", "delta"], first=N) as p:
         yield p
 
 
