@@ -170,7 +170,7 @@ def test_fuzzed_payloads_raise_only_codec_errors(data: bytes, nbits: int) -> Non
 
 @FUZZ
 @given(st.integers(0, 1999), st.integers(0, 255))
-def test_a_corrupted_byte_never_decodes_silently(at: int, xor: int) -> None:
+def test_fuzzed_corruptions_never_decode_silently(at: int, xor: int) -> None:
     payload, new, base = _payload()
     at %= len(payload)
     bad = payload[:at] + bytes((payload[at] ^ (xor or 1),)) + payload[at + 1:]
