@@ -56,12 +56,13 @@ Reason codes
   unknown_field    a key that is not part of the protocol (also inside stats)
   forbidden_field  a protocol field this message type must not carry
   wrong_type       type is not the one decode(expect_type=...) was told to accept
-  bad_length       len(bits) != ceil(nbits / 8)
+  bad_length       len(bits) != ceil(nbits / 8) (enc "delta": not shorter than that)
   bad_padding      a padding bit after the last valid bit is set
   bad_crc          crc32 does not match bits
   bad_delta        enc "delta": the payload's header is malformed (shared/delta_codec.py); the receiver,
                    decoding against its base, also raises it for a payload not used up exactly
   bad_base         (receiver) the decoded mask's CRC32 is not mask_crc32: the sender coded against another base
+  (A receiver that does not hold the named base refuses with stale_base: shared/rounds.py, shared/device.py.)
 """
 
 from __future__ import annotations
