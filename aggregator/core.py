@@ -25,6 +25,7 @@ from shared.models import ModelSpec, build_model
 from shared.rounds import (
     DeviceRecord,
     RoundState,
+    check_hello,
     check_sender,
     check_update,
     downlink_messages,
@@ -34,6 +35,7 @@ from shared.rounds import (
     sample_devices,
     unpack_update,
 )
+from shared.structures import structure_rule
 from shared.transport import Envelope, Transport
 
 log = logging.getLogger("fedmask.aggregator")
@@ -77,12 +79,13 @@ def fault_plan(spec: str | None) -> tuple[str, int] | None:
 
 class AggregatorCore:
     def __init__(self, store: RoundStore, downlink: Transport, spec: ModelSpec, *, merge: str = "head",
-                 prune_last_k: int = 2, clock: Callable[[], float] = time.time) -> None:
+                 prune_last_k: int = 2, prune_rho: float = 0.2, clock: Callable[[], float] = time.time) -> None:
         net = build_model(spec)
         self.store, self.downlink, self.clock = store, downlink, clock
         self.fingerprint, self.layout, self.nbits = net.fingerprint(), net.layout_hash(), net.nbits
         self.rule = get_rule(merge)
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
+        self.structures = structure_rule(net, last_k=prune_last_k, rho=prune_rho)  # what a hello may claim
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
         self._fault_hits = 0
@@ -106,8 +109,10 @@ class AggregatorCore:
             return Decision("reject", err.reason)
 
     def _hello(self, msg: codec.Message) -> Decision:
-        if msg.enc != "full" or msg.nbits != self.nbits or msg.bits is None:
-            raise CodecError("bad_length", f"a hello carries all {self.nbits} structure bits")
+        # The simulator's checks (shared.rounds.check_hello); register_device.lua still refuses a
+        # changed structure atomically, should two hellos of one device race past this read.
+        check_hello(msg, self.structures, self.store.structure(msg.device))
+        assert msg.bits is not None  # check_hello guarantees it
         try:
             self.store.register_device(msg.device, profile="", fingerprint=msg.model, structure=msg.bits,
                                        now=self.clock())

@@ -60,7 +60,8 @@ class AggregatorService:
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         self.publisher = Publisher(self.amqp, declare=True)
         self.core = AggregatorCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
-                                   prune_last_k=self.setup.fedmask.prune_last_k)
+                                   prune_last_k=self.setup.fedmask.prune_last_k,
+                                   prune_rho=self.setup.fedmask.prune_rho)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its

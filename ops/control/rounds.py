@@ -75,7 +75,8 @@ def core_for_running_aggregator(amqp_url: str, redis_url: str, task: str | None,
     except ValueError as exc:  # e.g. a tuning file for this task that does not load
         raise AggregatorMismatch(f"cannot build the aggregator's variant {variant} for {task}: {exc}") from exc
     core = AggregatorCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), setup.spec,
-                          merge=setup.merge, prune_last_k=setup.fedmask.prune_last_k)
+                          merge=setup.merge, prune_last_k=setup.fedmask.prune_last_k,
+                          prune_rho=setup.fedmask.prune_rho)
     if cfg and core.fingerprint != cfg.get("fingerprint"):
         raise AggregatorMismatch(
             f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}, variant "

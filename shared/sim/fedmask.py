@@ -19,11 +19,13 @@ from shared.rounds import (
     RoundState,
     agreement_message,
     downlink_messages,
+    receive_hello,
     receive_update,
     sample_count,
     sample_devices,
 )
 from shared.sim.result import Progress, SimResult, mean_accuracy
+from shared.structures import structure_rule
 from shared.train import local_train
 from shared.transport import InMemoryTransport
 
@@ -54,9 +56,10 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
         bus.publish_uplink(dev.device_id, "hello", codec.encode(dev.hello()))
         train_seconds += _seconds(dev)
     records: dict[str, DeviceRecord] = {}
+    structures = structure_rule(net, last_k=cfg.prune_last_k, rho=cfg.prune_rho)
     for env in bus.take_uplink():
-        hello = codec.decode(env.body, expect_type="hello")
-        records[hello.device] = DeviceRecord(structure=np.frombuffer(hello.bits or b"", np.uint8).copy())
+        receive_hello(env, codec.decode(env.body, expect_type="hello"), fingerprint=fp, layout=layout,
+                      rule=structures, records=records)
     hello_bytes = bus.up.bytes
 
     update_bytes, updates, payload_bits, history = 0, 0, 0, []
