@@ -194,17 +194,24 @@ class AggregatorCore:
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
                     deadline_s: float = 600.0, over_select: float = 1.0, seed: int = 0,
-                    candidates: list[str] | None = None, late: str = "drop", max_staleness: int = 2) -> RoundInfo:
+                    candidates: list[str] | None = None, late: str = "drop", max_staleness: int = 2,
+                    min_wait: float = 0.0) -> RoundInfo:
         """Sample idle devices, open the round in Redis, carry parked late updates into it, then send
         every sampled device its task (a device whose late update is carried in gets its merged mask).
 
         A device still training an earlier task (tasked, not answered, within `max_staleness` rounds)
         is not sampled: a board trains one task at a time, so a second task would only queue behind
-        the first and arrive late as well."""
+        the first and arrive late as well.
+
+        `min_wait` > 0: the quorum closes the round no earlier than `min_wait` seconds after it opened
+        (close_round.lua), so with over-selection every board that answers within it is merged and the
+        fastest boards alone cannot fill the quorum (shared.rounds.quorum_members is the rule, pure)."""
         if late not in LATE_POLICIES:
             raise StoreError(f"late policy must be one of {', '.join(LATE_POLICIES)}, got {late!r}")
         if max_staleness < 0:
             raise StoreError(f"max_staleness must be >= 0, got {max_staleness}")
+        if not 0 <= min_wait <= deadline_s:
+            raise StoreError(f"min_wait must be in [0, deadline] = [0, {deadline_s:g}] s, got {min_wait:g}")
         r = (self.store.current_round() or 0) + 1
         pool = candidates if candidates is not None else self.store.device_ids()
         if not pool:
@@ -219,8 +226,10 @@ class AggregatorCore:
         sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
                                                     over_select=over_select), seed=seed, round_id=r)
         now = self.clock()
-        policy = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
-                  "max_staleness": max_staleness}
+        policy: dict[str, object] = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
+                                     "max_staleness": max_staleness}
+        if min_wait:  # only when set: a round without it reads as before
+            policy["min_wait"] = min_wait
         self.store.open_round(r, sampled=sampled, deadline=now + deadline_s, quorum=quorum_count(target, quorum),
                               now=now, policy=policy)
         self.store.mark_tasked(sampled, r)

@@ -47,6 +47,19 @@ def quorum_count(sampled: int, quorum: float) -> int:
     return max(1, math.ceil(quorum * sampled - 1e-9))
 
 
+def quorum_members(arrivals: dict[str, float], quorum: int, *, min_wait: float = 0.0,
+                   deadline: float = math.inf) -> set[str]:
+    """Which sampled devices' updates a round merges, given when each answers (seconds after the
+    round opened; math.inf: never): the rule of aggregator/lua/close_round.lua. The round closes at
+    the quorum-th answer, but not before `min_wait`, and at the deadline at the latest; every update
+    stored by then is in. With min_wait 0 the first `quorum` answers fill the round, so the fastest
+    boards are always in it; with a minimum wait, every board answering within it is."""
+    times = sorted(arrivals.values())
+    quorum_at = times[quorum - 1] if 0 < quorum <= len(times) else math.inf
+    closes = min(max(quorum_at, min_wait), deadline)
+    return {d for d, t in arrivals.items() if t <= closes and t < math.inf}
+
+
 @dataclass
 class DeviceRecord:
     structure: np.ndarray  # packed S_i

@@ -197,3 +197,24 @@ def byzantine(task: str, seeds: int, rounds: int, share: float, methods: str, at
         bar.close()
     write_json(json_out, result)
     click.echo(format_table(result))
+
+
+@bench.command("quorum")
+@click.option("--rounds", type=int, default=2000, show_default=True)
+@click.option("--devices", type=int, default=10, show_default=True, help="K, the round's target")
+@click.option("--quorum", type=float, default=0.8, show_default=True)
+@click.option("--settings", default="1:0,1.5:0,1.5:1.5,1.5:3,2:6", show_default=True,
+              help="comma-separated over_select:min_wait_seconds pairs")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def quorum(rounds: int, devices: int, quorum: float, settings: str, seed: int, json_out: Path | None) -> None:
+    """Quorum fairness (a model, no services): who is inside the quorum, with one fast malicious board."""
+    from ops.bench.quorum_fairness import Setting, format_quorum, run_quorum_bench
+
+    try:
+        parsed = [Setting(float(a), float(b)) for a, b in (s.split(":") for s in settings.split(",") if s)]
+    except ValueError as exc:
+        raise click.ClickException(f"--settings: {exc}") from exc
+    result = run_quorum_bench(parsed, rounds=rounds, devices=devices, quorum=quorum, seed=seed)
+    write_json(json_out, result)
+    click.echo(format_quorum(result))

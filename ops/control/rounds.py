@@ -35,11 +35,12 @@ class RoundPlan:
     seed: int = 0
     late: str = "drop"
     max_staleness: int = 2
+    min_wait: float = 0.0
 
     def start_kwargs(self) -> dict[str, Any]:
         return {"rate": self.rate, "devices": self.devices, "quorum": self.quorum, "deadline_s": self.deadline_s,
                 "over_select": self.over_select, "seed": self.seed, "late": self.late,
-                "max_staleness": self.max_staleness}
+                "max_staleness": self.max_staleness, "min_wait": self.min_wait}
 
 
 @dataclass
