@@ -43,8 +43,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
     part in it also receive its agreement, so with share 1 every device holds the one global model
     FedPM evaluates (bytes counted in downlink_bytes and extra["final_broadcast_bytes"]).
 
-    adversary: its devices send poisoned updates (shared/sim/byzantine.py); extra then names them
-    and holds each device's accuracy before the final adaptation too."""
+    adversary: its devices send poisoned updates (shared/sim/byzantine.py); extra then names them."""
     start = time.perf_counter()
     rule = get_rule(merge)
     net = build_model(spec)
@@ -117,8 +116,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
             st = local_train(dev.model, dev.x, dev.y, final_local_epochs, cfg.train, seed=derive_seed(seed, "final", d))
             train_seconds += st.seconds
     test_acc = _accuracies(devices, by_id, "test")
-    attacked = {} if adversary is None else {"byzantine": sorted(adversary.devices), "attack": adversary.attack,
-                                             "per_device_accuracy_before_final": before_final_acc}
+    attacked = {} if adversary is None else {"byzantine": sorted(adversary.devices), "attack": adversary.attack}
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         for d, dev in devices.items():
@@ -135,6 +133,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
                "structure_density": float(np.mean([r.inside / nbits for r in records.values()])),
                "pre_merge_accuracy": mean_accuracy(pre_merge),
                "final_local_epochs": final_local_epochs, "accuracy_before_final_adaptation": before_final,
+               "per_device_accuracy_before_final": before_final_acc,
                "model_fingerprint": fp, "final_broadcast_bytes": broadcast_bytes, **attacked},
     )
 
