@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,7 @@ def byzantine(task: str, seeds: int, rounds: int, share: float, methods: str, at
     """Honest devices' accuracy shift under Byzantine boards, per method, clean vs attacked (simulator)."""
     from tqdm import tqdm
 
-    from ops.bench.byzantine import ByzantineBenchConfig, format_table, plan, run_bench
+    from ops.bench.byzantine import ByzantineBenchConfig, format_table, plan, run_bench, summarize
 
     cfg = ByzantineBenchConfig(task=task, seeds=tuple(range(seeds)), rounds=rounds, share=share,
                                methods=tuple(m for m in methods.split(",") if m),
@@ -183,8 +184,13 @@ def byzantine(task: str, seeds: int, rounds: int, share: float, methods: str, at
     bar = tqdm(total=len(plan(cfg)), desc=f"byzantine {task}", unit="run", file=sys.stderr,
                disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
+    rows: list[dict[str, Any]] = []
+
     def done(run: Any, row: dict[str, Any]) -> None:
         bar.update()
+        rows.append(row)  # written as it goes: a run cut short keeps its finished seeds
+        write_json(json_out, {"config": {**asdict(cfg), "partial": True}, "runs": rows,
+                              "summary": summarize(rows, cfg.methods, cfg.attacks)})
         if not sys.stderr.isatty():  # a log line per run instead of a bar
             click.echo(f"{run.method} {run.condition} seed {run.seed}: honest {row['honest_accuracy']:.4f} "
                        f"({row['wall_seconds']:.0f} s)", err=True)
