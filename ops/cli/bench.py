@@ -164,6 +164,8 @@ def decoupling(devices: int, pi4: int, rounds: int, quorum: float, late: str, am
 @bench.command("byzantine")
 @click.option("--task", type=click.Choice(["activity", "mnist"]), default="mnist", show_default=True)
 @click.option("--seeds", type=int, default=3, show_default=True, help="seeds 0..N-1 (data split, model, sampling)")
+@click.option("--first-seed", type=int, default=0, show_default=True,
+              help="start the seeds here (split one measurement over processes; merge their JSON runs)")
 @click.option("--rounds", type=int, default=10, show_default=True)
 @click.option("--share", type=float, default=0.1, show_default=True, help="share of the fleet that is Byzantine")
 @click.option("--methods", default="head,robust", show_default=True,
@@ -171,14 +173,15 @@ def decoupling(devices: int, pi4: int, rounds: int, quorum: float, late: str, am
                    "fedmask-agree); the first is the baseline of the clean cost")
 @click.option("--attacks", default="zeros,ones,invert", show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def byzantine(task: str, seeds: int, rounds: int, share: float, methods: str, attacks: str,
+def byzantine(task: str, seeds: int, first_seed: int, rounds: int, share: float, methods: str, attacks: str,
               json_out: Path | None) -> None:
     """Honest devices' accuracy shift under Byzantine boards, per method, clean vs attacked (simulator)."""
     from tqdm import tqdm
 
     from ops.bench.byzantine import ByzantineBenchConfig, format_table, plan, run_bench, summarize
 
-    cfg = ByzantineBenchConfig(task=task, seeds=tuple(range(seeds)), rounds=rounds, share=share,
+    cfg = ByzantineBenchConfig(task=task, seeds=tuple(range(first_seed, first_seed + seeds)), rounds=rounds,
+                               share=share,
                                methods=tuple(m for m in methods.split(",") if m),
                                attacks=tuple(a for a in attacks.split(",") if a))
     bar = tqdm(total=len(plan(cfg)), desc=f"byzantine {task}", unit="run", file=sys.stderr,
