@@ -30,6 +30,7 @@ from shared.rounds import (
     DeviceRecord,
     HeldMask,
     RoundState,
+    check_hello,
     check_sender,
     check_update,
     delta_downlink,
@@ -42,6 +43,7 @@ from shared.rounds import (
     undelta_update,
     unpack_update,
 )
+from shared.structures import structure_rule
 from shared.transport import DeviceUnreachable, Envelope, Transport
 
 log = logging.getLogger("fedmask.aggregator")
@@ -92,7 +94,7 @@ def fault_plan(spec: str | None) -> tuple[str, int] | None:
 
 class AggregatorCore:
     def __init__(self, store: RoundStore, downlink: Transport, spec: ModelSpec, *, merge: str = "head",
-                 prune_last_k: int = 2, clock: Callable[[], float] = time.time,
+                 prune_last_k: int = 2, prune_rho: float = 0.2, clock: Callable[[], float] = time.time,
                  close_lease_s: float | None = None) -> None:
         net = build_model(spec)
         if close_lease_s is not None:
@@ -104,6 +106,7 @@ class AggregatorCore:
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
         self.layer_sizes = [int(np.prod(shape)) for _, shape in net.layout()]
         self._initial = pack(net.mask_bits())  # mask version 0: what a device's first delta is coded against
+        self.structures = structure_rule(net, last_k=prune_last_k, rho=prune_rho)  # what a hello may claim
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
         self._fault_signal = signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL
@@ -130,9 +133,11 @@ class AggregatorCore:
             return Decision("reject", err.reason)
 
     def _hello(self, msg: codec.Message) -> Decision:
-        if msg.enc != "full" or msg.nbits != self.nbits or msg.bits is None:
-            raise CodecError("bad_length", f"a hello carries all {self.nbits} structure bits")
+        # The simulator's checks (shared.rounds.check_hello); register_device.lua still refuses a
+        # changed structure atomically, should two hellos of one device race past this read.
         self._refuse_removed(msg.device)
+        check_hello(msg, self.structures, self.store.structure(msg.device))
+        assert msg.bits is not None  # check_hello guarantees it
         try:
             self.store.register_device(msg.device, profile="", fingerprint=msg.model, structure=msg.bits,
                                        now=self.clock())
@@ -280,17 +285,24 @@ class AggregatorCore:
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
                     deadline_s: float = 600.0, over_select: float = 1.0, seed: int = 0,
-                    candidates: list[str] | None = None, late: str = "drop", max_staleness: int = 2) -> RoundInfo:
+                    candidates: list[str] | None = None, late: str = "drop", max_staleness: int = 2,
+                    min_wait: float = 0.0) -> RoundInfo:
         """Sample idle devices, open the round in Redis, carry parked late updates into it, then send
         every sampled device its task (a device whose late update is carried in gets its merged mask).
 
         A device still training an earlier task (tasked, not answered, within `max_staleness` rounds)
         is not sampled: a board trains one task at a time, so a second task would only queue behind
-        the first and arrive late as well."""
+        the first and arrive late as well.
+
+        `min_wait` > 0: the quorum closes the round no earlier than `min_wait` seconds after it opened
+        (close_round.lua), so with over-selection every board that answers within it is merged and the
+        fastest boards alone cannot fill the quorum (shared.rounds.quorum_members is the rule, pure)."""
         if late not in LATE_POLICIES:
             raise StoreError(f"late policy must be one of {', '.join(LATE_POLICIES)}, got {late!r}")
         if max_staleness < 0:
             raise StoreError(f"max_staleness must be >= 0, got {max_staleness}")
+        if not 0 <= min_wait <= deadline_s:
+            raise StoreError(f"min_wait must be in [0, deadline] = [0, {deadline_s:g}] s, got {min_wait:g}")
         r = (self.store.current_round() or 0) + 1
         pool = candidates if candidates is not None else self.store.device_ids()
         if not pool:
@@ -305,8 +317,10 @@ class AggregatorCore:
         sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
                                                     over_select=over_select), seed=seed, round_id=r)
         now = self.clock()
-        policy = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
-                  "max_staleness": max_staleness}
+        policy: dict[str, object] = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
+                                     "max_staleness": max_staleness}
+        if min_wait:  # only when set: a round without it reads as before
+            policy["min_wait"] = min_wait
         self.store.open_round(r, sampled=sampled, deadline=now + deadline_s, quorum=quorum_count(target, quorum),
                               now=now, policy=policy)
         self.store.mark_tasked(sampled, r)

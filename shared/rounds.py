@@ -24,6 +24,7 @@ from shared.delta_codec import code_mask, decode_change, layer_segments
 from shared.device import derive_seed
 from shared.errors import CodecError
 from shared.merge_rules import MergeContext, MergeRule
+from shared.structures import StructureRule, check_structure
 from shared.transport import Envelope
 
 
@@ -47,6 +48,19 @@ def sample_count(population: int, *, rate: float | None = None, devices: int | N
 
 def quorum_count(sampled: int, quorum: float) -> int:
     return max(1, math.ceil(quorum * sampled - 1e-9))
+
+
+def quorum_members(arrivals: dict[str, float], quorum: int, *, min_wait: float = 0.0,
+                   deadline: float = math.inf) -> set[str]:
+    """Which sampled devices' updates a round merges, given when each answers (seconds after the
+    round opened; math.inf: never): the rule of aggregator/lua/close_round.lua. The round closes at
+    the quorum-th answer, but not before `min_wait`, and at the deadline at the latest; every update
+    stored by then is in. With min_wait 0 the first `quorum` answers fill the round, so the fastest
+    boards are always in it; with a minimum wait, every board answering within it is."""
+    times = sorted(arrivals.values())
+    quorum_at = times[quorum - 1] if 0 < quorum <= len(times) else math.inf
+    closes = min(max(quorum_at, min_wait), deadline)
+    return {d for d, t in arrivals.items() if t <= closes and t < math.inf}
 
 
 @dataclass
@@ -95,6 +109,31 @@ def check_sender(env: Envelope, msg: codec.Message, *, fingerprint: str, layout:
     parts = env.routing_key.split(".")
     if len(parts) != 3 or parts[1] != msg.device or parts[2] != msg.type:
         raise CodecError("routing_mismatch", f"key {env.routing_key!r} for a {msg.type} from {msg.device!r}")
+
+
+def check_hello(msg: codec.Message, rule: StructureRule, known: bytes | None) -> np.ndarray:
+    """A hello's structure, packed, if the server may take it: all the model's bits (bad_length), the
+    same structure as the device's first hello if there was one (structure_changed: the first one
+    stands, so a board cannot move its votes later), and one pruning can produce (bad_structure)."""
+    if msg.enc != "full" or msg.nbits != rule.nbits or msg.bits is None:
+        raise CodecError("bad_length", f"a hello carries all {rule.nbits} structure bits")
+    if known is not None and known != msg.bits:
+        raise CodecError("structure_changed", f"{msg.device} announced another structure before")
+    structure = np.frombuffer(msg.bits, dtype=np.uint8).copy()
+    check_structure(structure, rule)
+    return structure
+
+
+def receive_hello(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, rule: StructureRule,
+                  records: dict[str, DeviceRecord]) -> DeviceRecord:
+    """The simulator's intake of one hello, with the aggregator service's checks: sender, then the
+    structure (check_hello). Records the device, or raises CodecError with the service's reason."""
+    check_sender(env, msg, fingerprint=fingerprint, layout=layout)
+    known = records.get(msg.device)
+    structure = check_hello(msg, rule, None if known is None else known.structure.tobytes())
+    if known is None:
+        known = records[msg.device] = DeviceRecord(structure=structure)
+    return known
 
 
 def check_update(msg: codec.Message, rec: DeviceRecord | None,

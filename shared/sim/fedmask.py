@@ -23,11 +23,14 @@ from shared.rounds import (
     agreement_message,
     delta_downlink,
     downlink_messages,
+    receive_hello,
     receive_update,
     sample_count,
     sample_devices,
 )
+from shared.sim.byzantine import Adversary
 from shared.sim.result import Progress, SimResult, mean_accuracy
+from shared.structures import structure_rule
 from shared.train import local_train
 from shared.transport import InMemoryTransport
 
@@ -35,13 +38,16 @@ from shared.transport import InMemoryTransport
 def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, rounds: int,
                 sample_rate: float, seed: int, merge: str = "paper", final_local_epochs: int = 0,
                 eval_every: int = 0, progress: Progress | None = None,
-                save_dir: Path | None = None, broadcast_final: bool = False) -> SimResult:
+                save_dir: Path | None = None, broadcast_final: bool = False,
+                adversary: Adversary | None = None) -> SimResult:
     """Run FedMask for `rounds` rounds. With final_local_epochs > 0 every device adapts its last
     mask locally before evaluation, exactly as FedAvg-FT fine-tunes the global model.
 
     broadcast_final (agreement rule only): after the last round, the devices that did not take
     part in it also receive its agreement, so with share 1 every device holds the one global model
-    FedPM evaluates (bytes counted in downlink_bytes and extra["final_broadcast_bytes"])."""
+    FedPM evaluates (bytes counted in downlink_bytes and extra["final_broadcast_bytes"]).
+
+    adversary: its devices send poisoned updates (shared/sim/byzantine.py); extra then names them."""
     start = time.perf_counter()
     rule = get_rule(merge)
     net = build_model(spec)
@@ -63,9 +69,10 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
         bus.publish_uplink(dev.device_id, "hello", codec.encode(dev.hello()))
         train_seconds += _seconds(dev)
     records: dict[str, DeviceRecord] = {}
+    structures = structure_rule(net, last_k=cfg.prune_last_k, rho=cfg.prune_rho)
     for env in bus.take_uplink():
-        hello = codec.decode(env.body, expect_type="hello")
-        records[hello.device] = DeviceRecord(structure=np.frombuffer(hello.bits or b"", np.uint8).copy())
+        receive_hello(env, codec.decode(env.body, expect_type="hello"), fingerprint=fp, layout=layout,
+                      rule=structures, records=records)
     hello_bytes = bus.up.bytes
 
     update_bytes, updates, payload_bits, history = 0, 0, 0, []
@@ -82,6 +89,8 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
         for d in sampled:
             for body in bus.take_downlink(d):
                 update = devices[d].handle_task(codec.decode(body, expect_type="task"))
+                if adversary is not None:
+                    update = adversary.poison(update)
                 train_seconds += _seconds(devices[d])
                 body_up = codec.encode(update)
                 update_bytes += len(body_up)
@@ -121,12 +130,14 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
     if broadcast_final and rounds:
         _broadcast_agreement(rule, ctx, rnd, records, devices, bus, fingerprint=fp, layout=layout)
     broadcast_bytes = bus.down.bytes - broadcast_bytes
-    before_final = mean_accuracy(_accuracies(devices, by_id, "test"))
+    before_final_acc = _accuracies(devices, by_id, "test")
+    before_final = mean_accuracy(before_final_acc)
     if final_local_epochs:
         for d, dev in devices.items():
             st = local_train(dev.model, dev.x, dev.y, final_local_epochs, cfg.train, seed=derive_seed(seed, "final", d))
             train_seconds += st.seconds
     test_acc = _accuracies(devices, by_id, "test")
+    attacked = {} if adversary is None else {"byzantine": sorted(adversary.devices), "attack": adversary.attack}
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         for d, dev in devices.items():
@@ -147,7 +158,8 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
                "structure_density": float(np.mean([r.inside / nbits for r in records.values()])),
                "pre_merge_accuracy": mean_accuracy(pre_merge),
                "final_local_epochs": final_local_epochs, "accuracy_before_final_adaptation": before_final,
-               "model_fingerprint": fp, "final_broadcast_bytes": broadcast_bytes},
+               "per_device_accuracy_before_final": before_final_acc,
+               "model_fingerprint": fp, "final_broadcast_bytes": broadcast_bytes, **attacked},
     )
 
 
