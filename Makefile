@@ -71,7 +71,8 @@ faults: setup
 	FEDMASK_FLOOD_SECONDS=$${FEDMASK_FLOOD_SECONDS:-60} $(BIN)/python -m pytest -q -rA tests/faults
 
 fuzz: setup
-	FEDMASK_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/unit/test_codec.py tests/unit/test_untrusted_properties.py -k fuzz
+	FEDMASK_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/unit/test_codec.py tests/unit/test_untrusted_properties.py \
+		tests/unit/test_delta_codec.py -k fuzz
 
 simulate: setup
 	$(BIN)/fedmask simulate --task $(TASK) --json-out $(RUNS)/simulate-$(TASK).json

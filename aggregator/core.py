@@ -28,17 +28,22 @@ from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
 from shared.rounds import (
     DeviceRecord,
+    HeldMask,
     RoundState,
+    check_hello,
     check_sender,
     check_update,
+    delta_downlink,
     downlink_messages,
     mask_message,
     quorum_count,
     refusal,
     sample_count,
     sample_devices,
+    undelta_update,
     unpack_update,
 )
+from shared.structures import structure_rule
 from shared.transport import DeviceUnreachable, Envelope, Transport
 
 log = logging.getLogger("fedmask.aggregator")
@@ -89,7 +94,7 @@ def fault_plan(spec: str | None) -> tuple[str, int] | None:
 
 class AggregatorCore:
     def __init__(self, store: RoundStore, downlink: Transport, spec: ModelSpec, *, merge: str = "head",
-                 prune_last_k: int = 2, clock: Callable[[], float] = time.time,
+                 prune_last_k: int = 2, prune_rho: float = 0.2, clock: Callable[[], float] = time.time,
                  close_lease_s: float | None = None) -> None:
         net = build_model(spec)
         if close_lease_s is not None:
@@ -99,6 +104,9 @@ class AggregatorCore:
         self.rule = get_rule(merge)
         self.rule_downlink = getattr(self.rule, "downlink", "bits")
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
+        self.layer_sizes = [int(np.prod(shape)) for _, shape in net.layout()]
+        self._initial = pack(net.mask_bits())  # mask version 0: what a device's first delta is coded against
+        self.structures = structure_rule(net, last_k=prune_last_k, rho=prune_rho)  # what a hello may claim
         self._records: dict[str, DeviceRecord] = {}
         self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
         self._fault_signal = signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL
@@ -125,9 +133,11 @@ class AggregatorCore:
             return Decision("reject", err.reason)
 
     def _hello(self, msg: codec.Message) -> Decision:
-        if msg.enc != "full" or msg.nbits != self.nbits or msg.bits is None:
-            raise CodecError("bad_length", f"a hello carries all {self.nbits} structure bits")
+        # The simulator's checks (shared.rounds.check_hello); register_device.lua still refuses a
+        # changed structure atomically, should two hellos of one device race past this read.
         self._refuse_removed(msg.device)
+        check_hello(msg, self.structures, self.store.structure(msg.device))
+        assert msg.bits is not None  # check_hello guarantees it
         try:
             self.store.register_device(msg.device, profile="", fingerprint=msg.model, structure=msg.bits,
                                        now=self.clock())
@@ -180,7 +190,12 @@ class AggregatorCore:
 
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
         self._refuse_removed(msg.device)
-        check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
+        rec = check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
+        if msg.enc == "delta":
+            # Decoded at ingest, against the mask the base names: Redis keeps the raw update, so the
+            # close, carried and parked updates and a resumed close never depend on a base again.
+            msg = undelta_update(msg, rec, self.nbits, self._held(msg.device))
+            body = codec.encode(msg)
         self._fault("consumed")
         now = self.clock()
         # One round trip stores, heartbeats and runs the closer election (quorum met, or deadline).
@@ -232,6 +247,20 @@ class AggregatorCore:
         raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update "
                          f"(late policy {policy.get('late', 'drop')}, max staleness {max_staleness})")
 
+    def _held(self, device: str) -> HeldMask:
+        """A device's merged masks a delta-coded update may be coded against: version 0 (the initial
+        mask), the newest and the one before it (a redelivery after a close is coded against that). Under
+        the agreement rule Redis keeps theta levels, not bits: no base, so deltas are stale_base."""
+        def held(version: int) -> np.ndarray | None:
+            if self.rule_downlink == "q4":
+                return None
+            if version == 0:
+                return self._initial
+            packed = self.store.held_masks(device).get(version)
+            return np.frombuffer(packed, np.uint8) if packed is not None and len(packed) == len(self._initial) \
+                else None
+        return held
+
     def _record(self, device: str) -> DeviceRecord | None:
         rec = self._records.get(device)
         if rec is None:
@@ -256,17 +285,24 @@ class AggregatorCore:
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,
                     deadline_s: float = 600.0, over_select: float = 1.0, seed: int = 0,
-                    candidates: list[str] | None = None, late: str = "drop", max_staleness: int = 2) -> RoundInfo:
+                    candidates: list[str] | None = None, late: str = "drop", max_staleness: int = 2,
+                    min_wait: float = 0.0) -> RoundInfo:
         """Sample idle devices, open the round in Redis, carry parked late updates into it, then send
         every sampled device its task (a device whose late update is carried in gets its merged mask).
 
         A device still training an earlier task (tasked, not answered, within `max_staleness` rounds)
         is not sampled: a board trains one task at a time, so a second task would only queue behind
-        the first and arrive late as well."""
+        the first and arrive late as well.
+
+        `min_wait` > 0: the quorum closes the round no earlier than `min_wait` seconds after it opened
+        (close_round.lua), so with over-selection every board that answers within it is merged and the
+        fastest boards alone cannot fill the quorum (shared.rounds.quorum_members is the rule, pure)."""
         if late not in LATE_POLICIES:
             raise StoreError(f"late policy must be one of {', '.join(LATE_POLICIES)}, got {late!r}")
         if max_staleness < 0:
             raise StoreError(f"max_staleness must be >= 0, got {max_staleness}")
+        if not 0 <= min_wait <= deadline_s:
+            raise StoreError(f"min_wait must be in [0, deadline] = [0, {deadline_s:g}] s, got {min_wait:g}")
         r = (self.store.current_round() or 0) + 1
         pool = candidates if candidates is not None else self.store.device_ids()
         if not pool:
@@ -281,8 +317,10 @@ class AggregatorCore:
         sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
                                                     over_select=over_select), seed=seed, round_id=r)
         now = self.clock()
-        policy = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
-                  "max_staleness": max_staleness}
+        policy: dict[str, object] = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
+                                     "max_staleness": max_staleness}
+        if min_wait:  # only when set: a round without it reads as before
+            policy["min_wait"] = min_wait
         self.store.open_round(r, sampled=sampled, deadline=now + deadline_s, quorum=quorum_count(target, quorum),
                               now=now, policy=policy)
         self.store.mark_tasked(sampled, r)
@@ -371,12 +409,15 @@ class AggregatorCore:
             msg = codec.decode(body, expect_type="update")
             rec = self._record(device)
             rnd.received[device] = unpack_update(msg, rec, self.nbits)
+            if msg.downlink == "delta":
+                rnd.delta_downlink[device] = msg.round
         self._fault("merging")
         messages = downlink_messages(self.rule, self.ctx, rnd, self._records, fingerprint=self.fingerprint,
                                      layout=self.layout)
         renewed = time.monotonic()
         for device, msg in messages.items():
-            self._send(device, codec.encode(msg))  # kept in Redis either way (set_masks below)
+            wire = delta_downlink(msg, rnd, self._records[device], nbits=self.nbits, layer_sizes=self.layer_sizes)
+            self._send(device, codec.encode(wire))  # kept in Redis either way (set_masks below)
             self._fault("published")
             if time.monotonic() - renewed > self.store.lease_ms / 3000:  # a long close keeps its lease
                 self.store.renew_close(round_id)

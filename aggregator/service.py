@@ -65,7 +65,8 @@ class AggregatorService:
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         self.publisher = Publisher(self.amqp, declare=True)
         self.core = MeteredCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
-                                prune_last_k=self.setup.fedmask.prune_last_k)
+                                prune_last_k=self.setup.fedmask.prune_last_k,
+                                prune_rho=self.setup.fedmask.prune_rho)
         self.store.set_closer(s.closer_id or default_closer_id(), s.close_lease_s)
         self.metrics = self.core.metrics = AggregatorMetrics(self.store)
         self.metrics_port: int | None = None  # the bound port once run() serves metrics

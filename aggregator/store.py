@@ -191,7 +191,8 @@ class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
             pipe = self.client.pipeline(transaction=False)
             for device_id, packed in masks.items():
                 dk = self.keys.key("device", device_id)
-                self._scripts["set_mask"](keys=[dk + ":mask", dk + ":mask_version"], args=[bytes(packed), int(version)],
+                self._scripts["set_mask"](keys=[dk + ":mask", dk + ":mask_version", dk + ":mask_prev",
+                                                dk + ":mask_prev_version"], args=[bytes(packed), int(version)],
                                           client=pipe)
             pipe.execute()
 
@@ -200,6 +201,18 @@ class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
         with self._guard("mask"):
             packed, version = cast(list["bytes | None"], self.client.mget([dk + ":mask", dk + ":mask_version"]))
         return None if packed is None or version is None else (packed, int(version))
+
+    def held_masks(self, device_id: str) -> dict[int, bytes]:
+        """version -> stored mask, for the newest and the one before it (what delta-coded updates are
+        decoded against), in one round trip."""
+        dk = self.keys.key("device", device_id)
+        with self._guard("held_masks"):
+            raw = cast(list["bytes | None"], self.client.mget(
+                [dk + ":mask", dk + ":mask_version", dk + ":mask_prev", dk + ":mask_prev_version"]))
+        held = {int(raw[3]): raw[2]} if raw[2] is not None and raw[3] is not None else {}
+        if raw[0] is not None and raw[1] is not None:
+            held[int(raw[1])] = raw[0]
+        return held
 
     # -- rounds -----------------------------------------------------------------------
     def open_round(self, round_id: int, *, sampled: list[str], deadline: float, quorum: int, now: float,

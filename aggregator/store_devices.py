@@ -86,7 +86,8 @@ class DeviceLifecycle:
             pipe.srem(self.keys.key("devices:unreachable"), device_id)
             pipe.srem(self.keys.key("pending"), device_id)
             pipe.delete(self.keys.key("pending", device_id))
-            pipe.delete(dk, dk + ":structure", dk + ":mask", dk + ":mask_version")
+            pipe.delete(dk, dk + ":structure", dk + ":mask", dk + ":mask_version", dk + ":mask_prev",
+                        dk + ":mask_prev_version")
             _, _, _, _, _, parked, _ = pipe.execute()
         return {"parked": int(parked), "stored": stored}
 

@@ -6,6 +6,8 @@ Key layout (prefix <p>, default "fm:"):
   <p>device:<id>:structure     string  packed structure S_i (written once; never changes)
   <p>device:<id>:mask          string  its last downlink payload: packed full merged mask, or q4 levels (agreement)
   <p>device:<id>:mask_version  int     its version (only ever increases)
+  <p>device:<id>:mask_prev / :mask_prev_version   the mask (and version) the newest one replaced:
+                                       a delta-coded update may be coded against it (a redelivery)
   <p>devices                   set     enrolled ids
   <p>devices:alive             zset    id -> last heartbeat (unix seconds)
   <p>round:current             string  newest round id

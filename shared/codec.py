@@ -18,21 +18,31 @@ Fields (a msgpack map with string keys)
   enc       str    "structure" (only the bits inside the device's structure, in order) | "full" (all bits)
                    | "q4" (mask only: per-element agreement inside the structure, 4 bits each, two
                    per byte, high nibble first; nbits = 4 x elements; see shared/agreement.py)
+                   | "delta" (update and mask: the structure's bits coded as their change against a base
+                   mask the receiver holds; shared/delta_codec.py has the payload format)
   bits      bin    np.packbits(..., bitorder="big"); len(bits) == ceil(nbits / 8); padding bits are 0
-  nbits     int    number of valid bits in `bits`
-  crc32     int    zlib.crc32(bits)
+                   (enc "delta": the coded payload, shorter than ceil(nbits / 8))
+  nbits     int    number of valid bits in `bits` (enc "delta": in the decoded bits)
+  crc32     int    zlib.crc32(bits), as sent
   version   int    mask version: update = the version trained from; task/mask = the aggregator's version
                    of the device's merged mask
   stats     map    optional keys: samples (int >= 0), loss (finite float), accuracy (float 0..1),
                    val_accuracy (float 0..1: the trained mask on the device's own validation split),
                    train_seconds (finite float >= 0)
   deadline  float  unix seconds, finite, >= 0
+  base      int    enc "delta" only: what the change is against. update: the merged mask version the
+                   device holds (0: the model's initial mask, which every party derives from the model
+                   seed); mask: the round of the device's own update that this merged mask is coded against
+  mask_crc32 int   enc "delta" only: zlib.crc32 of the decoded packed bits (a wrong base is detected)
+  downlink  str    update, optional: "delta" when the device takes its merged mask delta-coded against
+                   this update, "structure" (the default) when it takes the raw bits
 
 Fields per type (every type also has v, type, device, round, model, layout):
   hello    enc bits nbits crc32                     enc must be "full": the bits are the device's structure
   update   enc bits nbits crc32 version [stats]
   task     enc bits nbits crc32 version deadline
   mask     enc bits nbits crc32 version
+  with enc "delta" (update and mask), also: base mask_crc32; an update may carry downlink
 
 Reason codes
   too_large        input longer than max_bytes
@@ -46,9 +56,13 @@ Reason codes
   unknown_field    a key that is not part of the protocol (also inside stats)
   forbidden_field  a protocol field this message type must not carry
   wrong_type       type is not the one decode(expect_type=...) was told to accept
-  bad_length       len(bits) != ceil(nbits / 8)
+  bad_length       len(bits) != ceil(nbits / 8) (enc "delta": not shorter than that)
   bad_padding      a padding bit after the last valid bit is set
   bad_crc          crc32 does not match bits
+  bad_delta        enc "delta": the payload's header is malformed (shared/delta_codec.py); the receiver,
+                   decoding against its base, also raises it for a payload not used up exactly
+  bad_base         (receiver) the decoded mask's CRC32 is not mask_crc32: the sender coded against another base
+  (A receiver that does not hold the named base refuses with stale_base: shared/rounds.py, shared/device.py.)
 """
 
 from __future__ import annotations
@@ -72,7 +86,7 @@ from shared.errors import CodecError
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a full mask of a 500M-parameter model is 62.5 MB
 
 MessageType = Literal["hello", "update", "task", "mask"]
-Encoding = Literal["structure", "full", "q4"]
+Encoding = Literal["structure", "full", "q4", "delta"]
 REASONS: Final = (
     "too_large",
     "undecodable",
@@ -87,10 +101,12 @@ REASONS: Final = (
     "bad_length",
     "bad_padding",
     "bad_crc",
+    "bad_delta",
+    "bad_base",
 )
 
 _MAX_STR_BYTES = 1024  # longest str msgpack may build; the longest legal one is 64 chars
-_MAX_CONTAINER = 32  # longest map/array msgpack may build; a message has at most 12 keys
+_MAX_CONTAINER = 32  # longest map/array msgpack may build; a message has at most 15 keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +136,9 @@ class Message:
     version: int | None = None
     stats: Stats | None = None
     deadline: float | None = None
+    base: int | None = None
+    mask_crc32: int | None = None
+    downlink: Literal["structure", "delta"] | None = None
 
     def unpack(self) -> npt.NDArray[np.bool_]:
         """The `nbits` valid bits as a bool array."""
@@ -172,7 +191,7 @@ def message_size(msg: Message) -> int:
     fields = _to_wire(msg)
     validate(fields)
     bits = fields.pop("bits", None)
-    # Removing a key keeps the map header one byte (fixmap holds up to 15 keys; a message has <= 12).
+    # Removing a key keeps the map header one byte (fixmap holds up to 15 keys; a message has <= 15).
     size = len(msgpack.packb(fields))
     if isinstance(bits, bytes):
         n = len(bits)
@@ -222,12 +241,17 @@ def make_update(
     nbits: int | None = None,
     enc: Encoding = "structure",
     stats: Stats | None = None,
+    base: int | None = None,
+    mask_crc32: int | None = None,
+    downlink: Literal["structure", "delta"] | None = None,
 ) -> Message:
-    """A device's trained mask for `round`, trained from mask `version`."""
+    """A device's trained mask for `round`, trained from mask `version` (enc "delta": `bits` is the
+    payload, `nbits` the decoded bit count; shared/delta_codec.code_mask gives enc, bits, base, mask_crc32)."""
     packed, n, crc = _bits(bits, nbits)
     head = _head(device, round, model, layout)
     return _checked(
-        Message(type="update", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version, stats=stats)
+        Message(type="update", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version, stats=stats,
+                base=base, mask_crc32=mask_crc32, downlink=downlink)
     )
 
 
@@ -263,11 +287,14 @@ def make_mask(
     version: int,
     nbits: int | None = None,
     enc: Encoding = "structure",
+    base: int | None = None,
+    mask_crc32: int | None = None,
 ) -> Message:
-    """The aggregator's merged mask `version` for a device."""
+    """The aggregator's merged mask `version` for a device (enc "delta": as in `make_update`)."""
     packed, n, crc = _bits(bits, nbits)
     head = _head(device, round, model, layout)
-    return _checked(Message(type="mask", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version))
+    return _checked(Message(type="mask", **head, enc=enc, bits=packed, nbits=n, crc32=crc, version=version,
+                            base=base, mask_crc32=mask_crc32))
 
 
 # ---------------------------------------------------------------- conversion

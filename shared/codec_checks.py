@@ -14,11 +14,12 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from shared.delta_codec import check_payload
 from shared.errors import CodecError
 
 PROTOCOL_VERSION: Final = 1
 TYPES: Final = ("hello", "update", "task", "mask")
-ENCODINGS: Final = ("structure", "full", "q4")
+ENCODINGS: Final = ("structure", "full", "q4", "delta")
 
 _MAX_INT = 2**63 - 1
 _MAX_CRC = 2**32 - 1
@@ -33,9 +34,14 @@ _REQUIRED: Final[Mapping[str, frozenset[str]]] = {
     "task": frozenset((*_COMMON, *_BITS_FIELDS, "version", "deadline")),
     "mask": frozenset((*_COMMON, *_BITS_FIELDS, "version")),
 }
-_OPTIONAL: Final[Mapping[str, frozenset[str]]] = {"update": frozenset({"stats"})}
+_DELTA_FIELDS = ("base", "mask_crc32")  # required with enc "delta", forbidden otherwise
+_OPTIONAL: Final[Mapping[str, frozenset[str]]] = {
+    "update": frozenset({"stats", "downlink", *_DELTA_FIELDS}),
+    "mask": frozenset(_DELTA_FIELDS),
+}
 # Wire order of the keys; bits go last so a message's header is a readable prefix.
-ORDER: Final = (*_COMMON, "enc", "nbits", "crc32", "version", "stats", "deadline", "bits")
+ORDER: Final = (*_COMMON, "enc", "nbits", "crc32", "version", "stats", "deadline", *_DELTA_FIELDS, "downlink",
+                "bits")
 
 Check = Callable[[str, object], None]
 
@@ -128,6 +134,9 @@ _CHECKS: Final[Mapping[str, Check]] = {
     "version": _uint(_MAX_INT),
     "stats": _stats,
     "deadline": _float(0.0),
+    "base": _uint(_MAX_INT),
+    "mask_crc32": _uint(_MAX_CRC),
+    "downlink": _choice(("structure", "delta")),
     "bits": _bin,
 }
 
@@ -167,8 +176,29 @@ def validate(fields: Mapping[Any, object], expect_type: str | None = None) -> No
         raise CodecError("bad_value", "hello must use enc 'full'")
     if fields.get("enc") == "q4" and (mtype != "mask" or fields["nbits"] % 4 != 0):  # type: ignore[operator]
         raise CodecError("bad_value", "enc 'q4' is for mask messages, 4 bits per element")
-    if "bits" in fields:
+    if fields.get("enc") == "delta" or any(k in fields for k in _DELTA_FIELDS):
+        _check_delta(fields, mtype)
+    elif "bits" in fields:
         _check_bits(fields["bits"], fields["nbits"], fields["crc32"])
+
+
+def _check_delta(fields: Mapping[Any, Any], mtype: str) -> None:
+    """enc "delta" (update and mask only) comes with base and mask_crc32, and they only with it; its
+    payload is smaller than the raw bits would be and its header is well formed (shared/delta_codec.py)."""
+    if fields.get("enc") != "delta":
+        raise CodecError("forbidden_field", f"{min(k for k in _DELTA_FIELDS if k in fields)} without enc 'delta'")
+    if mtype not in ("update", "mask"):
+        raise CodecError("bad_value", "enc 'delta' is for update and mask messages")
+    if missing := [k for k in _DELTA_FIELDS if k not in fields]:
+        raise CodecError("missing_field", f"{missing[0]} with enc 'delta'")
+    bits, nbits = fields["bits"], fields["nbits"]
+    if len(bits) >= (nbits + 7) // 8:
+        raise CodecError("bad_length", f"a delta payload of {len(bits)} bytes is not smaller than the "
+                         f"{(nbits + 7) // 8} raw bytes of {nbits} bits")
+    actual = zlib.crc32(bits)
+    if actual != fields["crc32"]:
+        raise CodecError("bad_crc", f"crc32={fields['crc32']} but the bits hash to {actual}")
+    check_payload(bits, nbits)
 
 
 def _check_bits(bits: Any, nbits: Any, crc: Any) -> None:

@@ -14,7 +14,8 @@ import torch
 from shared import codec
 from shared.agreement import bernoulli_sample, blend_scores, dequantize, unpack_levels
 from shared.bits import pack, popcount, positions, scatter, select, unpack
-from shared.errors import LayoutMismatch
+from shared.delta_codec import Coded, code_mask, decode_change, layer_segments
+from shared.errors import CodecError, LayoutMismatch
 from shared.models import MaskedNet, ModelSpec, build_model
 from shared.pruning import one_shot_prune
 from shared.train import TrainConfig, TrainStats, evaluate, local_train
@@ -29,6 +30,9 @@ class FedMaskConfig:
     upload: str = "threshold"         # threshold: the hard mask | sample: one Bernoulli draw of sigmoid(S)
     share: float = 1.0                # agreement downlink: how far scores move to the fleet's logit
     clip: float = 0.02                # agreement downlink: theta clipped to [clip, 1 - clip]
+    coding: str = "raw"               # raw: updates carry the structure's bits | delta: their change
+                                      # against the merged mask both sides hold, when that is smaller
+                                      # (shared/delta_codec.py); merged masks then come delta-coded too
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -57,6 +61,15 @@ class DeviceRuntime:
         self.structure: np.ndarray | None = None  # packed S_i, set by pruning
         self.mask_version = 0
         self.last_stats: TrainStats | None = None
+        if cfg.coding not in ("raw", "delta"):
+            raise ValueError(f"unknown coding {cfg.coding!r}; choose raw or delta")
+        # Delta coding's bases: the initial mask (version 0, derived from the model seed alone), the
+        # merged mask last applied (packed, inside S_i) and the update last sent (its round, its bits).
+        self._initial = pack(self.model.mask_bits())
+        self.held: np.ndarray | None = None
+        self.sent: tuple[int, bytes] | None = None
+        self._segments: list[int] | None = None
+        self._coded_against: int | None = None  # the base version of the last delta-coded update
 
     # -- protocol ----------------------------------------------------------------------
     def hello(self, round_id: int = 0) -> codec.Message:
@@ -78,15 +91,51 @@ class DeviceRuntime:
         # always knows when a device trained on a mask older than the one it last sent.
         self.last_stats = local_train(self.model, self.x, self.y, self.cfg.local_epochs, self.cfg.train,
                                       seed=derive_seed(self.seed, "round", task.round, self.device_id))
-        inside = select(pack(self._upload_bits(task.round)), self.structure, self.nbits)
+        inside = select(pack(self._upload_bits(task.round)), self.structure, self.nbits).tobytes()
+        coded, delta = self._code_update(task, inside), self._delta_coding()
+        self.sent = (task.round, inside)
         st = self.last_stats
         # Scored with the hard mask in eval mode: no random draw, so training and uploads are unchanged.
         val_accuracy = None if self.val_xy is None else self.evaluate(*self.val_xy)[1]
         return codec.make_update(
             device=self.device_id, round=task.round, model=self.fingerprint, layout=self.layout,
-            bits=inside.tobytes(), nbits=popcount(self.structure), version=self.mask_version,
+            bits=coded.bits, nbits=popcount(self.structure), version=self.mask_version, enc=coded.enc,
+            base=coded.base, mask_crc32=coded.mask_crc32, downlink="delta" if delta else None,
             stats=codec.Stats(samples=st.samples, loss=_finite(st.loss), accuracy=st.accuracy,
                               val_accuracy=val_accuracy, train_seconds=st.seconds))
+
+    def _delta_coding(self) -> bool:
+        """Delta coding needs a bit mask on both sides: not for sampled uploads (agreement downlink)."""
+        return self.cfg.coding == "delta" and self.cfg.upload == "threshold"
+
+    def _code_update(self, task: codec.Message, inside: bytes) -> Coded:
+        """Against the merged mask the device holds, but only when the task says the aggregator holds
+        the same version: a device that missed a mask (or whose state predates it) sends raw bits."""
+        n = popcount(self.structure) if self.structure is not None else 0
+        # Never two deltas against one base: a merged mask always follows an update that was merged,
+        # so a second update against the same version means the first was not (late, or refused, e.g.
+        # bad_base if the aggregator's mask of that version is not this one). Raw bits resynchronise.
+        if not self._delta_coding() or task.version != self.mask_version or self._coded_against == self.mask_version:
+            self._coded_against = None
+            return Coded("structure", inside)
+        coded = code_mask(inside, n, self._held_bits(), self.mask_version, self._layer_segments())
+        self._coded_against = self.mask_version if coded.enc == "delta" else None
+        return coded
+
+    def _held_bits(self) -> bytes | None:
+        assert self.structure is not None
+        if self.held is not None:
+            return self.held.tobytes()
+        if self.mask_version == 0:
+            return select(self._initial, self.structure, self.nbits).tobytes()
+        return None  # a state saved before delta coding: the mask it holds is not on disk
+
+    def _layer_segments(self) -> list[int]:
+        if self._segments is None:
+            assert self.structure is not None
+            sizes = [int(np.prod(shape)) for _, shape in self.model.layout()]
+            self._segments = layer_segments(positions(self.structure, self.nbits), sizes)
+        return self._segments
 
     def handle_mask(self, msg: codec.Message) -> None:
         """Adopt a merged mask: scores keep their magnitude and take the received sign; or, for an
@@ -99,10 +148,25 @@ class DeviceRuntime:
         if msg.enc == "q4":
             self._apply_agreement(msg.bits, msg.version)
             return
-        inside = np.frombuffer(msg.bits, dtype=np.uint8)
+        bits = self._undelta(msg) if msg.enc == "delta" else msg.bits
+        inside = np.frombuffer(bits, dtype=np.uint8)
         full = unpack(scatter(inside, self.structure, self.nbits), self.nbits)
         self.model.apply_mask_bits(full)
+        self.held = inside.copy()
         self.mask_version = msg.version
+
+    def _undelta(self, msg: codec.Message) -> bytes:
+        """A merged mask coded against the update this device sent for round `msg.base`. Unknown base:
+        stale_base, and the mask is not applied; the next update then goes raw (the task's version
+        differs from the device's), so its merged mask is coded against a base the device holds."""
+        assert msg.bits is not None and msg.nbits is not None and msg.mask_crc32 is not None
+        if self.sent is None or self.sent[0] != msg.base:
+            raise CodecError("stale_base", f"mask v{msg.version} is coded against round {msg.base}'s update; "
+                             f"this device holds {'none' if self.sent is None else self.sent[0]}'s")
+        assert self.structure is not None
+        if msg.nbits != popcount(self.structure):
+            raise CodecError("bad_length", f"mask of {msg.nbits} bits for a structure of {popcount(self.structure)}")
+        return decode_change(msg.bits, self.sent[1], msg.nbits, msg.mask_crc32)
 
     def _upload_bits(self, round_id: int) -> np.ndarray:
         if self.cfg.upload == "threshold":
@@ -133,6 +197,10 @@ class DeviceRuntime:
         assert self.structure is not None
         spec = json.dumps(asdict(self.spec)).encode()
         tmp = path.with_name(path.name + ".tmp.npz")
+        if self.held is not None:  # delta coding's bases (absent: the next update goes raw)
+            arrays["held"] = self.held
+        if self.sent is not None:
+            arrays |= {"sent": np.frombuffer(self.sent[1], np.uint8), "sent_round": np.array([self.sent[0]], np.int64)}
         np.savez(tmp, structure=self.structure, meta=meta, spec=np.frombuffer(spec, dtype=np.uint8),
                  fingerprint=np.frombuffer(self.fingerprint.encode(), dtype=np.uint8), **arrays)
         tmp.replace(path)  # atomic: a crash mid-write never leaves a half-written state
@@ -145,6 +213,9 @@ class DeviceRuntime:
             self.model.load_state_dict(state)
             self.structure = z["structure"].copy()
             self.mask_version = int(z["meta"][0])
+            self.held = z["held"].copy() if "held" in z.files else None  # absent in states saved before
+            self.sent = (int(z["sent_round"][0]), z["sent"].tobytes()) if "sent" in z.files else None
+            self._segments = None
 
     @staticmethod
     def read_spec(path: Path) -> ModelSpec:

@@ -13,6 +13,9 @@ Each rule is one small class over packed bits; all of them call the same kernel
           participants whose pruned structure overlaps its own at least `min_jaccard`.
 - consensus: a device's bit changes only under a supermajority (>= q of the overlapping voters);
             a tie keeps the device's own bit.
+- robust: head's vote made robust to `tolerate` (default 1) Byzantine voters per element: a
+          device's bit takes the majority only when it leads by at least 2*tolerate + 1 votes;
+          anything closer keeps the device's own bit. Why not a trimmed vote: see the class.
 - agreement: per-element agreement of the participants' Bernoulli samples, sent as 4-bit levels
           (shared/agreement.py); devices blend it into their scores. Needs `upload="sample"`.
 - local:  nothing is merged (each device keeps its own bits); a diagnostic floor, not a product rule.
@@ -119,6 +122,48 @@ class ConsensusRule:
 
 
 @dataclass(frozen=True)
+class RobustRule:
+    """The preset's head vote, bounded against `tolerate` = b lying voters per element.
+
+    Let D = ones - zeros among the voters of an element (the devices whose structure holds it) and
+    D_h the same count over the honest voters alone; b Byzantine votes move D by at most b. A device's
+    bit takes the majority only when |D| >= 2b + 1, otherwise it keeps its own bit. Hence:
+      - an overridden bit always has an honest majority of at least b + 1 behind it: lying voters
+        can never impose a bit the honest voters do not hold by majority;
+      - where |D_h| <= b (no clear honest majority) the result is the device's own bit, attack or
+        not, and where |D_h| >= 3b + 1 it is the honest majority, attack or not;
+      - in between, lying voters can at most keep a device's own bit (its own honest training).
+    The plain majority gives no such bound: one vote breaks every honest tie and ties every honest
+    lead of one.
+
+    Not a coordinate-wise trimmed vote: on binary votes, dropping the t highest and t lowest votes
+    removes t ones and t zeros, which leaves ones - zeros (and so the majority) unchanged wherever
+    both sides have t votes; a lying vote still breaks ties. The margin above is what trimming
+    would bound on real-valued votes.
+
+    Stateless, so the pipeline runs it with no history in Redis; unlike a cap on how far an update may
+    move from the device's last merged mask, it also holds in a device's first round."""
+
+    name: str = "robust"
+    tolerate: int = 1
+    region: str = "head"  # "head": vote in the pruned layers only (the preset's rule); "all": everywhere
+
+    def merge(self, structures: np.ndarray, masks: np.ndarray, ctx: MergeContext) -> np.ndarray:
+        if self.tolerate < 0 or self.region not in ("head", "all"):
+            raise ValueError(f"robust rule: tolerate must be >= 0 and region head or all, got {self}")
+        voters, ones = vote_counts(structures, masks, ctx.nbits)
+        lead = 2 * ones.astype(np.int32) - voters.astype(np.int32)  # ones - zeros
+        margin = 2 * self.tolerate + 1
+        up, down = pack(lead >= margin), pack(lead <= -margin)
+        if self.region == "head":
+            up &= ctx.pruned_region
+            down &= ctx.pruned_region
+        # As the kernel's out_i = (M_i | (S_i & up)) & ~down: never a 1 outside S_i (M_i within S_i).
+        out: np.ndarray = (masks | (structures & up)) & ~down
+        return out
+
+
+@dataclass(frozen=True)
 class AgreementRule:
     """The downlink is the agreement theta, not bits (`downlink == "q4"`); `merge` gives the
     thresholded view (theta > 1/2, inside each structure) for callers that need bits."""
@@ -143,7 +188,8 @@ class LocalRule:
 
 
 RULES: dict[str, type] = {"paper": PaperRule, "body": BodyRule, "head": HeadRule, "affinity": AffinityRule,
-                          "consensus": ConsensusRule, "agreement": AgreementRule, "local": LocalRule}
+                          "consensus": ConsensusRule, "robust": RobustRule, "agreement": AgreementRule,
+                          "local": LocalRule}
 
 
 def get_rule(name: str) -> MergeRule:

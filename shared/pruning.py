@@ -9,6 +9,12 @@ from shared.models import MaskedNet
 from shared.train import TrainConfig, TrainStats, local_train
 
 
+def kept_count(elements: int, rho: float) -> int:
+    """How many of a pruned layer's `elements` one-shot pruning keeps (at least one).
+    shared/structures.py checks every hello against this same count."""
+    return max(1, round(rho * elements))
+
+
 def one_shot_prune(model: MaskedNet, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *,
                    last_k: int = 2, rho: float = 0.2, seed: int = 0) -> tuple[np.ndarray, TrainStats]:
     """Train scores for one epoch, then in each of the last `last_k` layers keep the `rho` share
@@ -37,7 +43,7 @@ def one_shot_prune(model: MaskedNet, x: np.ndarray, y: np.ndarray, cfg: TrainCon
             for i, t in zip(members, tensors, strict=True)
         ]
         flat = torch.cat([c.reshape(-1) for c in change]).numpy()
-        k = max(1, round(rho * flat.size))
+        k = kept_count(flat.size, rho)
         # Stable sort: equal importance keeps the lower index, so every platform agrees.
         order = np.argsort(-flat, kind="stable")
         chosen = np.zeros(flat.size, dtype=bool)

@@ -10,7 +10,9 @@ both are tested against (tests/integration/test_membership_rules.py runs it on r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -18,9 +20,11 @@ import numpy as np
 from shared import codec
 from shared.agreement import pack_levels, quantize
 from shared.bits import popcount, positions, scatter_at, select_at
+from shared.delta_codec import code_mask, decode_change, layer_segments
 from shared.device import derive_seed
 from shared.errors import CodecError
 from shared.merge_rules import MergeContext, MergeRule
+from shared.structures import StructureRule, check_structure
 from shared.transport import Envelope
 
 
@@ -44,6 +48,19 @@ def sample_count(population: int, *, rate: float | None = None, devices: int | N
 
 def quorum_count(sampled: int, quorum: float) -> int:
     return max(1, math.ceil(quorum * sampled - 1e-9))
+
+
+def quorum_members(arrivals: dict[str, float], quorum: int, *, min_wait: float = 0.0,
+                   deadline: float = math.inf) -> set[str]:
+    """Which sampled devices' updates a round merges, given when each answers (seconds after the
+    round opened; math.inf: never): the rule of aggregator/lua/close_round.lua. The round closes at
+    the quorum-th answer, but not before `min_wait`, and at the deadline at the latest; every update
+    stored by then is in. With min_wait 0 the first `quorum` answers fill the round, so the fastest
+    boards are always in it; with a minimum wait, every board answering within it is."""
+    times = sorted(arrivals.values())
+    quorum_at = times[quorum - 1] if 0 < quorum <= len(times) else math.inf
+    closes = min(max(quorum_at, min_wait), deadline)
+    return {d for d, t in arrivals.items() if t <= closes and t < math.inf}
 
 
 @dataclass
@@ -71,6 +88,8 @@ class RoundState:
     quorum: int
     received: dict[str, np.ndarray] = field(default_factory=dict)  # device -> packed full mask
     state: str = "open"
+    # device -> the round of its update, for devices whose update asked for a delta-coded merged mask
+    delta_downlink: dict[str, int] = field(default_factory=dict)
 
 
 UpdateStatus = Literal["stored", "duplicate", "closed", "not_sampled", "unknown_round"]
@@ -92,21 +111,69 @@ def check_sender(env: Envelope, msg: codec.Message, *, fingerprint: str, layout:
         raise CodecError("routing_mismatch", f"key {env.routing_key!r} for a {msg.type} from {msg.device!r}")
 
 
-def check_update(msg: codec.Message, rec: DeviceRecord | None) -> DeviceRecord:
+def check_hello(msg: codec.Message, rule: StructureRule, known: bytes | None) -> np.ndarray:
+    """A hello's structure, packed, if the server may take it: all the model's bits (bad_length), the
+    same structure as the device's first hello if there was one (structure_changed: the first one
+    stands, so a board cannot move its votes later), and one pruning can produce (bad_structure)."""
+    if msg.enc != "full" or msg.nbits != rule.nbits or msg.bits is None:
+        raise CodecError("bad_length", f"a hello carries all {rule.nbits} structure bits")
+    if known is not None and known != msg.bits:
+        raise CodecError("structure_changed", f"{msg.device} announced another structure before")
+    structure = np.frombuffer(msg.bits, dtype=np.uint8).copy()
+    check_structure(structure, rule)
+    return structure
+
+
+def receive_hello(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, rule: StructureRule,
+                  records: dict[str, DeviceRecord]) -> DeviceRecord:
+    """The simulator's intake of one hello, with the aggregator service's checks: sender, then the
+    structure (check_hello). Records the device, or raises CodecError with the service's reason."""
+    check_sender(env, msg, fingerprint=fingerprint, layout=layout)
+    known = records.get(msg.device)
+    structure = check_hello(msg, rule, None if known is None else known.structure.tobytes())
+    if known is None:
+        known = records[msg.device] = DeviceRecord(structure=structure)
+    return known
+
+
+def check_update(msg: codec.Message, rec: DeviceRecord | None,
+                 encodings: tuple[str, ...] = ("structure", "delta")) -> DeviceRecord:
     """An update must come from a device that said hello and carry exactly its structure's bit count
     (the codec has already checked the byte length, padding and CRC against that count)."""
     if rec is None:
         raise CodecError("unknown_device", f"{msg.device} has not sent a hello")
-    if msg.enc != "structure" or msg.nbits != rec.inside or msg.bits is None:
+    if msg.enc not in encodings or msg.nbits != rec.inside or msg.bits is None:
         raise CodecError("bad_length", f"expected {rec.inside} structure bits, got {msg.nbits} ({msg.enc})")
     return rec
 
 
 def unpack_update(msg: codec.Message, rec: DeviceRecord | None, nbits: int) -> np.ndarray:
-    """The update's packed full mask; its bit count must equal the device's structure size."""
-    rec = check_update(msg, rec)
+    """The update's packed full mask; its bit count must equal the device's structure size. A delta-coded
+    update is decoded first (undelta_update)."""
+    rec = check_update(msg, rec, ("structure",))
     assert msg.bits is not None  # check_update guarantees it
     return scatter_at(np.frombuffer(msg.bits, dtype=np.uint8), rec.where(nbits), nbits)
+
+
+HeldMask = Callable[[int], "np.ndarray | None"]
+"""The packed full merged mask of a given version the receiver holds for a device, or None."""
+
+
+def undelta_update(msg: codec.Message, rec: DeviceRecord | None, nbits: int, held: HeldMask) -> codec.Message:
+    """A delta-coded update as the raw update it codes (enc "structure"; downlink kept), decoded
+    against `held(msg.base)`; any other update as it is. Raises CodecError: stale_base (that version is
+    not held), bad_delta (a malformed payload), bad_base (the decoded mask's CRC32 differs)."""
+    if msg.enc != "delta":
+        return msg
+    rec = check_update(msg, rec)
+    assert msg.bits is not None and msg.base is not None and msg.mask_crc32 is not None  # the codec checked
+    full = held(msg.base)
+    if full is None:
+        raise CodecError("stale_base", f"{msg.device}'s update is coded against mask v{msg.base}, "
+                         "which the aggregator does not hold")
+    base = select_at(full, rec.where(nbits), nbits).tobytes()
+    bits = decode_change(msg.bits, base, rec.inside, msg.mask_crc32)
+    return replace(msg, enc="structure", bits=bits, crc32=zlib.crc32(bits), base=None, mask_crc32=None)
 
 
 def admit_update(rnd: RoundState | None, device: str) -> UpdateStatus:
@@ -133,7 +200,8 @@ def refusal(status: UpdateStatus, msg: codec.Message) -> CodecError:
 
 
 def receive_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layout: str, nbits: int,
-                   rnd: RoundState | None, records: dict[str, DeviceRecord]) -> UpdateStatus:
+                   rnd: RoundState | None, records: dict[str, DeviceRecord],
+                   held: HeldMask | None = None) -> UpdateStatus:
     """The simulator's intake of one update, in the aggregator service's order: sender, then the
     device's structure, then round membership. Records the update's packed full mask in rnd.received
     and returns "stored", or returns "duplicate" (the first update stands, as in Redis); anything else
@@ -141,9 +209,11 @@ def receive_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layou
 
     `rnd` is the state of the round the update names (None, or another round's: never opened here).
     The simulator has no late updates, so a closed round is always round_closed (the "drop" policy).
+    `held(version)`: the device's merged mask of that version, to decode a delta-coded update against.
     """
     check_sender(env, msg, fingerprint=fingerprint, layout=layout)
     rec = check_update(msg, records.get(msg.device))
+    msg = undelta_update(msg, rec, nbits, held if held is not None else lambda _version: None)
     status = admit_update(rnd if rnd is not None and rnd.round_id == msg.round else None, msg.device)
     if status == "duplicate":
         return status
@@ -151,6 +221,8 @@ def receive_update(env: Envelope, msg: codec.Message, *, fingerprint: str, layou
         raise refusal(status, msg)
     assert rnd is not None  # admitted, so the round exists
     rnd.received[msg.device] = unpack_update(msg, rec, nbits)
+    if msg.downlink == "delta":
+        rnd.delta_downlink[msg.device] = msg.round
     return status
 
 
@@ -176,6 +248,23 @@ def mask_message(device: str, merged: np.ndarray, rec: DeviceRecord, *, round_id
     inside = select_at(merged, rec.where(nbits), nbits)
     return codec.make_mask(device=device, round=round_id, model=fingerprint, layout=layout,
                            bits=inside.tobytes(), nbits=rec.inside, version=round_id)
+
+
+def delta_downlink(msg: codec.Message, rnd: RoundState, rec: DeviceRecord, *, nbits: int,
+                   layer_sizes: Sequence[int]) -> codec.Message:
+    """A bit rule's merged mask coded against the update the device sent (the device keeps it), if its
+    update asked for that and coding pays; else `msg` as it is. The device's own update is the closest
+    base it holds: a merged mask differs from it only where the rule voted (docs/results.md)."""
+    round_of_update = rnd.delta_downlink.get(msg.device)
+    if round_of_update is None or msg.enc != "structure" or msg.bits is None or msg.nbits is None:
+        return msg
+    where = rec.where(nbits)
+    base = select_at(rnd.received[msg.device], where, nbits).tobytes()
+    coded = code_mask(msg.bits, msg.nbits, base, round_of_update, layer_segments(where, layer_sizes))
+    if coded.enc == "structure":
+        return msg
+    return replace(msg, enc="delta", bits=coded.bits, crc32=zlib.crc32(coded.bits), base=coded.base,
+                   mask_crc32=coded.mask_crc32)
 
 
 def agreement_message(device: str, theta: np.ndarray, rec: DeviceRecord, *, round_id: int,

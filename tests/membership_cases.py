@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared import codec
-from shared.bits import pack
+from shared.bits import pack, unpack
 from shared.errors import CodecError
 from shared.models import build_model
 from shared.presets import model_spec
 from shared.rounds import DeviceRecord, RoundState, receive_update
+from shared.structures import random_structure, structure_rule
 from shared.transport import Envelope
 
 SPEC = model_spec("digits", width=4, seed=0)  # 312 mask bits: small, but a real model's fingerprint
@@ -123,8 +124,11 @@ def model() -> Model:
 
 
 def structure(device: str, nbits: int) -> np.ndarray:
-    """Device's structure S_i (bool, nbits): fixed per device name, about 60% of the elements."""
-    return np.random.default_rng(zlib.crc32(device.encode())).random(nbits) < 0.6
+    """Device's structure S_i (bool, nbits): fixed per device name, one that pruning can produce
+    (the unpruned layers whole, 20% of each of the last two layers), as the aggregator insists."""
+    rule = structure_rule(build_model(SPEC), last_k=2, rho=0.2)
+    assert rule.nbits == nbits
+    return unpack(random_structure(rule, np.random.default_rng(zlib.crc32(device.encode()))), nbits)
 
 
 def hello(device: str, m: Model) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,71 @@ def decoupling(devices: int, pi4: int, rounds: int, quorum: float, late: str, am
         click.echo(json.dumps(r, indent=2))
         return
     click.echo(format_decoupling(r))
+
+
+@bench.command("byzantine")
+@click.option("--task", type=click.Choice(["activity", "mnist"]), default="mnist", show_default=True)
+@click.option("--seeds", type=int, default=3, show_default=True, help="seeds 0..N-1 (data split, model, sampling)")
+@click.option("--first-seed", type=int, default=0, show_default=True,
+              help="start the seeds here (split one measurement over processes; merge their JSON runs)")
+@click.option("--rounds", type=int, default=10, show_default=True)
+@click.option("--share", type=float, default=0.1, show_default=True, help="share of the fleet that is Byzantine")
+@click.option("--methods", default="head,robust", show_default=True,
+              help="comma-separated merge rules (task preset config) and/or mask variants (fedmask-local, "
+                   "fedmask-agree); the first is the baseline of the clean cost")
+@click.option("--attacks", default="zeros,ones,invert", show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def byzantine(task: str, seeds: int, first_seed: int, rounds: int, share: float, methods: str, attacks: str,
+              json_out: Path | None) -> None:
+    """Honest devices' accuracy shift under Byzantine boards, per method, clean vs attacked (simulator)."""
+    from tqdm import tqdm
+
+    from ops.bench.byzantine import ByzantineBenchConfig, format_table, plan, run_bench, summarize
+
+    cfg = ByzantineBenchConfig(task=task, seeds=tuple(range(first_seed, first_seed + seeds)), rounds=rounds,
+                               share=share,
+                               methods=tuple(m for m in methods.split(",") if m),
+                               attacks=tuple(a for a in attacks.split(",") if a))
+    bar = tqdm(total=len(plan(cfg)), desc=f"byzantine {task}", unit="run", file=sys.stderr,
+               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+    rows: list[dict[str, Any]] = []
+
+    def done(run: Any, row: dict[str, Any]) -> None:
+        bar.update()
+        rows.append(row)  # written as it goes: a run cut short keeps its finished seeds
+        write_json(json_out, {"config": {**asdict(cfg), "partial": True}, "runs": rows,
+                              "summary": summarize(rows, cfg.methods, cfg.attacks)})
+        if not sys.stderr.isatty():  # a log line per run instead of a bar
+            click.echo(f"{run.method} {run.condition} seed {run.seed}: honest {row['honest_accuracy']:.4f} "
+                       f"({row['wall_seconds']:.0f} s)", err=True)
+
+    try:
+        result = run_bench(cfg, on_run=done)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    write_json(json_out, result)
+    click.echo(format_table(result))
+
+
+@bench.command("quorum")
+@click.option("--rounds", type=int, default=2000, show_default=True)
+@click.option("--devices", type=int, default=10, show_default=True, help="K, the round's target")
+@click.option("--quorum", type=float, default=0.8, show_default=True)
+@click.option("--settings", default="1:0,1.5:0,1.5:1.5,1.5:3,2:6", show_default=True,
+              help="comma-separated over_select:min_wait_seconds pairs")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def quorum(rounds: int, devices: int, quorum: float, settings: str, seed: int, json_out: Path | None) -> None:
+    """Quorum fairness (a model, no services): who is inside the quorum, with one fast malicious board."""
+    from ops.bench.quorum_fairness import Setting, format_quorum, run_quorum_bench
+
+    try:
+        parsed = [Setting(float(a), float(b)) for a, b in (s.split(":") for s in settings.split(",") if s)]
+    except ValueError as exc:
+        raise click.ClickException(f"--settings: {exc}") from exc
+    result = run_quorum_bench(parsed, rounds=rounds, devices=devices, quorum=quorum, seed=seed)
+    write_json(json_out, result)
+    click.echo(format_quorum(result))

@@ -145,8 +145,11 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("runs/worker-state"), show_default=True)
 @click.option("--width", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--coding", type=click.Choice(["raw", "delta"]), default="raw", show_default=True,
+              help="delta: send each update as its range-coded change against the merged mask the aggregator "
+                   "holds, and take merged masks coded the same way (docs/design.md)")
 def worker(device_id: str, profile: str, task: str, variant: str, amqp_url: str, state_dir: Path,
-           width: int | None, seed: int) -> None:
+           width: int | None, seed: int, coding: str) -> None:
     """Run one device: prune once, hello, then train on every task and apply every merged mask."""
     from ops.fleet.board import NoLocalData, board_worker
     from worker.runtime import WrongVariant
@@ -154,7 +157,7 @@ def worker(device_id: str, profile: str, task: str, variant: str, amqp_url: str,
     _log(True)
     try:
         w = board_worker(device_id, profile=profile, task=task, amqp_url=amqp_url, state_dir=state_dir, width=width,
-                         seed=seed, variant=variant)
+                         seed=seed, variant=variant, coding=coding)
         w.run()
     except (NoLocalData, WrongVariant) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -43,6 +43,9 @@ def plan_options(f: Any) -> Any:
         click.option("--deadline", type=float, default=600.0, show_default=True, help="seconds"),
         click.option("--over-select", type=float, default=1.0, show_default=True,
                      help="task ceil(K x F) devices; the quorum stays a fraction of K"),
+        click.option("--min-wait", type=float, default=0.0, show_default=True,
+                     help="seconds: the quorum closes a round no earlier, so every board answering "
+                          "within it is merged (fast boards alone cannot fill the quorum)"),
         click.option("--late", type=click.Choice(["drop", "carry"]), default="drop", show_default=True,
                      help="late updates: reject (counted), or merge into a later round"),
         click.option("--max-staleness", type=int, default=2, show_default=True,
@@ -62,7 +65,7 @@ def _plan(kw: dict[str, Any]) -> Any:
     rate = kw["sample_rate"] if kw["sample_rate"] is not None or kw["count"] is not None else 1.0
     return RoundPlan(rate=rate, devices=kw["count"], quorum=kw["quorum"], deadline_s=kw["deadline"],
                      over_select=kw["over_select"], seed=kw["seed"], late=kw["late"],
-                     max_staleness=kw["max_staleness"])
+                     max_staleness=kw["max_staleness"], min_wait=kw["min_wait"])
 
 
 @round_.command("start")

@@ -39,6 +39,9 @@ METHODS = ("fedmask", *BASELINES)
               help="activity only: test on an unseen recording (the other arm) or on a later time slice")
 @click.option("--lam", type=float, default=None,
               help="structured-sparsity weight (group lasso); larger = smaller, faster export, lower accuracy")
+@click.option("--coding", type=click.Choice(["raw", "delta"]), default="raw", show_default=True,
+              help="FedMask wire coding: raw structure bits, or delta: each mask as its range-coded change "
+                   "against a mask the receiver holds (lossless: same masks, fewer bytes)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=int, default=0, help="evaluate every N rounds (for curves)")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
@@ -49,7 +52,7 @@ METHODS = ("fedmask", *BASELINES)
 def simulate(task: str, method: str, variant: str | None, merge: str | None, arch: str | None, width: int | None,
              devices: int | None, rounds: int | None, sample_rate: float | None, local_epochs: int | None,
              final_local_epochs: int | None, partition: str, alpha: float, holdout: str | None, lam: float | None,
-             seed: int,
+             coding: str, seed: int,
              eval_every: int,
              json_out: Path | None, save_devices: Path | None, as_json: bool, quiet: bool) -> None:
     """Simulate federated training of METHOD on TASK over the in-memory transport."""
@@ -73,7 +76,7 @@ def simulate(task: str, method: str, variant: str | None, merge: str | None, arc
                 final_local_epochs=final_local_epochs if final_local_epochs is not None else p.final_local_epochs,
                 eval_every=eval_every, progress=bar, save_devices=save_devices,
                 fedmask_cfg=FedMaskConfig(train=p.mask_train if lam is None else p.mask_train.with_(lam=lam),
-                                          local_epochs=local_epochs or p.local_epochs))
+                                          local_epochs=local_epochs or p.local_epochs, coding=coding))
     finally:
         bar.close()
     payload = result.to_json()
@@ -84,9 +87,11 @@ def simulate(task: str, method: str, variant: str | None, merge: str | None, arc
     click.echo(f"{result.method}{'/' + result.merge if result.merge else ''} on {task}: "
                f"personalized accuracy {result.personalized_accuracy:.4f} over {result.devices} devices "
                f"(validation {result.validation_accuracy:.4f})")
+    per_mask = result.extra.get("downlink_bits_per_param")  # FedMask only
     click.echo(f"  uplink {result.uplink_bytes / 1e6:.3f} MB "
                f"({result.uplink_bits_per_param:.3f} bits/param per update), "
-               f"downlink {result.downlink_bytes / 1e6:.3f} MB, device training {result.train_seconds:.1f} s, "
-               f"wall {result.wall_seconds:.1f} s")
+               f"downlink {result.downlink_bytes / 1e6:.3f} MB"
+               + (f" ({per_mask:.3f} bits/param per merged mask)" if per_mask is not None else "") +
+               f", device training {result.train_seconds:.1f} s, wall {result.wall_seconds:.1f} s")
     if json_out:
         click.echo(f"  wrote {json_out}")

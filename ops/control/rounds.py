@@ -41,11 +41,12 @@ class RoundPlan:
     seed: int = 0
     late: str = "drop"
     max_staleness: int = 2
+    min_wait: float = 0.0
 
     def start_kwargs(self) -> dict[str, Any]:
         return {"rate": self.rate, "devices": self.devices, "quorum": self.quorum, "deadline_s": self.deadline_s,
                 "over_select": self.over_select, "seed": self.seed, "late": self.late,
-                "max_staleness": self.max_staleness}
+                "max_staleness": self.max_staleness, "min_wait": self.min_wait}
 
 
 @dataclass
@@ -99,7 +100,8 @@ def core_for_running_aggregator(amqp_url: str | None, redis_url: str, task: str 
     except ValueError as exc:  # e.g. a tuning file for this task that does not load
         raise AggregatorMismatch(f"cannot build the aggregator's variant {variant} for {task}: {exc}") from exc
     core = AggregatorCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), setup.spec,
-                          merge=setup.merge, prune_last_k=setup.fedmask.prune_last_k)
+                          merge=setup.merge, prune_last_k=setup.fedmask.prune_last_k,
+                          prune_rho=setup.fedmask.prune_rho)
     if cfg and core.fingerprint != cfg.get("fingerprint"):
         raise AggregatorMismatch(
             f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}, variant "

@@ -4,6 +4,7 @@ them), and this device's own share of the task's data."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from shared.amqp import AmqpSettings
@@ -19,7 +20,7 @@ class NoLocalData(FedMaskError):
 
 
 def board_worker(device_id: str, *, profile: str, task: str, amqp_url: str, state_dir: Path, width: int | None,
-                 seed: int, variant: str = PRESET_VARIANT) -> Worker:
+                 seed: int, variant: str = PRESET_VARIANT, coding: str = "raw") -> Worker:
     setup = variant_setup(task, variant, width=width, seed=seed)
     p = preset(task)
     data = load_task(task, num_devices=p.devices, seed=seed, **p.data_options)  # type: ignore[arg-type]
@@ -27,6 +28,6 @@ def board_worker(device_id: str, *, profile: str, task: str, amqp_url: str, stat
     if mine is None:
         raise NoLocalData(f"no local data for {device_id!r}; {task} devices are "
                           f"{', '.join(d.device_id for d in data.devices[:5])}, ...")
-    return Worker(device_id, setup.spec, setup.fedmask, (mine.train.x, mine.train.y),
+    return Worker(device_id, setup.spec, replace(setup.fedmask, coding=coding), (mine.train.x, mine.train.y),
                   amqp=AmqpSettings.from_url(amqp_url), state_dir=state_dir, seed=seed, profile=profile,
                   variant=setup.variant, val_xy=(mine.val.x, mine.val.y))

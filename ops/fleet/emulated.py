@@ -30,10 +30,11 @@ from aggregator.store import RoundStore
 from ops.control.enrolment import Management
 from shared import codec
 from shared.amqp import AmqpSettings, Publisher
-from shared.bits import pack, pad_mask, popcount
+from shared.bits import pad_mask, popcount
 from shared.errors import FedMaskError
 from shared.models import ModelSpec, build_model
 from shared.presets import TASK_SHAPES, model_spec, preset
+from shared.structures import StructureRule, random_structure, structure_rule
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/14"  # not db 0 (services) nor 15 (tests)
 AGGREGATOR_PREFIX: Final = "fm:"  # RoundStore's default, the one `fedmask aggregator run` uses
@@ -59,6 +60,7 @@ class BenchModel:
     layout: str
     nbits: int
     pruned_region: np.ndarray  # bool, the last two layers: one-shot pruning thins only these
+    structures: StructureRule  # what the aggregator accepts in a hello (rho 0.2 of the last two layers)
 
     @classmethod
     def for_params(cls, task: str, params: int, seed: int = 0) -> BenchModel:
@@ -66,7 +68,7 @@ class BenchModel:
         spec = model_spec(task, width=width, seed=seed)
         net = build_model(spec)
         return cls(task, width, spec, net.fingerprint(), net.layout_hash(), net.nbits,
-                   net.region_of_last_layers(2).astype(bool))
+                   net.region_of_last_layers(2).astype(bool), structure_rule(net, last_k=2, rho=0.2))
 
 
 def mlp_width_for(task: str, params: int) -> int:
@@ -89,14 +91,12 @@ class EmulatedDevice:
     device_id: str
     model: BenchModel
     rng: np.random.Generator
-    keep_rate: float = 0.2  # the share one-shot pruning keeps in the pruned layers (FedMaskConfig.prune_rho)
-    structure: np.ndarray = field(init=False)  # packed S_i
+    structure: np.ndarray = field(init=False)  # packed S_i: one pruning can produce, random kept elements
     inside: int = field(init=False)  # popcount(S_i): the bit count of every update
     mask_version: int = 0
 
     def __post_init__(self) -> None:
-        kept = self.rng.random(self.model.nbits) < self.keep_rate
-        self.structure = pack(~self.model.pruned_region | kept)
+        self.structure = random_structure(self.model.structures, self.rng)
         self.inside = popcount(self.structure)
 
     def hello(self) -> bytes:

@@ -17,6 +17,7 @@ from shared.device import FedMaskConfig
 from shared.models import ModelSpec
 from shared.rounds import sample_count
 from shared.sim.baselines import run_baseline
+from shared.sim.byzantine import Adversary
 from shared.sim.fedmask import run_fedmask
 from shared.sim.result import Progress, SimResult
 from shared.train import TrainConfig
@@ -111,12 +112,14 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
 
 def run_variant(cfg: VariantConfig, data: FederatedDataset, spec: ModelSpec, *, rounds: int, sample_rate: float,
                 seed: int, eval_every: int = 0, progress: Progress | None = None,
-                save_devices: Path | None = None) -> SimResult:
+                save_devices: Path | None = None, adversary: Adversary | None = None) -> SimResult:
     """Run one variant; the result's `method` is the variant's name, and extra["downloads"] and
     extra["downlink_bits_per_param"] say what the downlink cost per model or mask received:
     8 * downlink_bytes / (params * downloads), downloads = one per participant per round (the
     merged mask, or the global model) plus any final downloads (fedavg-ft, the fedpm broadcast)."""
     if cfg.dense:
+        if adversary is not None:
+            raise ValueError("the Byzantine hook is in FedMask's update path; dense baselines have none")
         r = run_baseline(cfg.variant, data, spec, cfg.train, rounds=rounds, sample_rate=sample_rate,
                          local_epochs=cfg.local_epochs, seed=seed, topk_fraction=cfg.topk_fraction,
                          final_local_epochs=cfg.final_local_epochs, eval_every=eval_every, progress=progress)
@@ -126,7 +129,7 @@ def run_variant(cfg: VariantConfig, data: FederatedDataset, spec: ModelSpec, *, 
         r = run_fedmask(data, spec.with_(personal_head=cfg.personal_head), cfg.fedmask_config(), rounds=rounds,
                         sample_rate=sample_rate, seed=seed, merge=cfg.merge or "paper",
                         final_local_epochs=cfg.final_local_epochs, eval_every=eval_every, progress=progress,
-                        save_dir=save_devices, broadcast_final=cfg.broadcast_final)
+                        save_dir=save_devices, broadcast_final=cfg.broadcast_final, adversary=adversary)
         last_round_left_out = len(data.devices) - sample_count(len(data.devices), rate=sample_rate)
         downloads = r.extra["updates"] + (last_round_left_out if cfg.broadcast_final and rounds else 0)
     down_bits = 8 * r.downlink_bytes / (r.params * downloads) if downloads else 0.0

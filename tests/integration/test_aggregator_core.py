@@ -88,7 +88,8 @@ def test_agreement_rounds_match_the_simulator(store: RoundStore, data: Federated
     setup = variant_setup(TASK, "fedmask-agree", width=WIDTH, seed=SEED)
     cfg = replace(setup.fedmask, local_epochs=1)
     bus = InMemoryTransport()
-    core = AggregatorCore(store, bus, setup.spec, merge=setup.merge, prune_last_k=cfg.prune_last_k)
+    core = AggregatorCore(store, bus, setup.spec, merge=setup.merge, prune_last_k=cfg.prune_last_k,
+                          prune_rho=cfg.prune_rho)
     devs = {d.device_id: DeviceRuntime(d.device_id, setup.spec, cfg, (d.train.x, d.train.y), SEED)
             for d in data.devices}
     _hello_all(core, devs)

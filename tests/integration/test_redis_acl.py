@@ -149,6 +149,7 @@ def test_every_store_operation_works_as_the_aggregator_user(acl_user: AclUser) -
         call("note_update", "d2", 2, "updates:stored")
         call("set_masks", {"d1": b"\x03", "d2": b"\x04"}, 2)
         assert call("mask", "d2") == (b"\x04", 2)
+        assert call("held_masks", "d1") == {1: b"\x01\x02", 2: b"\x03"}  # the newest and the one before
         call("set_config", {"task": "digits", "width": "32"})
         assert call("config") == {"task": "digits", "width": "32"}
         call("incr", "updates:stored", 2)

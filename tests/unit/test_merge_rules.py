@@ -94,6 +94,9 @@ EXPECTED = {
         "E": "1000000000 000101",
     },
     "local": MASKS,
+    # tolerate 1: a bit changes only where the head vote leads by 3 or more; only e11 (3 ones of 3)
+    # does, and every voter already holds its 1. Larger votes: tests/unit/test_robust_merge.py.
+    "robust": MASKS,
     # Bits view of theta = (ones + 1) / (holders + 2) > 1/2: a strict majority gives 1, a single
     # voter keeps its bit, but a tie (e3, e8, e12, e15) gives 1/2, which is not above it: 0.
     "agreement": {
