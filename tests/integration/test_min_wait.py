@@ -48,3 +48,29 @@ def test_the_deadline_still_closes_a_round_inside_its_wait(store: RoundStore) ->
 def test_a_malformed_policy_means_no_wait(store: RoundStore) -> None:
     store.open_round(1, sampled=["a", "b"], deadline=T0 + 60, quorum=1, now=T0, policy={"min_wait": "soon"})
     assert store.ingest_update(1, "a", b"ua", T0 + 0.1) == ("stored", True)
+
+
+def test_the_service_opens_rounds_with_the_wait_and_its_ticker_closes_them(store: RoundStore) -> None:
+    from aggregator.core import AggregatorCore
+    from aggregator.store import StoreError
+    from shared.transport import InMemoryTransport
+    from tests import membership_cases as membership
+
+    now = [T0]
+    core = AggregatorCore(store, InMemoryTransport(), membership.SPEC, merge="head", clock=lambda: now[0])
+    m = membership.model()
+    for d in ("a", "b", "c"):
+        assert core.handle(f"device.{d}.hello", d, membership.hello(d, m)).action == "ack"
+    with pytest.raises(StoreError, match="min_wait"):
+        core.start_round(deadline_s=10.0, min_wait=11.0)
+    info = core.start_round(quorum=0.5, deadline_s=60.0, min_wait=2.0)
+    assert info.policy["min_wait"] == 2.0 and info.quorum == 2
+    for d in ("a", "b"):  # the quorum, inside the wait: stored, the round stays open
+        now[0] = T0 + 0.5
+        assert core.handle(f"device.{d}.update", d, membership.update(d, info.round_id, m)).action == "ack"
+    core.tick()
+    assert getattr(store.info(info.round_id), "state", None) == "open"
+    now[0] = T0 + 2.0
+    core.tick()  # the wait is over: the ticker closes the round (merge, downlink, closed)
+    closed = store.info(info.round_id)
+    assert closed is not None and closed.state == "closed" and closed.received == ["a", "b"]
