@@ -107,6 +107,7 @@ class DeviceLifecycle:
                     pipe.srem(self.keys.in_round(round_id, "carried"), device_id)
                     pipe.delete(self.keys.in_round(round_id, "update", device_id))
                     pipe.hdel(self.keys.in_round(round_id, "arrivals"), device_id)
+                    pipe.hdel(self.keys.in_round(round_id, "stats"), device_id)  # not in the round's means
                     received, carried, *_ = pipe.execute()
                     return int(bool(received or carried))
                 except redis.WatchError:

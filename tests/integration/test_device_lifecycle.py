@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from aggregator.core import AggregatorCore
+from aggregator.round_stats import round_stats
 from aggregator.store import RoundStore
 from ops.cli import main
 from ops.control.devices import readmit_removed, remove_device
@@ -157,6 +158,7 @@ def test_a_removed_board_is_gone_for_good(deployment: Deployment) -> None:
     counters = store.counters()
     assert (counters["removed:stored"], counters["removed:parked"], counters["devices:removed"]) == (1, 1, 1)
     assert victim not in store.device_ids() and victim not in store.pending_devices()
+    assert victim not in round_stats(store, info.round_id), "its training statistics still count in the round"
     with pytest.raises(AmqpError) as refused:
         Publisher(AmqpSettings.from_url(old_url))
     assert refused.value.code == 403
