@@ -59,7 +59,10 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
     merged: dict[str, tuple[int, np.ndarray]] = {}
     ctx = MergeContext(nbits=nbits, pruned_region=pack(net.region_of_last_layers(cfg.prune_last_k)))
     bus = InMemoryTransport()
-    devices = {d.device_id: DeviceRuntime(d.device_id, spec, cfg, (d.train.x, d.train.y), seed)
+    # Devices see their validation split only when they choose a share on it (fedmask-adapt): otherwise
+    # their updates would carry its accuracy, and every other variant's bytes would change.
+    devices = {d.device_id: DeviceRuntime(d.device_id, spec, cfg, (d.train.x, d.train.y), seed,
+                                          val_xy=(d.val.x, d.val.y) if cfg.share_grid else None)
                for d in data.devices}
     by_id = {d.device_id: d for d in data.devices}
     train_seconds = 0.0
@@ -159,6 +162,7 @@ def run_fedmask(data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, *, 
                "pre_merge_accuracy": mean_accuracy(pre_merge),
                "final_local_epochs": final_local_epochs, "accuracy_before_final_adaptation": before_final,
                "per_device_accuracy_before_final": before_final_acc,
+               "chosen_shares": {d: dev.chosen_shares for d, dev in devices.items() if dev.chosen_shares},
                "model_fingerprint": fp, "final_broadcast_bytes": broadcast_bytes, **attacked},
     )
 

@@ -95,6 +95,16 @@ GRIDS: dict[str, Grid] = {
         _axis("prune_last_k", (1, 2)),
         _axis("final_local_epochs", (0, 3, 5)),
     ],
+    # fedmask-agree's grid without its share: each device chooses that itself, on its own validation.
+    "fedmask-adapt": [
+        _AGREE_OPT,
+        _axis("batch_size", (16, 32)),
+        [{"personal_head": False}, {"personal_head": True, "weight_lr": 1e-3},
+         {"personal_head": True, "weight_lr": 1e-2}],
+        _axis("prune_rho", (0.2, 0.5, 1.0)),
+        _axis("prune_last_k", (1, 2)),
+        _axis("final_local_epochs", (0, 3, 5)),
+    ],
     # FedPM is one global model: only how its scores train is tuned.
     "fedpm": [_AGREE_OPT, _axis("batch_size", (16, 32))],
 }

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # presets reads tuned configs through this module: no runtime
     from shared.presets import TaskPreset
 
 DENSE_VARIANTS = ("fedavg", "fedavg-ft", "standalone", "topk")
-MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedpm")
+MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedpm")
 VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS)
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
@@ -48,6 +48,7 @@ class VariantConfig:
     prune_last_k: int = 2
     upload: str = "threshold"
     share: float = 1.0
+    share_grid: tuple[float, ...] = ()  # fedmask-adapt: each device picks its share on its own validation
     personal_head: bool = False
     broadcast_final: bool = False  # fedpm: the last agreement reaches every device before evaluation
 
@@ -63,6 +64,8 @@ class VariantConfig:
         """Change knobs by name; TrainConfig's fields (lr, batch_size, ...) go to `train`."""
         train = {k: v for k, v in changes.items() if k in _TRAIN_FIELDS}
         own = {k: v for k, v in changes.items() if k not in _TRAIN_FIELDS}
+        if "share_grid" in own:  # JSON gives a list; the config stays hashable and comparable
+            own["share_grid"] = tuple(float(v) for v in own["share_grid"])
         unknown = set(own) - {f.name for f in fields(self)}
         if unknown:
             raise ValueError(f"unknown knobs {sorted(unknown)} for a variant config")
@@ -82,7 +85,8 @@ class VariantConfig:
 
     def fedmask_config(self) -> FedMaskConfig:
         return FedMaskConfig(train=self.train, local_epochs=self.local_epochs, prune_last_k=self.prune_last_k,
-                             prune_rho=self.prune_rho, upload=self.upload, share=self.share)
+                             prune_rho=self.prune_rho, upload=self.upload, share=self.share,
+                             share_grid=self.share_grid)
 
 
 def default_config(variant: str, p: TaskPreset) -> VariantConfig:
@@ -101,9 +105,13 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
     # (the group lasso would pull sigmoid(S) down, biasing the very samples devices upload).
     agree = p.mask_train.with_(mask_mode="bernoulli", optimizer="adam", weight_optimizer="adam", lr=0.1,
                                weight_lr=1e-2, lam=0.0)
-    if variant == "fedmask-agree":
+    if variant in ("fedmask-agree", "fedmask-adapt"):
+        # fedmask-adapt is fedmask-agree whose share each device chooses on its own validation split,
+        # every time an agreement arrives, from none of the fleet's agreement to all of it.
+        grid = (0.0, 0.25, 0.5, 0.75, 1.0) if variant == "fedmask-adapt" else ()
         return VariantConfig(variant, agree, p.local_epochs, final_local_epochs=p.final_local_epochs,
-                             merge="agreement", upload="sample", share=0.5, personal_head=True, prune_rho=0.5)
+                             merge="agreement", upload="sample", share=0.5, share_grid=grid, personal_head=True,
+                             prune_rho=0.5)
     if variant == "fedpm":
         return VariantConfig(variant, agree, p.local_epochs, merge="agreement", upload="sample", share=1.0,
                              prune_rho=1.0, broadcast_final=True)
