@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from shared.presets import TaskPreset
 
 TUNE_SEED = 100
+# A variant without a tuning file of its own takes these variants' tuned choices (see load_tuned).
+BORROWS = {"fedmask-adapt": "fedmask-agree"}
 DEFAULT_TRIALS = 8
 TUNED_DIR = Path(__file__).resolve().parents[1] / "tuned"  # shared/tuned: package data
 
@@ -287,6 +289,12 @@ def load_tuned(task: str, variant: str, p: TaskPreset, partition: str | None = N
     if not path.exists() and partition is not None:
         path = tuned_path(task, variant, None, root)
     shown = path.relative_to(TUNED_DIR.parents[1]) if path.is_relative_to(TUNED_DIR.parents[1]) else path
+    if not path.exists() and variant in BORROWS:
+        # fedmask-adapt is fedmask-agree with the share chosen per device: untuned, it takes the other's
+        # tuned choices (so it gets that variant's budget, and no more) with its own share grid.
+        other = load_tuned(task, BORROWS[variant], p, partition, root)
+        return Tuned(replace(other.config, variant=variant, share_grid=default.share_grid),
+                     f"{other.origin}, share chosen per device (no tuning file {shown})")
     if not path.exists():
         return Tuned(default, f"default (no tuning file {shown})")
     raw = json.loads(path.read_text())

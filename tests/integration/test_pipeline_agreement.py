@@ -1,5 +1,6 @@
-"""The agreement variant through the real pipeline: one aggregator and six workers started with
---variant fedmask-agree, three rounds; every device's final scores, personal head and mask bits must
+"""The agreement variants through the real pipeline: one aggregator and six workers started with
+--variant fedmask-agree (or fedmask-adapt, whose devices choose their share on their own validation
+split), three rounds; every device's final scores, personal head and mask bits must
 equal the simulator's (run_variant) bit for bit, and every downlink is agreement levels (enc q4) at
 4 bits per structure element."""
 
@@ -22,16 +23,16 @@ from shared.sim.variants import run_variant
 from shared.variant_setup import variant_setup
 from tests.integration.pipeline_fleet import ROUNDS, SEED, TASK, WIDTH, N, cli, start_pipeline, subset, wait
 
-VARIANT = "fedmask-agree"
 pytestmark = pytest.mark.services
 
 
-@pytest.fixture()
-def pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
-    flags = ["--variant", VARIANT]
+@pytest.fixture(params=["fedmask-agree", "fedmask-adapt"])
+def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
+             tmp_path: Path) -> Iterator[dict[str, object]]:
+    flags = ["--variant", request.param]
     with start_pipeline(amqp_service_url, redis_service_url, tmp_path, aggregator_args=flags,
                         worker_args=flags) as p:
-        yield p
+        yield {**p, "variant": request.param}
 
 
 def _mask_records(state_dir: Path, device: str) -> list[dict[str, Any]]:
@@ -45,8 +46,9 @@ def test_agreement_pipeline_matches_simulator(pipeline: dict[str, object], redis
     ids: list[str] = pipeline["ids"]  # type: ignore[assignment]
     data: FederatedDataset = pipeline["data"]  # type: ignore[assignment]
     tmp: Path = pipeline["tmp"]  # type: ignore[assignment]
+    variant = str(pipeline["variant"])
     wait(lambda: sorted(store.device_ids()) == sorted(ids), 180, "every worker's hello")
-    assert store.config()["variant"] == VARIANT and store.config()["upload"] == "sample"
+    assert store.config()["variant"] == variant and store.config()["upload"] == "sample"
     urls = ["--amqp-url", str(pipeline["admin_url"]), "--redis-url", redis_service_url]
     run = cli("round", "run", "--rounds", str(ROUNDS), "--quorum", "1.0", "--deadline", "240", "--json", *urls)
     assert run.returncode == 0, run.stderr
@@ -54,16 +56,16 @@ def test_agreement_pipeline_matches_simulator(pipeline: dict[str, object], redis
     assert [x["round"] for x in summaries] == [1, 2, 3]
     assert all(x["state"] == "closed" and x["received"] == x["sampled"] == N for x in summaries)
     shown = cli("round", "status", "--redis-url", redis_service_url).stdout
-    assert f"variant {VARIANT} (merge agreement, upload sample)" in shown
+    assert f"variant {variant} (merge agreement, upload sample)" in shown
     wait(lambda: all(store.mask_version(d) == ROUNDS for d in ids), 30, "masks stored")
     state = tmp / "state"
     wait(lambda: all(len(_mask_records(state, d)) == ROUNDS for d in ids), 30, "workers to persist the last mask")
 
     # The simulator's own path for the variant on the same six devices, all sampled every round.
-    cfg = replace(tuned_config(TASK, VARIANT).config, final_local_epochs=0)  # the pipeline has no final adaptation
+    cfg = replace(tuned_config(TASK, variant).config, final_local_epochs=0)  # the pipeline has no final adaptation
     run_variant(cfg, subset(data, ids), model_spec(TASK, width=WIDTH, seed=SEED), rounds=ROUNDS, sample_rate=1.0,
                 seed=SEED, save_devices=tmp / "sim")
-    setup = variant_setup(TASK, VARIANT, width=WIDTH, seed=SEED)
+    setup = variant_setup(TASK, variant, width=WIDTH, seed=SEED)
     for d in ids:
         worker = DeviceRuntime(d, setup.spec, setup.fedmask, (np.zeros(0), np.zeros(0)), seed=SEED)
         worker.load(state / f"{d}.npz")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -88,3 +93,25 @@ def test_the_variant_records_its_grid_and_reads_it_back() -> None:
     again = type(cfg).from_json(cfg.to_json() | {"share_grid": [0.0, 1.0]}, cfg)
     assert again.share_grid == (0.0, 1.0)
     assert default_config("fedmask-agree", preset("digits")).share_grid == ()
+
+
+def test_untuned_it_borrows_the_agreement_variants_tuned_choices(tmp_path: Path) -> None:
+    """Without a tuning file of its own, fedmask-adapt is fedmask-agree's tuned config with a share grid;
+    with one, its own file is used."""
+    from shared.sim.tuning import TUNED_DIR, load_tuned
+
+    p = preset("mnist")
+    (tmp_path / "mnist").mkdir()
+    shutil.copy(TUNED_DIR / "mnist" / "fedmask-agree.json", tmp_path / "mnist")
+    agree = load_tuned("mnist", "fedmask-agree", p, root=tmp_path)
+    adapt = load_tuned("mnist", "fedmask-adapt", p, root=tmp_path)
+    assert "fedmask-agree.json" in agree.origin
+    assert adapt.config.variant == "fedmask-adapt" and adapt.config.share_grid == GRID
+    assert replace(adapt.config, variant="fedmask-agree", share_grid=()) == agree.config
+    assert agree.origin in adapt.origin and "share chosen per device" in adapt.origin
+    own = json.loads((tmp_path / "mnist" / "fedmask-agree.json").read_text())
+    own["variant"], own["chosen"]["config"]["variant"] = "fedmask-adapt", "fedmask-adapt"
+    own["chosen"]["config"]["share_grid"] = [0.0, 1.0]
+    (tmp_path / "mnist" / "fedmask-adapt.json").write_text(json.dumps(own))
+    mine = load_tuned("mnist", "fedmask-adapt", p, root=tmp_path)
+    assert mine.config.share_grid == (0.0, 1.0) and "fedmask-adapt.json" in mine.origin
