@@ -87,13 +87,24 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
 
 def _scores(server: ServerHalf, evaluator: DeviceHalf, devices: dict[str, DeviceHalf], data: FederatedDataset,
             split: str) -> dict[str, float]:
-    """Mean-per-device accuracy: of the global model (loaded into `evaluator` once), or of each
-    device's own state for a personalised strategy."""
+    """Mean-per-device accuracy: of the global model (loaded into `evaluator` once), or, for a
+    personalised strategy, of each device's own state with the server's current message for it (a
+    device never sampled starts from the initial model)."""
     if server.global_model:
         evaluator.apply(decode_strategy(encode_strategy(server.model_message("evaluator")), expect_type="smodel"))
     out = {}
     for dd in data.devices:
         s = getattr(dd, split)
-        who = evaluator if server.global_model else devices.get(dd.device_id, evaluator)
+        who = evaluator
+        if not server.global_model:
+            who = devices.get(dd.device_id) or _fresh(devices, dd.device_id, evaluator, dd.train.x, dd.train.y)
+            who.apply(decode_strategy(encode_strategy(server.model_message(dd.device_id)), expect_type="smodel"))
         out[dd.device_id] = who.evaluate(s.x, s.y)[1]
     return out
+
+
+def _fresh(devices: dict[str, DeviceHalf], device_id: str, like: DeviceHalf, x: np.ndarray,
+           y: np.ndarray) -> DeviceHalf:
+    dev = devices[device_id] = type(like)(device_id, like.spec, like.cfg, (x, y), like.seed)
+    dev.prepare()
+    return dev

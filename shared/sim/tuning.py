@@ -104,6 +104,8 @@ GRIDS: dict[str, Grid] = {
                _axis("density_rule", ("erk", "uniform"))],
     # ZeroFL at sp 0.9, mr 0.2 (the target's): the dense optimizers and the server's unsent-entry rule.
     "zerofl": [*_DENSE, _axis("unsent", ("zero", "holders", "keep"))],
+    # LG-FedAvg: the dense optimizers and how many of the last tensors are shared.
+    "lg-fedavg": [*_DENSE, _axis("head_layers", (1, 2))],
 }
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 from shared.strategies.base import DeviceHalf, ServerHalf, Strategy, StrategyConfig
 from shared.strategies.fedavg import FedAvgDevice, FedAvgServer
 from shared.strategies.feddst import FedDSTDevice, FedDSTServer
+from shared.strategies.lg_fedavg import LGFedAvgDevice, LGFedAvgServer
 from shared.strategies.zerofl import ZeroFLDevice, ZeroFLServer
 
 STRATEGIES: dict[str, Strategy] = {
     "fedavg": Strategy("fedavg", FedAvgDevice, FedAvgServer, "dense weights averaged (McMahan et al. 2017)"),
     "feddst": Strategy("feddst", FedDSTDevice, FedDSTServer, "sparse weights, dynamic masks (Bibikar et al. 2022)"),
     "zerofl": Strategy("zerofl", ZeroFLDevice, ZeroFLServer, "SWAT training, top-K uploads (Qiu et al. 2022)"),
+    "lg-fedavg": Strategy("lg-fedavg", LGFedAvgDevice, LGFedAvgServer, "local body, global head (Liang et al. 2020)"),
 }
 
 

@@ -53,6 +53,7 @@ class StrategyConfig:
     topk_period: int = 10          # ZeroFL: SWAT thresholds refreshed every this many batches
     sparsify_first: bool = False   # ZeroFL: SWAT on the first layer too (default: first dense, last sparse)
     value_dtype: str = "f32"       # dtype of weight values on the wire: "f32" | "f16"
+    head_layers: int = 1           # LG-FedAvg: the last this-many tensors are global, the rest stay local
 
     def with_(self, **changes: object) -> StrategyConfig:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -121,7 +121,8 @@ def test_every_strategy_variant_is_registered_and_runs(digits: FederatedDataset)
     for v in STRATEGY_VARIANTS:
         r = run_variant(default_config(v, preset("digits")), digits, _spec(digits), rounds=2, sample_rate=0.5, seed=1)
         assert r.method == v and math.isfinite(r.personalized_accuracy) and r.uplink_bytes > 0
-        assert 0 < r.extra["train_flops"] < r.extra["dense_train_flops"]
+        assert 0 < r.extra["train_flops"] <= r.extra["dense_train_flops"]
+        assert (r.extra["train_flops"] < r.extra["dense_train_flops"]) == (v in ("feddst", "zerofl"))
 
 
 def test_a_task_carries_the_model_only_when_the_device_copy_is_stale(digits: FederatedDataset) -> None:
@@ -157,3 +158,25 @@ def test_a_run_is_deterministic(digits: FederatedDataset) -> None:
     b = run_strategy("zerofl", cfg, digits, _spec(digits), rounds=2, sample_rate=0.5, seed=2)
     assert (a.per_device_accuracy, a.uplink_bytes, a.downlink_bytes) == (b.per_device_accuracy, b.uplink_bytes,
                                                                          b.downlink_bytes)
+
+
+def test_lg_fedavg_sends_only_the_head_and_keeps_the_body_local(digits: FederatedDataset) -> None:
+    spec, cfg = _spec(digits), StrategyConfig(local_epochs=1, head_layers=1)
+    strategy = get_strategy("lg-fedavg")
+    server = strategy.server(spec, cfg, seed=0, rounds=1)
+    devs, ups = {}, {}
+    for d in digits.devices[:2]:
+        devs[d.device_id] = dev = strategy.device(d.device_id, spec, cfg, (d.train.x, d.train.y), 0)
+        dev.prepare()
+        task = decode_strategy(encode_strategy(server.task(1, d.device_id)))
+        assert [p.name for p in task.parts] == ["fc3"]
+        ups[d.device_id] = decode_strategy(encode_strategy(dev.train(task)))
+        assert [p.name for p in ups[d.device_id].parts] == ["fc3"]
+    server.fold(1, ups)
+    n = [float(u.stats["samples"]) for u in ups.values()]
+    heads = [u.part("fc3").array() for u in ups.values()]
+    assert np.allclose(server.w[0], (n[0] * heads[0] + n[1] * heads[1]) / sum(n), atol=1e-6)
+    a, b = ({m.name: m.weight.detach().numpy().copy() for m in dv.model.masked()} for dv in devs.values())
+    assert not np.array_equal(a["fc1"], b["fc1"])  # bodies stay personal
+    r = run_strategy("lg-fedavg", cfg, digits, spec, rounds=2, sample_rate=0.5, seed=0)
+    assert math.isfinite(r.personalized_accuracy) and r.uplink_bits_per_param < 32 * 0.2
