@@ -71,9 +71,9 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
         "train_flops": flops, "dense_train_flops": dense_flops,
         "flops_ratio": flops / dense_flops if dense_flops else float("nan"),
     }
-    topk = getattr(evaluator, "evaluate_topk", None)
-    if topk is not None and server.global_model:
-        extra["topk_eval_accuracy"] = mean_accuracy({d: topk(v.test.x, v.test.y) for d, v in by_id.items()})
+    other = getattr(evaluator, "evaluate_dense", None)  # ZeroFL: the dense weights, next to its top-K forward
+    if other is not None and server.global_model:
+        extra["dense_eval_accuracy"] = mean_accuracy({d: other(v.test.x, v.test.y) for d, v in by_id.items()})
     if hasattr(server, "readjust_rounds"):
         extra["readjust_rounds"] = list(server.readjust_rounds)
     return SimResult(

@@ -10,6 +10,8 @@ counts as `unsent`:
   "holders"  left out: the mean over the devices that sent it (the previous value if none did)
   "keep"     the previous global value ("no change")
 Downlink: the dense global model (float32, or float16 with value_dtype "f16").
+Evaluation: the top-K forward of the sparse layers (the slides'); the dense weights' accuracy is
+reported next to it (dense_eval_accuracy), as the re-implementation evaluates.
 """
 
 from __future__ import annotations
@@ -104,15 +106,19 @@ class ZeroFLDevice(DeviceHalf):
         return self.update(task, list(parts), st, sum(layer.flops for layer in self.swat),
                            sum(layer.dense_flops for layer in self.swat))
 
-    def evaluate_topk(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Accuracy with only the top-K weights of the sparse layers in the forward pass."""
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """With only the top-K weights of the sparse layers in the forward pass, as the model was
+        trained and as the ZeroFL slides evaluate (evaluate_dense: the re-implementation's way)."""
         for layer in self.swat:
             layer.eval_topk = True
         try:
-            return evaluate(self.model, x, y)[1]
+            return evaluate(self.model, x, y)
         finally:
             for layer in self.swat:
                 layer.eval_topk = False
+
+    def evaluate_dense(self, x: np.ndarray, y: np.ndarray) -> float:
+        return evaluate(self.model, x, y)[1]
 
 
 class ZeroFLServer(ServerHalf):

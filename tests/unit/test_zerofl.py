@@ -110,6 +110,17 @@ def test_the_three_unsent_entry_rules() -> None:
         merge_sparse(prev, sent, "mean")
 
 
+def test_zerofl_at_sparsity_0_with_full_upload_is_fedavg(digits: FederatedDataset) -> None:
+    from shared.sim.strategy_run import run_strategy
+
+    spec = ModelSpec("mlp", digits.input_shape, digits.num_classes, width=16)
+    cfg = StrategyConfig(local_epochs=1, sparsity=0.0, mask_ratio=1.0)
+    z = run_strategy("zerofl", cfg, digits, spec, rounds=2, sample_rate=0.5, seed=0)
+    f = run_strategy("fedavg", cfg, digits, spec, rounds=2, sample_rate=0.5, seed=0)
+    assert z.per_device_accuracy == f.per_device_accuracy  # SWAT at sp 0 is dense training, the upload is whole
+    assert z.extra["flops_ratio"] == 1.0 and z.extra["dense_eval_accuracy"] == z.personalized_accuracy
+
+
 def test_eval_with_top_k_weights_differs_from_dense_eval() -> None:
     rng = np.random.default_rng(1)
     layer = _layer(rng.normal(size=(4, 10)).astype(np.float32), 0.9)
