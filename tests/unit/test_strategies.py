@@ -180,3 +180,12 @@ def test_lg_fedavg_sends_only_the_head_and_keeps_the_body_local(digits: Federate
     assert not np.array_equal(a["fc1"], b["fc1"])  # bodies stay personal
     r = run_strategy("lg-fedavg", cfg, digits, spec, rounds=2, sample_rate=0.5, seed=0)
     assert math.isfinite(r.personalized_accuracy) and r.uplink_bits_per_param < 32 * 0.2
+
+
+def test_a_settings_run_parses_its_overrides() -> None:
+    from ops.bench.strategy_settings import parse_setting
+
+    assert parse_setting("first:unsent=holders,sparsify_first=true,mask_ratio=0.1") == (
+        "first", {"unsent": "holders", "sparsify_first": True, "mask_ratio": 0.1})
+    with pytest.raises(ValueError, match="no name"):
+        parse_setting(":unsent=zero")
