@@ -148,8 +148,8 @@ def _params(raw: object) -> dict[str, Param]:
     if len(raw) > 16:
         raise CodecError("bad_value", f"params: {len(raw)} entries > 16")
     for k, v in raw.items():
-        if not _KEY_RE.fullmatch(k):
-            raise CodecError("bad_value", f"params key {k[:32]!r}")
+        if type(k) is not str or not _KEY_RE.fullmatch(k):
+            raise CodecError("bad_value", f"params key {str(k)[:32]!r}")
         if type(v) not in (bool, int, float) or (type(v) is float and not math.isfinite(v)):
             raise CodecError("bad_type" if type(v) not in (bool, int, float) else "bad_value", f"params.{k}")
     return dict(raw)

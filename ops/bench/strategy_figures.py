@@ -57,8 +57,8 @@ def plot(path: Path, variants: list[dict[str, Any]]) -> None:
         up.plot(xs, ms, marker="o", ms=3, color=color, label=label)
         up.fill_between(xs, np.subtract(ms, sd), np.add(ms, sd), color=color, alpha=0.2, lw=0)
         f = flops[v["variant"]]
-        comp.errorbar([np.mean(f) / 1e9], [v["test_mean"]], xerr=[np.std(f) / 1e9], yerr=[v["test_std"]], fmt="*", ms=11,
-                      color=color, capsize=3, label=label)
+        comp.errorbar([np.mean(f) / 1e9], [v["test_mean"]], xerr=[np.std(f) / 1e9], yerr=[v["test_std"]], fmt="*",
+                      ms=11, color=color, capsize=3, label=label)
     up.set(xscale="log", xlabel="cumulative uplink (MB)", ylabel="test accuracy (mean per device)",
            title="accuracy against uplink (band: ±1 std)")
     comp.set(xlabel="training GFLOPs per run (counted; all devices)", ylabel="final test accuracy",
