@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.models import MaskedNet, ModelSpec, build_model
+from shared.payloads import Part
 from shared.strategy_codec import StrategyMessage
 from shared.train import TrainConfig, TrainStats, evaluate
 
@@ -89,11 +90,11 @@ class DeviceHalf(ABC):
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return evaluate(self.model, x, y)
 
-    def update(self, task: StrategyMessage, parts: list[object], stats: TrainStats, flops: float,
+    def update(self, task: StrategyMessage, parts: list[Part], stats: TrainStats, flops: float,
                dense_flops: float) -> StrategyMessage:
         """The supdate for `task` with the given payload parts and counters."""
         return StrategyMessage(type="supdate", strategy=self.name, device=self.device_id, round=task.round,
-                               model=task.model, parts=tuple(parts),  # type: ignore[arg-type]
+                               model=task.model, parts=tuple(parts),
                                stats={"samples": stats.samples, "loss": _finite(stats.loss),
                                       "train_seconds": stats.seconds, "flops": float(flops),
                                       "dense_flops": float(dense_flops)})

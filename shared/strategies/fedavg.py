@@ -39,7 +39,7 @@ class FedAvgDevice(DeviceHalf):
         self.last_stats = st
         parts = [dense_part(n, get_tensor(p), self.cfg.value_dtype) for n, p in tensors(self.model)]
         flops = _flops(self.model, st.samples * self.cfg.local_epochs)
-        return self.update(task, list(parts), st, flops, flops)
+        return self.update(task, parts, st, flops, flops)
 
     def apply(self, msg: StrategyMessage) -> None:
         self._load(msg)

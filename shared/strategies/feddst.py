@@ -163,7 +163,7 @@ class FedDSTDevice(DeviceHalf):
             parts.append(dense_part(name, get_tensor(p)[self.masks[i]], self.cfg.value_dtype))
             if readjust:
                 parts.append(sparse_part(f"{name}.flip", sizes[i], np.flatnonzero(self.masks[i] != received[i])))
-        return self.update(task, list(parts), st, flops, dense_train_flops(sizes, steps))
+        return self.update(task, parts, st, flops, dense_train_flops(sizes, steps))
 
     def local_gradient(self) -> list[np.ndarray]:
         """d(mean cross-entropy over the whole local set)/dW at every entry, active or not."""

@@ -64,7 +64,7 @@ class LGFedAvgDevice(DeviceHalf):
             flops = dense_train_flops(linear_sizes(self.model), st.samples * self.cfg.local_epochs)
         except ValueError:
             flops = 0.0
-        return self.update(task, list(parts), st, flops, flops)
+        return self.update(task, parts, st, flops, flops)
 
 
 class LGFedAvgServer(ServerHalf):

@@ -103,7 +103,7 @@ class ZeroFLDevice(DeviceHalf):
             w = get_tensor(p)
             pos = top_weights(w, upload_count(w.size, self.cfg.sparsity, self.cfg.mask_ratio))
             parts.append(sparse_part(name, w.size, pos, w[pos], self.cfg.value_dtype))
-        return self.update(task, list(parts), st, sum(layer.flops for layer in self.swat),
+        return self.update(task, parts, st, sum(layer.flops for layer in self.swat),
                            sum(layer.dense_flops for layer in self.swat))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
