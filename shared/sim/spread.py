@@ -24,7 +24,7 @@ Setup = Callable[[int], tuple[FederatedDataset, ModelSpec]]
 ProgressFor = Callable[[str, int], Progress | None]
 
 
-_COMPUTE = ("train_flops", "dense_train_flops", "dense_eval_accuracy", "readjust_rounds")
+_COMPUTE = ("train_flops", "dense_train_flops", "dense_eval_accuracy", "readjust_rounds", "mask_moves")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

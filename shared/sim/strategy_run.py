@@ -74,8 +74,9 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
     other = getattr(evaluator, "evaluate_dense", None)  # ZeroFL: the dense weights, next to its top-K forward
     if other is not None and server.global_model:
         extra["dense_eval_accuracy"] = mean_accuracy({d: other(v.test.x, v.test.y) for d, v in by_id.items()})
-    if hasattr(server, "readjust_rounds"):
+    if hasattr(server, "readjust_rounds"):  # FedDST: when masks were readjusted, how far the global one moved
         extra["readjust_rounds"] = list(server.readjust_rounds)
+        extra["mask_moves"] = list(getattr(server, "mask_moves", []))
     return SimResult(
         method=name, task=data.task, devices=len(by_id), rounds=rounds,
         personalized_accuracy=mean_accuracy(test_acc), per_device_accuracy=test_acc,

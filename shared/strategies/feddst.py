@@ -204,6 +204,7 @@ class FedDSTServer(ServerHalf):
         self.version = version_of(0, self.w)
         self.masks_at = {self.version: [m.copy() for m in self.m]}  # the masks devices may hold
         self.readjust_rounds: list[int] = []
+        self.mask_moves: list[int] = []
 
     def _parts(self) -> list[Part]:
         return [sparse_part(n, w.size, np.flatnonzero(m), w[m], self.cfg.value_dtype)
@@ -245,11 +246,14 @@ class FedDSTServer(ServerHalf):
                 sums[i][mask] += n_k * values.array()
         if not updates:
             return {}
+        moved = 0
         for i in range(len(self.w)):
             held = votes[i] > 0
             avg = np.where(held, sums[i] / np.where(held, votes[i], 1.0), 0.0)
             mask = held if held.sum() <= self.keep[i] else _topk_mask(avg, self.keep[i], tiebreak=votes[i])
+            moved += int((mask & ~self.m[i]).sum())
             self.m[i], self.w[i] = mask, (avg * mask).astype(np.float32)
+        self.mask_moves.append(moved)  # entries the global mask gained this round (as many were lost)
         self.version = version_of(round_id, self.w)
         self.masks_at = {v: m for v, m in self.masks_at.items() if v in set(self.held.values())}
         self.masks_at[self.version] = [m.copy() for m in self.m]

@@ -165,3 +165,10 @@ def test_erk_gives_small_layers_more_density_and_keeps_the_total() -> None:
     assert total == pytest.approx(0.2) and dens[2] == 1.0 and dens[0] < dens[1] < 1.0
     assert layer_densities(sizes, 0.8, "uniform") == [pytest.approx(0.2)] * 3
     assert math.isclose(sum(layer_densities([(4, 4)], 0.5, "erk")), 0.5)
+
+
+def test_the_run_reports_how_far_the_global_mask_moved(digits: FederatedDataset) -> None:
+    r = run_strategy("feddst", CFG, digits, _spec(digits), rounds=3, sample_rate=0.5, seed=0)
+    moves, readjusted = r.extra["mask_moves"], r.extra["readjust_rounds"]
+    assert len(moves) == 3 and readjusted == [1, 2]  # T_end = 0.5 x 3 rounds: t = 0 and 1 readjust
+    assert moves[2] == 0 and max(moves) > 0  # the mask only moves in readjustment rounds
