@@ -4,8 +4,9 @@ as `fedmask experiment --variants`): e.g. ZeroFL's three unsent-entry rules side
     python -m ops.bench.strategy_settings --task mnist --variant zerofl --seeds 3 --rounds 20 \
         --setting zero:unsent=zero --setting holders:unsent=holders --out runs/zerofl-rules
 
-A setting is NAME:KNOB=VALUE[,KNOB=VALUE...]; values are parsed as JSON when they can be (numbers,
-true/false), else kept as strings. The tuned config comes from shared/tuned/ as `experiment` reads it.
+A setting is NAME:KNOB=VALUE[,KNOB=VALUE...] (NAME: alone runs the config unchanged); values are
+parsed as JSON when they can be (numbers, true/false), else kept as strings. The tuned config comes
+from shared/tuned/ as `experiment` reads it, or from --tuning-file (a `fedmask tune --out` record).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from ops.cli.common import build_run
 from ops.engine.variants import run_variants, tuned_configs
 from shared.sim.tuning import data_split
-from shared.sim.variants import VariantConfig
+from shared.sim.variants import VariantConfig, default_config
 
 
 class _NoBar:
@@ -52,11 +53,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--partition", default="shards")
     ap.add_argument("--setting", action="append", required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tuning-file", type=Path, default=None,
+                    help="a `fedmask tune --out` record to take the config from instead of shared/tuned/")
     args = ap.parse_args(argv)
     setups = {s: build_run(args.task, None, None, s, partition=args.partition) for s in range(args.seeds)}
     p = setups[0].preset
     key = data_split(args.task, p, args.partition)["key"]
-    base, origin = tuned_configs(args.task, [args.variant], key, say=print)[args.variant]
+    if args.tuning_file is not None:
+        raw = json.loads(args.tuning_file.read_text())
+        if raw.get("variant") != args.variant or raw.get("task") != args.task:
+            raise SystemExit(f"{args.tuning_file} is for {raw.get('task')}/{raw.get('variant')}")
+        base = VariantConfig.from_json(raw["chosen"]["config"], default_config(args.variant, p))
+        origin = str(args.tuning_file)
+    else:
+        base, origin = tuned_configs(args.task, [args.variant], key, say=print)[args.variant]
     configs: dict[str, tuple[VariantConfig, str]] = {}
     for text in args.setting:
         name, changes = parse_setting(text)
