@@ -63,6 +63,12 @@ Reason codes
                    decoding against its base, also raises it for a payload not used up exactly
   bad_base         (receiver) the decoded mask's CRC32 is not mask_crc32: the sender coded against another base
   (A receiver that does not hold the named base refuses with stale_base: shared/rounds.py, shared/device.py.)
+
+Strategy messages (shared/strategies/: FedAvg, FedDST, ZeroFL) are registered here too: types
+"stask" | "supdate" | "smodel" (STRATEGY_TYPES, encode_strategy / decode_strategy, envelope in
+shared/strategy_codec.py), whose tensors travel as payload parts with enc in PAYLOAD_ENCODINGS
+(shared/payloads.py): "bits" (packed, as above), "sparse" (values with positions, as a bitmap or an
+index list, whichever is smaller per part) and "dense" (float32 or float16). Same reason codes.
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ from shared.codec_checks import PROTOCOL_VERSION as PROTOCOL_VERSION
 from shared.codec_checks import TYPES as TYPES
 from shared.codec_checks import validate
 from shared.errors import CodecError
+from shared.payloads import PAYLOAD_ENCODINGS as PAYLOAD_ENCODINGS
+from shared.strategy_codec import STRATEGY_TYPES as STRATEGY_TYPES
+from shared.strategy_codec import StrategyMessage as StrategyMessage
+from shared.strategy_codec import decode_strategy as decode_strategy
+from shared.strategy_codec import encode_strategy as encode_strategy
 
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a full mask of a 500M-parameter model is 62.5 MB
 

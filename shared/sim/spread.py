@@ -24,6 +24,9 @@ Setup = Callable[[int], tuple[FederatedDataset, ModelSpec]]
 ProgressFor = Callable[[str, int], Progress | None]
 
 
+_COMPUTE = ("train_flops", "dense_train_flops", "dense_eval_accuracy", "readjust_rounds", "mask_moves")
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; NaN with one value: no spread measured)."""
     arr = np.asarray(values, dtype=np.float64)
@@ -67,7 +70,9 @@ def summarize(variant: str, config: VariantConfig, origin: str, runs: dict[int, 
     val_mean, val_std = mean_std([r.validation_accuracy for r in rs])
     per_seed = [{"seed": s, "test_accuracy": r.personalized_accuracy, "validation_accuracy": r.validation_accuracy,
                  "uplink_mb": r.uplink_bytes / 1e6, "downlink_mb": r.downlink_bytes / 1e6,
-                 "wall_seconds": r.wall_seconds, "history": r.history} for s, r in zip(seeds, rs, strict=True)]
+                 "wall_seconds": r.wall_seconds, "history": r.history,
+                 # strategies (shared/sim/strategy_run.py) also count training compute
+                 **{k: r.extra[k] for k in _COMPUTE if k in r.extra}} for s, r in zip(seeds, rs, strict=True)]
     return VariantSummary(
         variant=variant, config=config.to_json(), origin=origin, seeds=seeds,
         test_mean=test_mean, test_std=test_std, val_mean=val_mean, val_std=val_std,

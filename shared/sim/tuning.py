@@ -109,6 +109,15 @@ GRIDS: dict[str, Grid] = {
     ],
     # FedPM is one global model: only how its scores train is tuned.
     "fedpm": [_AGREE_OPT, _axis("batch_size", (16, 32))],
+    # FedDST at S = 0.8 (the target's): the dense optimizers, how much and how often masks move
+    # (the paper's R_adj 15 fits 400 rounds; short runs need shorter periods to readjust at all),
+    # and the per-layer rule.
+    "feddst": [*_DENSE, _axis("alpha", (0.01, 0.05, 0.2)), _axis("readjust_every", (1, 3, 15)),
+               _axis("density_rule", ("erk", "uniform"))],
+    # ZeroFL at sp 0.9, mr 0.2 (the target's): the dense optimizers and the server's unsent-entry rule.
+    "zerofl": [*_DENSE, _axis("unsent", ("zero", "holders", "keep"))],
+    # LG-FedAvg: the dense optimizers and how many of the last tensors are shared.
+    "lg-fedavg": [*_DENSE, _axis("head_layers", (1, 2))],
 }
 
 

@@ -20,6 +20,8 @@ from shared.sim.baselines import run_baseline
 from shared.sim.byzantine import Adversary
 from shared.sim.fedmask import run_fedmask
 from shared.sim.result import Progress, SimResult
+from shared.sim.strategy_run import run_strategy
+from shared.strategies.base import StrategyConfig
 from shared.train import TrainConfig
 
 if TYPE_CHECKING:  # presets reads tuned configs through this module: no runtime import back
@@ -27,7 +29,9 @@ if TYPE_CHECKING:  # presets reads tuned configs through this module: no runtime
 
 DENSE_VARIANTS = ("fedavg", "fedavg-ft", "standalone", "topk")
 MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedpm")
-VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS)
+# Run through the strategy interface (shared/strategies/, shared/sim/strategy_run.py).
+STRATEGY_VARIANTS = ("feddst", "zerofl", "lg-fedavg")
+VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS, *STRATEGY_VARIANTS)
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 
@@ -51,6 +55,15 @@ class VariantConfig:
     share_grid: tuple[float, ...] = ()  # fedmask-adapt: each device picks its share on its own validation
     personal_head: bool = False
     broadcast_final: bool = False  # fedpm: the last agreement reaches every device before evaluation
+    # Strategy variants (shared/strategies/base.StrategyConfig documents each knob):
+    sparsity: float = 0.8          # feddst: S; zerofl: SWAT's sp
+    alpha: float = 0.01            # feddst: readjustment ratio (cosine-annealed)
+    readjust_every: int = 15       # feddst: R_adj
+    density_rule: str = "erk"      # feddst: erk | uniform
+    mask_ratio: float = 0.2        # zerofl: mr
+    unsent: str = "zero"           # zerofl: zero | holders | keep
+    sparsify_first: bool = False   # zerofl: SWAT on the first layer too
+    head_layers: int = 1           # lg-fedavg: the global (shared) last tensors
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -59,6 +72,16 @@ class VariantConfig:
     @property
     def dense(self) -> bool:
         return self.variant in DENSE_VARIANTS
+
+    @property
+    def strategy(self) -> bool:
+        return self.variant in STRATEGY_VARIANTS
+
+    def strategy_config(self) -> StrategyConfig:
+        return StrategyConfig(train=self.train, local_epochs=self.local_epochs, sparsity=self.sparsity,
+                              alpha=self.alpha, readjust_every=self.readjust_every, density_rule=self.density_rule,
+                              mask_ratio=self.mask_ratio, unsent=self.unsent, sparsify_first=self.sparsify_first,
+                              head_layers=self.head_layers)
 
     def with_(self, **changes: Any) -> VariantConfig:
         """Change knobs by name; TrainConfig's fields (lr, batch_size, ...) go to `train`."""
@@ -95,6 +118,12 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
     if variant in DENSE_VARIANTS:
         final = {"fedavg-ft": p.local_epochs, "standalone": p.final_local_epochs}.get(variant, 0)
         return VariantConfig(variant, p.dense_train, p.local_epochs, final_local_epochs=final)
+    if variant in STRATEGY_VARIANTS:
+        # The papers' optimizer (SGD, momentum 0.9, lr 0.01) with the task's batch size and local budget.
+        sgd = p.dense_train.with_(weight_optimizer="sgd", weight_lr=0.01, momentum=0.9)
+        if variant == "lg-fedavg":  # a baseline: the dense baselines' default training
+            return VariantConfig(variant, p.dense_train, p.local_epochs)
+        return VariantConfig(variant, sgd, p.local_epochs, sparsity=0.8 if variant == "feddst" else 0.9)
     if variant in ("fedmask", "fedmask-local"):
         # train.py trains every group with the scores' optimizer kind: record that kind for the
         # weights too (no change in behaviour), so a config says what actually runs.
@@ -125,6 +154,12 @@ def run_variant(cfg: VariantConfig, data: FederatedDataset, spec: ModelSpec, *, 
     extra["downlink_bits_per_param"] say what the downlink cost per model or mask received:
     8 * downlink_bytes / (params * downloads), downloads = one per participant per round (the
     merged mask, or the global model) plus any final downloads (fedavg-ft, the fedpm broadcast)."""
+    if cfg.strategy:
+        if adversary is not None or save_devices is not None:
+            raise ValueError(f"{cfg.variant} runs through the strategy interface: no Byzantine hook, no saved devices")
+        r = run_strategy(cfg.variant, cfg.strategy_config(), data, spec, rounds=rounds, sample_rate=sample_rate,
+                         seed=seed, eval_every=eval_every, progress=progress)
+        return replace(r, method=cfg.variant, extra={**r.extra, "config": cfg.to_json()})
     if cfg.dense:
         if adversary is not None:
             raise ValueError("the Byzantine hook is in FedMask's update path; dense baselines have none")

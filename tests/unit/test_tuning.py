@@ -70,11 +70,13 @@ def test_every_variant_gets_the_same_trials_and_trial_one_is_the_default(variant
 
 def test_declared_grids_have_the_declared_sizes() -> None:
     # dense: 12 optimizer/lr pairs x 2 batches; fedmask: 6 x 2 x 3 rho x 2 K x 2 final x 2 merges;
-    # fedmask-agree: 6 x 2 x 4 shares x 3 head choices x 3 rho x 2 K x 3 final; fedmask-adapt: the same
-    # without the 4 shares (each device chooses its own); fedpm: 6 x 2
+    # fedmask-agree: 6 x 2 x 4 shares x 3 head choices x 3 rho x 2 K x 3 final; fedmask-adapt: agree without
+    # the 4 shares (each device chooses its own); fedpm: 6 x 2;
+    # feddst: dense 24 x 3 alphas x 3 periods x 2 rules; zerofl: dense 24 x 3 unsent rules; lg-fedavg: 24 x 2
     sizes = {v: len(grid_points(v, default_config(v, DIGITS))) for v in GRIDS}
     assert sizes == {"fedavg": 24, "standalone": 24, "fedavg-ft": 72, "topk": 72, "fedmask": 288,
-                     "fedmask-local": 144, "fedmask-agree": 2592, "fedmask-adapt": 648, "fedpm": 12}
+                     "fedmask-local": 144, "fedmask-agree": 2592, "fedmask-adapt": 648, "fedpm": 12,
+                     "feddst": 432, "zerofl": 72, "lg-fedavg": 48}
     assert all(c.merge == "local" for c in grid_points("fedmask-local", default_config("fedmask-local", DIGITS)))
     fedpm = grid_points("fedpm", default_config("fedpm", DIGITS))
     assert {(c.share, c.prune_rho, c.personal_head, c.final_local_epochs) for c in fedpm} == {(1.0, 1.0, False, 0)}

@@ -1,0 +1,30 @@
+"""Federated-learning methods behind one interface (shared/strategies/base.py), one module each.
+
+Adding a strategy: its module (a DeviceHalf and a ServerHalf), a payload encoding in
+shared/payloads.py only if none fits, and one line in STRATEGIES below.
+"""
+
+from __future__ import annotations
+
+from shared.strategies.base import DeviceHalf, ServerHalf, Strategy, StrategyConfig
+from shared.strategies.fedavg import FedAvgDevice, FedAvgServer
+from shared.strategies.feddst import FedDSTDevice, FedDSTServer
+from shared.strategies.lg_fedavg import LGFedAvgDevice, LGFedAvgServer
+from shared.strategies.zerofl import ZeroFLDevice, ZeroFLServer
+
+STRATEGIES: dict[str, Strategy] = {
+    "fedavg": Strategy("fedavg", FedAvgDevice, FedAvgServer, "dense weights averaged (McMahan et al. 2017)"),
+    "feddst": Strategy("feddst", FedDSTDevice, FedDSTServer, "sparse weights, dynamic masks (Bibikar et al. 2022)"),
+    "zerofl": Strategy("zerofl", ZeroFLDevice, ZeroFLServer, "SWAT training, top-K uploads (Qiu et al. 2022)"),
+    "lg-fedavg": Strategy("lg-fedavg", LGFedAvgDevice, LGFedAvgServer, "local body, global head (Liang et al. 2020)"),
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
+
+
+__all__ = ["STRATEGIES", "DeviceHalf", "ServerHalf", "Strategy", "StrategyConfig", "get_strategy"]
