@@ -12,11 +12,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from aggregator.core_batch import ACK, BatchDecisions, Decision, handle_batch
 from aggregator.round_stats import stats_row
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from aggregator.store_closer import closer_is_dead_here, default_closer_id
@@ -49,15 +49,6 @@ from shared.transport import DeviceUnreachable, Envelope, Transport
 log = logging.getLogger("fedmask.aggregator")
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What the consumer does with a delivery: ack, or reject to dead.letters with a reason."""
-
-    action: str  # "ack" | "reject"
-    reason: str = ""
-
-
-ACK = Decision("ack")
 # What parking a late update counts (store.set_pending's status): "replaced" also drops the older
 # parked one, so every late update ends counted as carried, expired, replaced or superseded.
 _PARK_COUNTERS = {"parked": "late:parked", "replaced": "late:replaced", "duplicate": "updates:duplicate",
@@ -192,9 +183,7 @@ class AggregatorCore:
         self._refuse_removed(msg.device)
         rec = check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
         if msg.enc == "delta":
-            # Decoded at ingest, against the mask the base names: Redis keeps the raw update, so the
-            # close, carried and parked updates and a resumed close never depend on a base again.
-            msg = undelta_update(msg, rec, self.nbits, self._held(msg.device))
+            msg = self.undelta(msg, rec)
             body = codec.encode(msg)
         self._fault("consumed")
         now = self.clock()
@@ -247,6 +236,16 @@ class AggregatorCore:
         raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update "
                          f"(late policy {policy.get('late', 'drop')}, max staleness {max_staleness})")
 
+    def handle_batch(self, items: Sequence[tuple[str, str | None, bytes]]) -> BatchDecisions:
+        """Validate and persist a prefetch window in one Redis round trip (aggregator/core_batch.py);
+        persist-before-ack per message, as in `handle`. The elected rounds are left to the caller."""
+        return handle_batch(self, items)
+
+    def undelta(self, msg: codec.Message, rec: DeviceRecord) -> codec.Message:
+        """A delta-coded update decoded at ingest, against the mask its base names: Redis keeps the raw
+        update, so the close, carried and parked updates and a resumed close never depend on a base again."""
+        return undelta_update(msg, rec, self.nbits, self._held(msg.device))
+
     def _held(self, device: str) -> HeldMask:
         """A device's merged masks a delta-coded update may be coded against: version 0 (the initial
         mask), the newest and the one before it (a redelivery after a close is coded against that). Under
@@ -265,9 +264,11 @@ class AggregatorCore:
         rec = self._records.get(device)
         if rec is None:
             structure = self.store.structure(device)
-            if structure is None:
-                return None
-            rec = self._records[device] = DeviceRecord(np.frombuffer(structure, np.uint8).copy())
+            return None if structure is None else self._record_from(device, structure)
+        return rec
+
+    def _record_from(self, device: str, structure: bytes) -> DeviceRecord:
+        rec = self._records[device] = DeviceRecord(np.frombuffer(structure, np.uint8).copy())
         return rec
 
     def _fault(self, point: str) -> None:

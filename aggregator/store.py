@@ -19,6 +19,7 @@ import redis
 
 from aggregator.redis_url import client_from_url, replicas_to_wait
 from aggregator.redis_url import redact_url as redact_url
+from aggregator.store_batch import WAIT_TIMEOUT_MS, BatchIngest
 from aggregator.store_closer import CloseLease
 from aggregator.store_devices import DeviceLifecycle
 from aggregator.store_durability import AckDurability, read_ack_durability
@@ -31,7 +32,6 @@ STATES: Final = ("open", "closing", "closed")
 CarryStatus = Literal["carried", "duplicate", "sampled", "closed", "unknown_round"]
 _UPDATE_STATUSES: Final = get_args(UpdateStatus)
 _CARRY_STATUSES: Final = get_args(CarryStatus)
-WAIT_TIMEOUT_MS: Final = 5000
 _MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a time
 
 
@@ -79,7 +79,7 @@ def _s(raw: object) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
+class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates, BatchIngest):
     wait_replicas = 0  # replicas that must hold an update before ingest_update returns (URL ?replicas=N)
 
     def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:

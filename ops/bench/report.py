@@ -73,11 +73,13 @@ def format_pipeline(r: dict[str, Any]) -> str:
         f"{raw['seconds']:8.3f}",
         f"ingest / raw = {r['ingest_over_raw']:.3f}, median of {len(r['ingest_over_raw_all'])} pairs ({ratios}); "
         f"target >= {r['ingest_target_ratio']}: {_verdict(r['ingest_over_raw'] >= r['ingest_target_ratio'])}",
-        f"aggregator handler: median {ing['handler_ms_median']:.2f} ms per update",
-        f"adapter floor: shared.amqp.Consumer acking at once {fl['adapter_noop']['updates_per_s']:.1f}/s vs "
+        f"aggregator handler: median {ing['handler_ms_median']:.2f} ms per update, "
+        f"{ing.get('batch_size_mean', 1):.1f} updates per batch",
+        f"adapter floor: shared.amqp.BatchConsumer acking at once {fl['adapter_noop']['updates_per_s']:.1f}/s vs "
         f"raw {fl['raw']['updates_per_s']:.1f}/s over {fl['raw']['updates']} messages = "
         f"{fl['adapter_over_raw']:.3f}",
-        "  (the ceiling of ingest / raw: the aggregator's consumer class doing no work at all)",
+        "  (the ceiling of ingest / raw: the aggregator's consumer class doing no work at all; one delivery per "
+        f"call, shared.amqp.Consumer: {fl.get('single_over_raw', float('nan')):.3f})",
         "",
         f"round close latency over {close['rounds']} rounds (closer elected -> last merged mask confirmed):",
         f"  p50 {close['p50_s']:.3f} s   p99 {close['p99_s']:.3f} s   max {close['max_s']:.3f} s   "

@@ -8,10 +8,12 @@ project's own errors. The package is split by job, and callers import from `shar
   broker_topology.py  the exchanges, queues and bindings as data; declare_topology, delete_topology
   publisher.py        Publisher: confirmed uplink and downlink publishes
   consumer.py         Consumer: manual acks, a handler thread, dead letters
+  batch_consumer.py   BatchConsumer: the same, a prefetch window handed to the handler as one batch
   delivery.py         Delivery and Outcome, what a handler takes and returns
   untrusted.py        a board's properties read without trusting them: total decoding, clean dead letters
 """
 
+from shared.amqp.batch_consumer import BatchConsumer, BatchHandler
 from shared.amqp.broker_topology import (
     AGGREGATOR_QUEUE,
     DEAD_EXCHANGE,
@@ -67,6 +69,8 @@ __all__ = [
     "UPLINK_LIMITS",
     "AmqpError",
     "AmqpSettings",
+    "BatchConsumer",
+    "BatchHandler",
     "BindingSpec",
     "Consumer",
     "DeadLetterMode",
