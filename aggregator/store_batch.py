@@ -69,25 +69,14 @@ class BatchIngest:
         added in the same round trip. One BatchResult per update, in order."""
         if not updates and not counters:
             return []
-        t = repr(float(now))
         with self._guard("ingest_batch"):
-            pipe = self.client.pipeline(transaction=False)
-            nonce = uuid.uuid4().hex  # incoming keys are this call's own: no other caller can rename them
-            for i, u in enumerate(updates):
-                incoming = self.keys.in_round(u.round_id, "incoming", u.device, f"{nonce}{i}")
-                pipe.set(incoming, bytes(u.body), px=INCOMING_TTL_MS)
-                self._scripts["admit_update"](keys=[*self._ingest_keys(u), incoming], client=pipe,
-                                              args=[u.device, "", t, "ingest", u.round_id, u.stats_json])
-                self._scripts["touch"](keys=self.keys.touch(u.device), args=[u.device, t], client=pipe)
-                self._scripts["close_round"](keys=[self.keys.in_round(u.round_id, "round"),
-                                                   self.keys.in_round(u.round_id, "received"),
-                                                   self.keys.in_round(u.round_id, "closer")],
-                                             args=[t, *self.closer_args()], client=pipe)
-            for name, by in sorted((counters or {}).items()):
-                pipe.hincrby(self.keys.key("counters"), name, by)
-            if self.wait_replicas and updates:  # after every write: it covers them all
-                pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)  # type: ignore[no-untyped-call]
-            replies: list[Any] = pipe.execute(raise_on_error=False)
+            replies = self._ingest_pipeline(updates, repr(float(now)), counters or {})
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                # A restarted or flushed Redis lost the scripts: load them, send the batch again (every
+                # command of it is idempotent, and the refused scripts did nothing).
+                for script in self._scripts.values():
+                    script.sha = self.client.script_load(script.script)
+                replies = self._ingest_pipeline(updates, repr(float(now)), counters or {})
         # A lost connection raises above; what is in `replies` are per-command answers or refusals.
         if self.wait_replicas and updates:
             acked = replies[-1]
@@ -97,6 +86,28 @@ class BatchIngest:
                                  f"{len(updates)} updates within {WAIT_TIMEOUT_MS} ms; none is acknowledged",
                                  retryable=True)
         return list(_results(replies, len(updates)))
+
+    def _ingest_pipeline(self, updates: Sequence[BatchUpdate], t: str, counters: dict[str, int]) -> list[Any]:
+        """One pipeline for the batch. EVALSHA directly: a redis-py Script in a pipeline first asks
+        SCRIPT EXISTS, one more round trip per batch; a missing script is handled by the caller."""
+        pipe = self.client.pipeline(transaction=False)
+        admit, touch, close = (self._scripts[n].sha for n in ("admit_update", "touch", "close_round"))
+        closer = self.closer_args()
+        nonce = uuid.uuid4().hex  # incoming keys are this call's own: no other caller can rename them
+        for i, u in enumerate(updates):
+            incoming = self.keys.in_round(u.round_id, "incoming", u.device, f"{nonce}{i}")
+            pipe.set(incoming, bytes(u.body), px=INCOMING_TTL_MS)
+            keys = [*self._ingest_keys(u), incoming]
+            pipe.evalsha(admit, len(keys), *keys, u.device, "", t, "ingest", u.round_id, u.stats_json)
+            pipe.evalsha(touch, 3, *self.keys.touch(u.device), u.device, t)
+            pipe.evalsha(close, 3, self.keys.in_round(u.round_id, "round"), self.keys.in_round(u.round_id, "received"),
+                         self.keys.in_round(u.round_id, "closer"), t, *closer)
+        for name, by in sorted(counters.items()):
+            pipe.hincrby(self.keys.key("counters"), name, by)
+        if self.wait_replicas and updates:  # after every write: it covers them all
+            pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)  # type: ignore[no-untyped-call]
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        return replies
 
     def structures(self, device_ids: Sequence[str]) -> dict[str, bytes | None]:
         """device -> its packed structure (None: never said hello), in one round trip."""
