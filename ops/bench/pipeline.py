@@ -47,6 +47,7 @@ from aggregator.store import RoundInfo, redact_url
 from ops.bench.adapter_floor import adapter_floor
 from ops.bench.figures import host_load, percentile, rate
 from ops.bench.raw_broker import BrokerAdmin, raw_drain
+from ops.bench.replicas import replica_ingest
 from ops.bench.report import top_functions
 from ops.control.rounds import wait_closed
 from ops.fleet.emulated import (
@@ -84,6 +85,7 @@ class PipelineBenchConfig:
     publisher_threads: int = 8
     timeout: float = 300.0  # per wait (hellos, one round); a stuck pipeline fails instead of hanging
     durability: str = ""  # see the module docstring: "", "always", "everysec" or "both"
+    replicas: int = 0  # > 1: also ingest with 1 and with this many aggregator processes (ops/bench/replicas.py)
 
 
 class TimedHandler:
@@ -303,7 +305,9 @@ class _PipelineRun:
             closes.append(self.latency_round())
             if on_round is not None:
                 on_round(i + 1, closes[-1])
+        replicas = replica_ingest(self, cfg.replicas, cfg.ingest_repeats) if cfg.replicas else None
         return {
+            "replica_ingest": replicas,
             "config": {**asdict(cfg), "amqp_url": self.box.admin.redacted(), "redis_url": redact_url(cfg.redis_url),
                        "params_actual": self.model.nbits, "width": self.model.width,
                        "update_bytes_mean": ingest["bytes"] / ingest["updates"]},

@@ -57,6 +57,22 @@ def format_decoupling(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _replica_lines(rep: dict[str, Any] | None) -> list[str]:
+    if not rep:
+        return []
+    n = rep["replicas"]
+    one, many = rep["one_updates_per_s"], rep[f"{n}_updates_per_s"]
+    return [
+        "",
+        f"aggregator processes on one queue (SIGCONT -> last update stored, {len(one)} alternating pairs):",
+        f"  1 replica: {', '.join(f'{x:.0f}' for x in one)} updates/s",
+        f"  {n} replicas: {', '.join(f'{x:.0f}' for x in many)} updates/s",
+        f"  {n} / 1 = {rep['ratio_median']:.2f} median ({', '.join(f'{x:.2f}' for x in rep['ratios'])}); "
+        f"target >= {rep['target_ratio']}: {_verdict(rep['ratio_median'] >= rep['target_ratio'])}; "
+        f"load {rep['host']['loadavg_1m']:.2f} before, {rep['host']['loadavg_1m_after']:.2f} after",
+    ]
+
+
 def format_pipeline(r: dict[str, Any]) -> str:
     """What `fedmask bench pipeline` prints without --json."""
     c, ing, raw, close, fl = r["config"], r["ingest"], r["raw"], r["close"], r["adapter_floor"]
@@ -85,6 +101,7 @@ def format_pipeline(r: dict[str, Any]) -> str:
         f"  p50 {close['p50_s']:.3f} s   p99 {close['p99_s']:.3f} s   max {close['max_s']:.3f} s   "
         f"(target p99 <= {close['target_s']} s: {_verdict(close['p99_s'] <= close['target_s'])})",
         f"device queues: {r['device_queues']}",
+        *_replica_lines(r.get("replica_ingest")),
         describe_host(r.get("host")),
     ]
     for phase, rows in (r.get("profile") or {}).items():
@@ -132,6 +149,7 @@ def format_load(r: dict[str, Any]) -> str:
         f"  rejected:      {a['rejected_by_reason']}  (late, round_closed: {a['late']})",
         f"  dead letters:  {a['dead_letters_by_reason']}",
         f"device queues: {r['device_queues']}",
+        *_replica_lines(r.get("replica_ingest")),
         describe_host(r.get("host")),
     ]
     lines += [f"PROBLEM: {p}" for p in r["problems"]]
