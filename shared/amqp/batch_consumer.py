@@ -105,7 +105,10 @@ class BatchConsumer(Consumer):
 
     def _run_batch(self, stop: threading.Event, batch: list[_Work]) -> None:
         live = [w for w in batch if w.link.open and w.link.accepting]  # the rest: the broker redelivers them
-        settled: list[tuple[_Work, Outcome]] = [(w, self._refuse(w)) for w in live if w.problem]
+        # Unreadable deliveries are settled before the handler runs: a connection lost while it runs
+        # would otherwise bring them back, to be refused (and counted) again.
+        self._schedule_by_link([(w, self._refuse(w)) for w in live if w.problem])
+        settled: list[tuple[_Work, Outcome]] = []
         handled = [w for w in live if not w.problem]
         if handled:
             self.batches += 1
@@ -114,6 +117,9 @@ class BatchConsumer(Consumer):
                 settled.append((w, result if isinstance(result, Outcome) else self._failed(w.delivery, result)))
         if any(o.action == "requeue" for _, o in settled) and self.requeue_delay > 0:
             stop.wait(self.requeue_delay)  # an immediate requeue would spin on a failing dependency
+        self._schedule_by_link(settled)
+
+    def _schedule_by_link(self, settled: list[tuple[_Work, Outcome]]) -> None:
         by_link: dict[int, tuple[_Link, list[tuple[_Work, Outcome]]]] = {}
         for w, o in settled:
             by_link.setdefault(id(w.link), (w.link, []))[1].append((w, o))
