@@ -17,11 +17,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from aggregator.core_batch import ACK, BatchDecisions, Decision, handle_batch
+from aggregator.core_close import publish_round, round_downlinks
 from aggregator.round_stats import stats_row
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from aggregator.store_closer import closer_is_dead_here, default_closer_id
 from shared import codec
-from shared.bits import pack, scatter_at
+from shared.bits import pack
 from shared.errors import CodecError, ConfigError
 from shared.log_safety import RejectionLog, printable
 from shared.merge_rules import MergeContext, get_rule
@@ -33,8 +34,6 @@ from shared.rounds import (
     check_hello,
     check_sender,
     check_update,
-    delta_downlink,
-    downlink_messages,
     mask_message,
     quorum_count,
     refusal,
@@ -174,10 +173,13 @@ class AggregatorCore:
             self.downlink.publish_downlink(device, body)
             return True
         except DeviceUnreachable as err:
-            if self.store.mark_unreachable(device, self.clock()):
-                self.store.incr("devices:unreachable")
-            log.warning("%s; it is not sampled until it says hello again", err)
+            self._unreachable(device, err)
             return False
+
+    def _unreachable(self, device: str, err: DeviceUnreachable) -> None:
+        if self.store.mark_unreachable(device, self.clock()):
+            self.store.incr("devices:unreachable")
+        log.warning("%s; it is not sampled until it says hello again", err)
 
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
         self._refuse_removed(msg.device)
@@ -413,30 +415,12 @@ class AggregatorCore:
             if msg.downlink == "delta":
                 rnd.delta_downlink[device] = msg.round
         self._fault("merging")
-        messages = downlink_messages(self.rule, self.ctx, rnd, self._records, fingerprint=self.fingerprint,
-                                     layout=self.layout)
-        renewed = time.monotonic()
-        for device, msg in messages.items():
-            wire = delta_downlink(msg, rnd, self._records[device], nbits=self.nbits, layer_sizes=self.layer_sizes)
-            self._send(device, codec.encode(wire))  # kept in Redis either way (set_masks below)
-            self._fault("published")
-            if time.monotonic() - renewed > self.store.lease_ms / 3000:  # a long close keeps its lease
-                self.store.renew_close(round_id)
-                renewed = time.monotonic()
+        messages, stored = round_downlinks(self, rnd)
+        publish_round(self, rnd, messages)  # kept in Redis either way (set_masks below)
         # After the publishes, in one round trip: a crash before this is resumed by publishing again.
-        self.store.set_masks({d: self._stored_mask(msg) for d, msg in messages.items()}, round_id)
+        self.store.set_masks(stored, round_id)
         self._fault("published_all")
         self.store.mark_closed(round_id, self.clock())
         self.store.incr("rounds:closed")
         log.info("round %d closed: %d participants merged (%s)", round_id, len(messages), self.rule.name)
         return messages
-
-    def _stored_mask(self, msg: codec.Message) -> bytes:
-        """What Redis keeps as the device's mask: for a bit rule the packed full merged mask (the
-        published bits scattered back: a rule never sets a bit outside the structure); for the
-        agreement rule the q4 levels as published (inside the structure, two per byte)."""
-        assert msg.bits is not None  # every downlink carries bits
-        if msg.enc == "q4":
-            return msg.bits
-        inside = np.frombuffer(msg.bits, dtype=np.uint8)
-        return scatter_at(inside, self._records[msg.device].where(self.nbits), self.nbits).tobytes()

@@ -26,7 +26,7 @@ from shared.amqp import (
     Consumer,
     Delivery,
     Outcome,
-    Publisher,
+    PublisherPool,
     device_of_user,
 )
 from shared.errors import FedMaskError
@@ -34,6 +34,7 @@ from shared.log_safety import printable
 from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 log = logging.getLogger("fedmask.aggregator")
+DOWNLINK_CONNECTIONS = 4  # shared.amqp.PublisherPool: confirmed downlinks in flight during a close
 RETRY_MAX_SECONDS = 30.0  # the longest wait between two tries while Redis or the broker is unreachable
 
 
@@ -65,7 +66,8 @@ class AggregatorService:
         self.setup = variant_setup(s.task, s.variant, width=s.width, seed=s.seed, merge=s.merge)  # before connecting
         self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
-        self.publisher = Publisher(self.amqp, declare=True)
+        # A close publishes one confirmed mask per participant: a few connections keep several in flight.
+        self.publisher = PublisherPool(self.amqp, size=DOWNLINK_CONNECTIONS, declare=True)
         self.core = MeteredCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
                                 prune_last_k=self.setup.fedmask.prune_last_k,
                                 prune_rho=self.setup.fedmask.prune_rho)
