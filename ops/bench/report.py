@@ -42,6 +42,9 @@ def format_aggregate(r: dict[str, Any]) -> str:
         f"({r['kernel_params_per_second'] / 1e6:,.0f} M params/s, {r['kernel_mb_per_second']:,.0f} MB/s in)",
         f"speedup         : {r['speedup']:.1f}x vs the naive reference, "
         f"{r['speedup_vs_tuned_naive']:.1f}x vs the tuned one; output bit-identical: {r['identical']}",
+        f"one read pass   : {r['read_pass_seconds'] * 1e3:9.1f} ms  ({r['read_pass_mb_per_second']:,.0f} MB/s over the "
+        f"same inputs); kernel / read pass = {r['kernel_over_read_pass']:.2f} (target <= "
+        f"{r['kernel_over_read_target']:g}: {_verdict(r['kernel_over_read_pass'] <= r['kernel_over_read_target'])})",
     ])
 
 
