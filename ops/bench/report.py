@@ -80,9 +80,11 @@ def format_pipeline(r: dict[str, Any]) -> str:
     """What `fedmask bench pipeline` prints without --json."""
     c, ing, raw, close, fl = r["config"], r["ingest"], r["raw"], r["close"], r["adapter_floor"]
     ratios = ", ".join(f"{x:.3f}" for x in r["ingest_over_raw_all"])
-    lines = [
+    head = [
         f"{c['devices']} devices x {c['params_actual']:,} params ({c['task']} mlp, width {c['width']}), "
         f"updates of {c['update_bytes_mean'] / 1e3:.1f} kB, prefetch {c['prefetch']}",
+    ]
+    drained = [
         "",
         f"{'one round drained (median pair)':34s} {'updates/s':>10s} {'MB/s':>8s} {'seconds':>8s}",
         f"{'aggregator ingest (to last stored)':34s} {ing['updates_per_s']:10.1f} {ing['mb_per_s']:8.1f} "
@@ -99,6 +101,10 @@ def format_pipeline(r: dict[str, Any]) -> str:
         f"{fl['adapter_over_raw']:.3f}",
         "  (the ceiling of ingest / raw: the aggregator's consumer class doing no work at all; one delivery per "
         f"call, shared.amqp.Consumer: {fl.get('single_over_raw', float('nan')):.3f})",
+    ] if ing else ["", "(no full-queue drain: --repeats 0)"]
+    lines = [
+        *head,
+        *drained,
         "",
         f"round close latency over {close['rounds']} rounds (closer elected -> last merged mask confirmed):",
         f"  p50 {close['p50_s']:.3f} s   p99 {close['p99_s']:.3f} s   max {close['max_s']:.3f} s   "
