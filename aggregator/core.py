@@ -12,16 +12,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from aggregator.core_batch import ACK, BatchDecisions, Decision, handle_batch
+from aggregator.core_close import publish_round, round_downlinks
 from aggregator.round_stats import stats_row
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from aggregator.store_closer import closer_is_dead_here, default_closer_id
 from shared import codec
-from shared.bits import pack, scatter_at
+from shared.bits import pack
 from shared.errors import CodecError, ConfigError
 from shared.log_safety import RejectionLog, printable
 from shared.merge_rules import MergeContext, get_rule
@@ -33,8 +34,6 @@ from shared.rounds import (
     check_hello,
     check_sender,
     check_update,
-    delta_downlink,
-    downlink_messages,
     mask_message,
     quorum_count,
     refusal,
@@ -49,15 +48,6 @@ from shared.transport import DeviceUnreachable, Envelope, Transport
 log = logging.getLogger("fedmask.aggregator")
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What the consumer does with a delivery: ack, or reject to dead.letters with a reason."""
-
-    action: str  # "ack" | "reject"
-    reason: str = ""
-
-
-ACK = Decision("ack")
 # What parking a late update counts (store.set_pending's status): "replaced" also drops the older
 # parked one, so every late update ends counted as carried, expired, replaced or superseded.
 _PARK_COUNTERS = {"parked": "late:parked", "replaced": "late:replaced", "duplicate": "updates:duplicate",
@@ -183,18 +173,19 @@ class AggregatorCore:
             self.downlink.publish_downlink(device, body)
             return True
         except DeviceUnreachable as err:
-            if self.store.mark_unreachable(device, self.clock()):
-                self.store.incr("devices:unreachable")
-            log.warning("%s; it is not sampled until it says hello again", err)
+            self._unreachable(device, err)
             return False
+
+    def _unreachable(self, device: str, err: DeviceUnreachable) -> None:
+        if self.store.mark_unreachable(device, self.clock()):
+            self.store.incr("devices:unreachable")
+        log.warning("%s; it is not sampled until it says hello again", err)
 
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
         self._refuse_removed(msg.device)
         rec = check_update(msg, self._record(msg.device))  # length and structure checks; no 1M-bit scatter here
         if msg.enc == "delta":
-            # Decoded at ingest, against the mask the base names: Redis keeps the raw update, so the
-            # close, carried and parked updates and a resumed close never depend on a base again.
-            msg = undelta_update(msg, rec, self.nbits, self._held(msg.device))
+            msg = self.undelta(msg, rec)
             body = codec.encode(msg)
         self._fault("consumed")
         now = self.clock()
@@ -247,6 +238,16 @@ class AggregatorCore:
         raise CodecError("round_closed", f"round {msg.round} closed before {msg.device}'s update "
                          f"(late policy {policy.get('late', 'drop')}, max staleness {max_staleness})")
 
+    def handle_batch(self, items: Sequence[tuple[str, str | None, bytes]]) -> BatchDecisions:
+        """Validate and persist a prefetch window in one Redis round trip (aggregator/core_batch.py);
+        persist-before-ack per message, as in `handle`. The elected rounds are left to the caller."""
+        return handle_batch(self, items)
+
+    def undelta(self, msg: codec.Message, rec: DeviceRecord) -> codec.Message:
+        """A delta-coded update decoded at ingest, against the mask its base names: Redis keeps the raw
+        update, so the close, carried and parked updates and a resumed close never depend on a base again."""
+        return undelta_update(msg, rec, self.nbits, self._held(msg.device))
+
     def _held(self, device: str) -> HeldMask:
         """A device's merged masks a delta-coded update may be coded against: version 0 (the initial
         mask), the newest and the one before it (a redelivery after a close is coded against that). Under
@@ -265,9 +266,14 @@ class AggregatorCore:
         rec = self._records.get(device)
         if rec is None:
             structure = self.store.structure(device)
-            if structure is None:
-                return None
-            rec = self._records[device] = DeviceRecord(np.frombuffer(structure, np.uint8).copy())
+            return None if structure is None else self._record_from(device, structure)
+        return rec
+
+    def _record_from(self, device: str, structure: bytes) -> DeviceRecord:
+        rec = self._records[device] = DeviceRecord(np.frombuffer(structure, np.uint8).copy())
+        # The positions every close selects and scatters by, computed here (the board's first update)
+        # rather than in the first close, where 1,000 of them at once took 30 of its 60 s (issue 14).
+        rec.spans(self.nbits)
         return rec
 
     def _fault(self, point: str) -> None:
@@ -412,30 +418,12 @@ class AggregatorCore:
             if msg.downlink == "delta":
                 rnd.delta_downlink[device] = msg.round
         self._fault("merging")
-        messages = downlink_messages(self.rule, self.ctx, rnd, self._records, fingerprint=self.fingerprint,
-                                     layout=self.layout)
-        renewed = time.monotonic()
-        for device, msg in messages.items():
-            wire = delta_downlink(msg, rnd, self._records[device], nbits=self.nbits, layer_sizes=self.layer_sizes)
-            self._send(device, codec.encode(wire))  # kept in Redis either way (set_masks below)
-            self._fault("published")
-            if time.monotonic() - renewed > self.store.lease_ms / 3000:  # a long close keeps its lease
-                self.store.renew_close(round_id)
-                renewed = time.monotonic()
+        messages, stored = round_downlinks(self, rnd)
+        publish_round(self, rnd, messages)  # kept in Redis either way (set_masks below)
         # After the publishes, in one round trip: a crash before this is resumed by publishing again.
-        self.store.set_masks({d: self._stored_mask(msg) for d, msg in messages.items()}, round_id)
+        self.store.set_masks(stored, round_id)
         self._fault("published_all")
         self.store.mark_closed(round_id, self.clock())
         self.store.incr("rounds:closed")
         log.info("round %d closed: %d participants merged (%s)", round_id, len(messages), self.rule.name)
         return messages
-
-    def _stored_mask(self, msg: codec.Message) -> bytes:
-        """What Redis keeps as the device's mask: for a bit rule the packed full merged mask (the
-        published bits scattered back: a rule never sets a bit outside the structure); for the
-        agreement rule the q4 levels as published (inside the structure, two per byte)."""
-        assert msg.bits is not None  # every downlink carries bits
-        if msg.enc == "q4":
-            return msg.bits
-        inside = np.frombuffer(msg.bits, dtype=np.uint8)
-        return scatter_at(inside, self._records[msg.device].where(self.nbits), self.nbits).tobytes()

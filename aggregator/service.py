@@ -22,10 +22,11 @@ from shared.amqp import (
     DROPPED_QUEUE,
     AmqpError,
     AmqpSettings,
+    BatchConsumer,
     Consumer,
     Delivery,
     Outcome,
-    Publisher,
+    PublisherPool,
     device_of_user,
 )
 from shared.errors import FedMaskError
@@ -33,6 +34,7 @@ from shared.log_safety import printable
 from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 log = logging.getLogger("fedmask.aggregator")
+DOWNLINK_CONNECTIONS = 4  # shared.amqp.PublisherPool: confirmed downlinks in flight during a close
 RETRY_MAX_SECONDS = 30.0  # the longest wait between two tries while Redis or the broker is unreachable
 
 
@@ -46,6 +48,7 @@ class ServiceSettings:
     variant: str = PRESET_VARIANT  # shared/variant_setup.py: model, merge rule and pruned layers
     merge: str | None = None       # the preset variant's rule (None: its default); a named variant has its own
     prefetch: int = 16
+    batch_max: int = 0  # deliveries per batch at most (aggregator/core_batch.py); 0 = half the prefetch
     tick_seconds: float = 0.5
     redis_prefix: str = "fm:"  # RoundStore key prefix: lets two aggregators (or a test) share one Redis db
     close_lease_s: float = DEFAULT_LEASE_S  # several aggregators on one queue: see aggregator/store_closer.py
@@ -63,7 +66,8 @@ class AggregatorService:
         self.setup = variant_setup(s.task, s.variant, width=s.width, seed=s.seed, merge=s.merge)  # before connecting
         self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
-        self.publisher = Publisher(self.amqp, declare=True)
+        # A close publishes one confirmed mask per participant: a few connections keep several in flight.
+        self.publisher = PublisherPool(self.amqp, size=DOWNLINK_CONNECTIONS, declare=True)
         self.core = MeteredCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
                                 prune_last_k=self.setup.fedmask.prune_last_k,
                                 prune_rho=self.setup.fedmask.prune_rho)
@@ -75,7 +79,8 @@ class AggregatorService:
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
         # round in 'closing', which only resume() finishes. The next tick that reaches Redis runs it.
         self._resume_pending = False
-        self.consumer: Consumer | None = None  # the uplink consumer, once run() has started it
+        self.consumer: BatchConsumer | None = None  # the uplink consumer, once run() has started it
+        self._to_close: list[int] = []  # rounds a batch elected this process to close (after its acks)
 
     def on_delivery(self, d: Delivery) -> Outcome:
         """While Redis (or the downlink) is unreachable, retry the delivery in place with backoff rather
@@ -99,6 +104,45 @@ class AggregatorService:
             if self.stop.wait(delay):
                 return Outcome.requeue()
             delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def on_batch(self, ds: list[Delivery]) -> list[Outcome | BaseException]:
+        """A prefetch window as one batch (aggregator/core_batch.py): one Redis round trip stores its
+        updates, and each delivery gets its own outcome; nothing is acked before the batch's round trip
+        has returned. An unreachable Redis (or broker) retries the whole batch in place, as on_delivery
+        does for one: the retry is idempotent, its stored updates come back as duplicates and are acked."""
+        for d in ds:
+            self.metrics.received(d.routing_key)  # once per delivery, not per retry below
+        items = [(d.routing_key, device_of_user(d.user_id, self.amqp.vhost), d.body) for d in ds]
+        delay = 0.5
+        while True:
+            try:
+                with self.lock:
+                    batch = self.core.handle_batch(items)
+                self._to_close.extend(r for r in batch.to_close if r not in self._to_close)
+                return [r if isinstance(r, BaseException) else
+                        Outcome.ack() if r.action == "ack" else Outcome.reject(r.reason) for r in batch.results]
+            except (StoreError, AmqpError) as err:
+                if not err.retryable:
+                    raise
+                self._resume_pending = True
+                log.warning("a batch of %d not handled (%s); retrying in %.1f s", len(ds), err, delay)
+            if self.stop.wait(delay):
+                return [Outcome.requeue() for _ in ds]
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def close_elected(self) -> None:
+        """Close the rounds the last batch elected (the consumer calls this once the batch's settlements
+        are on their way). A close cut short by an outage is left to the ticker's resume."""
+        while self._to_close:
+            r = self._to_close.pop(0)
+            try:
+                with self.lock:
+                    self.core.close(r)
+            except Exception as err:
+                self._resume_pending = True  # the round is 'closing' in Redis: resume() finishes it
+                if not (isinstance(err, (StoreError, AmqpError)) and err.retryable):
+                    raise
+                log.warning("close of round %d cut short (%s); the ticker resumes it", r, err)
 
     def _tick(self) -> None:
         """Finish a close an outage cut short, then close the current round if its deadline passed. An
@@ -130,10 +174,7 @@ class AggregatorService:
         if resumed:
             log.warning("resumed closing rounds %s", resumed)
         self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
-        # The consumer's own rejections (unreadable properties, a handler that keeps failing) are counted
-        # beside the core's, as rejected:<reason>.
-        consumer = Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=self.settings.prefetch,
-                            on_reject=lambda reason: self.store.incr(f"rejected:{reason}"))
+        consumer = self.uplink_consumer()
         self.consumer = consumer  # for operators' and tests' eyes: connections, rejections
         consumer.start_in_thread()
         # What the bounded dead.letters pushes out is counted (aggregator/dropped_tally.py); own thread, no lock.
@@ -154,6 +195,14 @@ class AggregatorService:
             self.publisher.close()
             self.metrics.shutdown()
             log.info("aggregator stopped")
+
+    def uplink_consumer(self) -> BatchConsumer:
+        """The consumer of aggregator.uplink: batches of the prefetch window (on_batch), the elected
+        closes after each batch's acks. Its own rejections (unreadable properties, a delivery the handler
+        keeps failing on) are counted beside the core's, as rejected:<reason>."""
+        return BatchConsumer(self.amqp, AGGREGATOR_QUEUE, self.on_batch, prefetch=self.settings.prefetch,
+                             batch_max=self.settings.batch_max or None, after_batch=self.close_elected,
+                             on_reject=lambda reason: self.store.incr(f"rejected:{reason}"))
 
     def install_signal_handlers(self) -> None:
         def _drain(signum: int, _frame: object) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import redis
 
 from aggregator.redis_url import client_from_url, replicas_to_wait
 from aggregator.redis_url import redact_url as redact_url
+from aggregator.store_batch import INCOMING_TTL_MS, WAIT_TIMEOUT_MS, BatchIngest
 from aggregator.store_closer import CloseLease
 from aggregator.store_devices import DeviceLifecycle
 from aggregator.store_durability import AckDurability, read_ack_durability
@@ -31,7 +33,6 @@ STATES: Final = ("open", "closing", "closed")
 CarryStatus = Literal["carried", "duplicate", "sampled", "closed", "unknown_round"]
 _UPDATE_STATUSES: Final = get_args(UpdateStatus)
 _CARRY_STATUSES: Final = get_args(CarryStatus)
-WAIT_TIMEOUT_MS: Final = 5000
 _MGET_CHUNK: Final = 16  # updates can be megabytes each: fetch them a few at a time
 
 
@@ -79,7 +80,7 @@ def _s(raw: object) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
+class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates, BatchIngest):
     wait_replicas = 0  # replicas that must hold an update before ingest_update returns (URL ?replicas=N)
 
     def __init__(self, client: redis.Redis, prefix: str = "fm:") -> None:
@@ -187,12 +188,15 @@ class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates):
     def set_masks(self, masks: dict[str, bytes], version: int) -> None:
         """Store each device's merged mask, in one round trip (a round's close stores up to K masks); a
         device's mask is written only if `version` is newer than its stored one (a replay is a no-op)."""
+        nonce = uuid.uuid4().hex
         with self._guard("set_masks"):
             pipe = self.client.pipeline(transaction=False)
             for device_id, packed in masks.items():
                 dk = self.keys.key("device", device_id)
+                incoming = f"{dk}:mask_incoming:{nonce}"
+                pipe.set(incoming, bytes(packed), px=INCOMING_TTL_MS)
                 self._scripts["set_mask"](keys=[dk + ":mask", dk + ":mask_version", dk + ":mask_prev",
-                                                dk + ":mask_prev_version"], args=[bytes(packed), int(version)],
+                                                dk + ":mask_prev_version", incoming], args=[int(version)],
                                           client=pipe)
             pipe.execute()
 

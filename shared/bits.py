@@ -7,6 +7,8 @@ The padding bits after position P are always 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
@@ -98,6 +100,67 @@ def positions(structure_packed: np.ndarray, nbits: int) -> np.ndarray:
     int32 (models stay far below 2**31 parameters): the aggregator keeps one per enrolled device."""
     bits = unpack(check_packed(structure_packed, nbits, "structure"), nbits)
     return np.flatnonzero(bits).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Spans:
+    """A structure's :func:`positions` as a byte-aligned common prefix, long contiguous runs and the
+    scattered rest. An unpruned layer is one run (80% of the positions of the 1M-parameter activity
+    mlp; the first layer, so also the prefix): selecting or scattering it is a copy of bytes or a slice,
+    where an index gather or scatter cost about 4 ms per device, the largest part of a round's close at
+    1,000 devices (docs/results.md, issue 14).
+
+    prefix: the first `prefix` positions are 0..prefix-1 (a multiple of 8), so those bits are the same
+    bytes in the full and the selected vector. runs and rest_* are over the rest, counted from there."""
+
+    nbits: int
+    count: int  # number of positions (the selected vector's length)
+    prefix: int
+    runs: tuple[tuple[int, int, int], ...]  # (start in the full vector, start in the selected, length)
+    rest_full: np.ndarray  # int32: the other positions, in the full vector ...
+    rest_selected: np.ndarray  # ... and where they sit in the selected vector
+
+
+def spans(where: np.ndarray, nbits: int, min_run: int = 4096) -> Spans:
+    """:class:`Spans` of sorted positions; runs shorter than `min_run` stay in the scattered rest."""
+    off = np.flatnonzero(where != np.arange(len(where)))
+    prefix = (int(off[0]) if len(off) else len(where)) // 8 * 8
+    tail = where[prefix:] - prefix
+    if len(tail) == 0:
+        empty = np.zeros(0, np.int32)
+        return Spans(nbits, len(where), prefix, (), empty, empty)
+    breaks = np.flatnonzero(np.diff(tail) != 1) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, len(tail)]
+    long = (ends - starts) >= min_run
+    rest = np.ones(len(tail), dtype=np.bool_)
+    runs = []
+    for a, b in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
+        runs.append((int(tail[a]), a, b - a))
+        rest[a:b] = False
+    rest_selected = np.flatnonzero(rest).astype(np.int32)
+    return Spans(nbits, len(where), prefix, tuple(runs), tail[rest_selected].astype(np.int32), rest_selected)
+
+
+def select_spans(mask_packed: np.ndarray, sp: Spans) -> U8:
+    """:func:`select_at` with the positions given as :class:`Spans` (the same result)."""
+    p = sp.prefix // 8
+    bits = unpack(check_packed(mask_packed, sp.nbits, "mask")[p:], sp.nbits - sp.prefix)
+    out = np.empty(sp.count - sp.prefix, dtype=np.bool_)
+    for a, c, n in sp.runs:
+        out[c:c + n] = bits[a:a + n]
+    out[sp.rest_selected] = bits[sp.rest_full]
+    return np.concatenate([mask_packed[:p], np.packbits(out, bitorder="big")])
+
+
+def scatter_spans(selected_packed: np.ndarray, sp: Spans) -> U8:
+    """:func:`scatter_at` with the positions given as :class:`Spans` (the same result)."""
+    p = sp.prefix // 8
+    selected = unpack(check_packed(selected_packed, sp.count, "selected")[p:], sp.count - sp.prefix)
+    full = np.zeros(sp.nbits - sp.prefix, dtype=np.bool_)
+    for a, c, n in sp.runs:
+        full[a:a + n] = selected[c:c + n]
+    full[sp.rest_full] = selected[sp.rest_selected]
+    return np.concatenate([selected_packed[:p], np.packbits(full, bitorder="big")])
 
 
 def select_at(mask_packed: np.ndarray, where: np.ndarray, nbits: int) -> U8:

@@ -86,7 +86,7 @@ class RejectionLog:
         self._quiet: dict[str, _Quiet] = {}
         self._lock = threading.Lock()
 
-    def note(self, reason: str, detail: str, *, exc_info: bool = False) -> None:
+    def note(self, reason: str, detail: str, *, exc_info: bool | BaseException = False) -> None:
         """One rejection. `detail` must already be escaped (printable) where it holds device input;
         `reason` is escaped here. A traceback (exc_info) is only written with the line that is written."""
         reason = printable(reason, 64)

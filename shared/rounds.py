@@ -19,7 +19,7 @@ import numpy as np
 
 from shared import codec
 from shared.agreement import pack_levels, quantize
-from shared.bits import popcount, positions, scatter_at, select_at
+from shared.bits import Spans, popcount, positions, scatter_spans, select_at, select_spans, spans
 from shared.delta_codec import code_mask, decode_change, layer_segments
 from shared.device import derive_seed
 from shared.errors import CodecError
@@ -68,6 +68,7 @@ class DeviceRecord:
     structure: np.ndarray  # packed S_i
     version: int = 0
     _where: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _spans: Spans | None = field(default=None, repr=False, compare=False)
 
     @property
     def inside(self) -> int:
@@ -78,6 +79,13 @@ class DeviceRecord:
         if self._where is None:
             self._where = positions(self.structure, nbits)
         return self._where
+
+    def spans(self, nbits: int) -> Spans:
+        """The same positions as runs and the scattered rest (shared.bits.Spans), cached: what the
+        per-round select and scatter of the device's bits use."""
+        if self._spans is None:
+            self._spans = spans(self.where(nbits), nbits)
+        return self._spans
 
 
 @dataclass
@@ -152,7 +160,7 @@ def unpack_update(msg: codec.Message, rec: DeviceRecord | None, nbits: int) -> n
     update is decoded first (undelta_update)."""
     rec = check_update(msg, rec, ("structure",))
     assert msg.bits is not None  # check_update guarantees it
-    return scatter_at(np.frombuffer(msg.bits, dtype=np.uint8), rec.where(nbits), nbits)
+    return scatter_spans(np.frombuffer(msg.bits, dtype=np.uint8), rec.spans(nbits))
 
 
 HeldMask = Callable[[int], "np.ndarray | None"]
@@ -245,7 +253,7 @@ def mask_message(device: str, merged: np.ndarray, rec: DeviceRecord, *, round_id
     The version is the round id: monotonic, and the same when a crashed close is resumed and its
     masks are published again, so a device can drop a repeat by version alone.
     """
-    inside = select_at(merged, rec.where(nbits), nbits)
+    inside = select_spans(merged, rec.spans(nbits))
     return codec.make_mask(device=device, round=round_id, model=fingerprint, layout=layout,
                            bits=inside.tobytes(), nbits=rec.inside, version=round_id)
 

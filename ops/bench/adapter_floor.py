@@ -3,9 +3,11 @@ the aggregator's ingest rate with.
 
 raw      a plain pika consumer (ops/bench/raw_broker.py): basic_consume, manual ack, the given
          prefetch, no work at all, so the baseline does not include the adapter being measured.
-adapter  shared.amqp.Consumer (the aggregator's own consumer: a handler thread, and every ack
-         committed in an AMQP transaction) with a handler that acks at once. Its rate bounds the
-         aggregator's from above whatever the handler does. It is timed to the last handler call;
+adapter  shared.amqp.BatchConsumer (the aggregator's own consumer: a handler thread taking the
+         prefetch window as batches, each batch's acks committed in one AMQP transaction) with a
+         handler that acks at once. Its rate bounds the aggregator's from above whatever the handler
+         does. The same for shared.amqp.Consumer (one delivery per handler call, the consumer the
+         aggregator used before batch ingest and the device workers still use). It is timed to the last handler call;
          up to `prefetch` commits may still follow, so it is measured on a queue long enough
          (`min_messages`) for those to stay within a couple of percent.
 """
@@ -17,11 +19,12 @@ from typing import Any
 
 from ops.bench.figures import rate
 from ops.bench.raw_broker import SCRATCH_QUEUE, delete_scratch_queue, fill_scratch_queue, raw_drain
-from shared.amqp import AmqpSettings, Consumer, Delivery, Outcome
+from shared.amqp import AmqpSettings, BatchConsumer, Consumer, Delivery, Outcome
 
 
-def adapter_drain(admin_url: str, bodies: list[bytes], prefetch: int, timeout: float = 300.0) -> dict[str, float]:
-    """Time shared.amqp.Consumer with a handler that only acks: first delivery -> last handler call."""
+def adapter_drain(admin_url: str, bodies: list[bytes], prefetch: int, timeout: float = 300.0, *,
+                  batch: bool = True) -> dict[str, float]:
+    """Time BatchConsumer (or Consumer) with a handler that only acks: first delivery -> last handler call."""
     fill_scratch_queue(admin_url, bodies)
     calls: list[float] = []
 
@@ -29,7 +32,14 @@ def adapter_drain(admin_url: str, bodies: list[bytes], prefetch: int, timeout: f
         calls.append(time.perf_counter())
         return Outcome.ack()
 
-    consumer = Consumer(AmqpSettings.from_url(admin_url), SCRATCH_QUEUE, ack_at_once, prefetch=prefetch)
+    def ack_batch(ds: list[Delivery]) -> list[Outcome | BaseException]:
+        now = time.perf_counter()
+        calls.extend(now for _ in ds)
+        return [Outcome.ack() for _ in ds]
+
+    settings = AmqpSettings.from_url(admin_url)
+    consumer = (BatchConsumer(settings, SCRATCH_QUEUE, ack_batch, prefetch=prefetch) if batch
+                else Consumer(settings, SCRATCH_QUEUE, ack_at_once, prefetch=prefetch))
     consumer.start_in_thread()
     try:
         end = time.monotonic() + timeout
@@ -48,4 +58,6 @@ def adapter_floor(admin_url: str, bodies: list[bytes], prefetch: int, min_messag
     long = bodies * max(1, -(-min_messages // len(bodies)))
     raw = raw_drain(admin_url, long, prefetch)
     adapter = adapter_drain(admin_url, long, prefetch)
-    return {"raw": raw, "adapter_noop": adapter, "adapter_over_raw": adapter["updates_per_s"] / raw["updates_per_s"]}
+    single = adapter_drain(admin_url, long, prefetch, batch=False)
+    return {"raw": raw, "adapter_noop": adapter, "adapter_over_raw": adapter["updates_per_s"] / raw["updates_per_s"],
+            "single_noop": single, "single_over_raw": single["updates_per_s"] / raw["updates_per_s"]}

@@ -42,6 +42,9 @@ def format_aggregate(r: dict[str, Any]) -> str:
         f"({r['kernel_params_per_second'] / 1e6:,.0f} M params/s, {r['kernel_mb_per_second']:,.0f} MB/s in)",
         f"speedup         : {r['speedup']:.1f}x vs the naive reference, "
         f"{r['speedup_vs_tuned_naive']:.1f}x vs the tuned one; output bit-identical: {r['identical']}",
+        f"one read pass   : {r['read_pass_seconds'] * 1e3:9.1f} ms  ({r['read_pass_mb_per_second']:,.0f} MB/s over the "
+        f"same inputs); kernel / read pass = {r['kernel_over_read_pass']:.2f} (target <= "
+        f"{r['kernel_over_read_target']:g}: {_verdict(r['kernel_over_read_pass'] <= r['kernel_over_read_target'])})",
     ])
 
 
@@ -57,13 +60,31 @@ def format_decoupling(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _replica_lines(rep: dict[str, Any] | None) -> list[str]:
+    if not rep:
+        return []
+    n = rep["replicas"]
+    one, many = rep["one_updates_per_s"], rep[f"{n}_updates_per_s"]
+    return [
+        "",
+        f"aggregator processes on one queue (SIGCONT -> last update stored, {len(one)} alternating pairs):",
+        f"  1 replica: {', '.join(f'{x:.0f}' for x in one)} updates/s",
+        f"  {n} replicas: {', '.join(f'{x:.0f}' for x in many)} updates/s",
+        f"  {n} / 1 = {rep['ratio_median']:.2f} median ({', '.join(f'{x:.2f}' for x in rep['ratios'])}); "
+        f"target >= {rep['target_ratio']}: {_verdict(rep['ratio_median'] >= rep['target_ratio'])}; "
+        f"load {rep['host']['loadavg_1m']:.2f} before, {rep['host']['loadavg_1m_after']:.2f} after",
+    ]
+
+
 def format_pipeline(r: dict[str, Any]) -> str:
     """What `fedmask bench pipeline` prints without --json."""
     c, ing, raw, close, fl = r["config"], r["ingest"], r["raw"], r["close"], r["adapter_floor"]
     ratios = ", ".join(f"{x:.3f}" for x in r["ingest_over_raw_all"])
-    lines = [
+    head = [
         f"{c['devices']} devices x {c['params_actual']:,} params ({c['task']} mlp, width {c['width']}), "
         f"updates of {c['update_bytes_mean'] / 1e3:.1f} kB, prefetch {c['prefetch']}",
+    ]
+    drained = [
         "",
         f"{'one round drained (median pair)':34s} {'updates/s':>10s} {'MB/s':>8s} {'seconds':>8s}",
         f"{'aggregator ingest (to last stored)':34s} {ing['updates_per_s']:10.1f} {ing['mb_per_s']:8.1f} "
@@ -73,16 +94,23 @@ def format_pipeline(r: dict[str, Any]) -> str:
         f"{raw['seconds']:8.3f}",
         f"ingest / raw = {r['ingest_over_raw']:.3f}, median of {len(r['ingest_over_raw_all'])} pairs ({ratios}); "
         f"target >= {r['ingest_target_ratio']}: {_verdict(r['ingest_over_raw'] >= r['ingest_target_ratio'])}",
-        f"aggregator handler: median {ing['handler_ms_median']:.2f} ms per update",
-        f"adapter floor: shared.amqp.Consumer acking at once {fl['adapter_noop']['updates_per_s']:.1f}/s vs "
+        f"aggregator handler: median {ing['handler_ms_median']:.2f} ms per update, "
+        f"{ing.get('batch_size_mean', 1):.1f} updates per batch",
+        f"adapter floor: shared.amqp.BatchConsumer acking at once {fl['adapter_noop']['updates_per_s']:.1f}/s vs "
         f"raw {fl['raw']['updates_per_s']:.1f}/s over {fl['raw']['updates']} messages = "
         f"{fl['adapter_over_raw']:.3f}",
-        "  (the ceiling of ingest / raw: the aggregator's consumer class doing no work at all)",
+        "  (the ceiling of ingest / raw: the aggregator's consumer class doing no work at all; one delivery per "
+        f"call, shared.amqp.Consumer: {fl.get('single_over_raw', float('nan')):.3f})",
+    ] if ing else ["", "(no full-queue drain: --repeats 0)"]
+    lines = [
+        *head,
+        *drained,
         "",
         f"round close latency over {close['rounds']} rounds (closer elected -> last merged mask confirmed):",
         f"  p50 {close['p50_s']:.3f} s   p99 {close['p99_s']:.3f} s   max {close['max_s']:.3f} s   "
         f"(target p99 <= {close['target_s']} s: {_verdict(close['p99_s'] <= close['target_s'])})",
         f"device queues: {r['device_queues']}",
+        *_replica_lines(r.get("replica_ingest")),
         describe_host(r.get("host")),
     ]
     for phase, rows in (r.get("profile") or {}).items():
@@ -130,6 +158,7 @@ def format_load(r: dict[str, Any]) -> str:
         f"  rejected:      {a['rejected_by_reason']}  (late, round_closed: {a['late']})",
         f"  dead letters:  {a['dead_letters_by_reason']}",
         f"device queues: {r['device_queues']}",
+        *_replica_lines(r.get("replica_ingest")),
         describe_host(r.get("host")),
     ]
     lines += [f"PROBLEM: {p}" for p in r["problems"]]

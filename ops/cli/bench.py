@@ -72,12 +72,16 @@ def _finish(result: dict[str, Any], text: str, as_json: bool, out: Path | None) 
 @click.option("--durability", type=click.Choice(["always", "everysec", "both"]), default=None,
               help="run against a redis-server of its own with this appendfsync (both: one run each, the fsync "
                    "cost of durable acks); instead of --redis-url")
+@click.option("--prefetch", type=click.IntRange(min=1), default=None,
+              help="the aggregator's prefetch (and the raw consumer's) [default: the service's]")
+@click.option("--replicas", type=click.IntRange(min=0), default=0,
+              help="also measure ingest with 1 and with this many aggregator processes on one queue (>= 2)")
 @_service_options
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the figures (JSON)")
 def pipeline(devices: int, params: int, rounds: int, task: str, seed: int, repeats: int, profile: bool,
-             durability: str | None, amqp_url: str, redis_url: str, api_url: str, as_json: bool,
-             out: Path | None) -> None:
+             durability: str | None, prefetch: int | None, replicas: int, amqp_url: str, redis_url: str,
+             api_url: str, as_json: bool, out: Path | None) -> None:
     """Aggregator ingest rate vs the broker's raw rate, and round close latency (emulated devices)."""
     from ops.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
     from ops.bench.report import format_durability, format_pipeline
@@ -85,7 +89,8 @@ def pipeline(devices: int, params: int, rounds: int, task: str, seed: int, repea
 
     cfg = PipelineBenchConfig(devices=devices, params=params, rounds=rounds, task=task, seed=seed, profile=profile,
                               ingest_repeats=repeats, amqp_url=amqp_url, redis_url=redis_url, api_url=api_url,
-                              durability=durability or "")
+                              durability=durability or "", replicas=replicas,
+                              **({"prefetch": prefetch} if prefetch else {}))
     bar = Progress(rounds * (2 if durability == "both" else 1), "close latency", "round", stream=sys.stderr,
                    leave=False)
     try:

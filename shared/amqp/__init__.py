@@ -7,11 +7,14 @@ project's own errors. The package is split by job, and callers import from `shar
   connection.py       connecting and error translation; open_channel, queue_depth
   broker_topology.py  the exchanges, queues and bindings as data; declare_topology, delete_topology
   publisher.py        Publisher: confirmed uplink and downlink publishes
+  publisher_pool.py   PublisherPool: a few Publishers side by side, for a close's many downlinks
   consumer.py         Consumer: manual acks, a handler thread, dead letters
+  batch_consumer.py   BatchConsumer: the same, a prefetch window handed to the handler as one batch
   delivery.py         Delivery and Outcome, what a handler takes and returns
   untrusted.py        a board's properties read without trusting them: total decoding, clean dead letters
 """
 
+from shared.amqp.batch_consumer import BatchConsumer, BatchHandler
 from shared.amqp.broker_topology import (
     AGGREGATOR_QUEUE,
     DEAD_EXCHANGE,
@@ -37,6 +40,7 @@ from shared.amqp.broker_topology import (
 from shared.amqp.connection import open_channel, queue_depth
 from shared.amqp.consumer import MAX_REASON_CHARS, REASON_HEADER, Consumer, DeadLetterMode, Delivery, Outcome
 from shared.amqp.publisher import CONTENT_TYPE, Publisher
+from shared.amqp.publisher_pool import PublisherPool
 from shared.amqp.settings import (
     DEVICE_QUEUE_PREFIX,
     AmqpError,
@@ -67,6 +71,8 @@ __all__ = [
     "UPLINK_LIMITS",
     "AmqpError",
     "AmqpSettings",
+    "BatchConsumer",
+    "BatchHandler",
     "BindingSpec",
     "Consumer",
     "DeadLetterMode",
@@ -74,6 +80,7 @@ __all__ = [
     "ExchangeSpec",
     "Outcome",
     "Publisher",
+    "PublisherPool",
     "QueueSpec",
     "Topology",
     "declare_topology",

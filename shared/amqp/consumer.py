@@ -290,27 +290,13 @@ class Consumer:
         nothing, and every update it acks was persisted before its Outcome existed; if the connection
         drops before the commit, the broker redelivers the batch and the idempotent store acks the
         repeats. One commit per message cost a broker round trip each (docs/results.md)."""
-        link = work.link
-        tag = work.delivery.delivery_tag
+        self._settle_all(work.link, [(work, outcome)])
+
+    def _settle_all(self, link: _Link, settled: list[tuple[_Work, Outcome]]) -> None:
+        """Settle deliveries of one link (connection thread), then commit as `_settle` says."""
         try:
-            if link is not self._link or not link.open or not link.channel.is_open:
-                log.info("dropped the %s of delivery %d: its connection is gone, the broker redelivers it",
-                         outcome.action, tag)
-                return
-            channel = link.channel
-            if outcome.action == "ack":
-                channel.basic_ack(tag)
-            elif outcome.action == "requeue":
-                channel.basic_nack(tag, requeue=True)
-            elif self.dead_letter == "republish":
-                channel.basic_publish(self.settings.namespace + DEAD_EXCHANGE, work.delivery.routing_key,
-                                      work.delivery.body, self._dead_properties(work, outcome.reason))
-                channel.basic_ack(tag)
-            else:
-                self.rejections.note(outcome.reason, f"delivery {printable(work.delivery.routing_key)} "
-                                                     f"from {self.queue}, to dead.letters by the queue")
-                channel.basic_nack(tag, requeue=False)
-            link.uncommitted += 1
+            for work, outcome in settled:
+                self._settle_one(work, outcome)
         finally:
             with self._pending_lock:
                 self._pending -= 1
@@ -319,9 +305,31 @@ class Consumer:
             link.channel.tx_commit()
             link.uncommitted = 0
         if link.cautious and link.channel.is_open:
-            link.cautious -= 1
+            link.cautious = max(0, link.cautious - len(settled))
             if not link.cautious:
                 link.channel.basic_qos(prefetch_count=self.prefetch)
+
+    def _settle_one(self, work: _Work, outcome: Outcome) -> None:
+        link = work.link
+        tag = work.delivery.delivery_tag
+        if link is not self._link or not link.open or not link.channel.is_open:
+            log.info("dropped the %s of delivery %d: its connection is gone, the broker redelivers it",
+                     outcome.action, tag)
+            return
+        channel = link.channel
+        if outcome.action == "ack":
+            channel.basic_ack(tag)
+        elif outcome.action == "requeue":
+            channel.basic_nack(tag, requeue=True)
+        elif self.dead_letter == "republish":
+            channel.basic_publish(self.settings.namespace + DEAD_EXCHANGE, work.delivery.routing_key,
+                                  work.delivery.body, self._dead_properties(work, outcome.reason))
+            channel.basic_ack(tag)
+        else:
+            self.rejections.note(outcome.reason, f"delivery {printable(work.delivery.routing_key)} "
+                                                 f"from {self.queue}, to dead.letters by the queue")
+            channel.basic_nack(tag, requeue=False)
+        link.uncommitted += 1
 
     def _dead_properties(self, work: _Work, reason: str) -> Any:
         return dead_letter_properties(reason=reason, exchange=work.exchange, routing_key=work.delivery.routing_key,
@@ -366,25 +374,30 @@ class Consumer:
                 raise TypeError(f"handler returned {type(outcome).__name__}, not Outcome")
             return outcome
         except Exception as e:
-            key = hashlib.sha256(delivery.routing_key.encode(errors="backslashreplace") + b"\0"
-                                 + delivery.body).hexdigest()
-            attempts = self._failures.pop(key, 0) + 1
-            count = delivery_count(delivery.headers)
-            if count is not None:
-                attempts = max(attempts, count + 1)
-            where = printable(delivery.routing_key)
-            if attempts >= self.max_attempts:
-                # A traceback only with the line the rate limit lets through: a flood must not write one each.
-                self.rejections.note("handler_error", f"handler failed on {where} (attempt {attempts}): "
-                                                      f"{type(e).__name__}: {printable(str(e))}", exc_info=True)
-                self._rejected("handler_error")
-                return Outcome.reject("handler_error")
-            self._failures[key] = attempts
-            while len(self._failures) > 1024:
-                self._failures.popitem(last=False)
-            self.rejections.note("handler_retry", f"handler failed on {where} (attempt {attempts} of "
-                                                  f"{self.max_attempts}): {type(e).__name__}: {printable(str(e))}")
-            return Outcome.requeue()
+            return self._failed(delivery, e)
+
+    def _failed(self, delivery: Delivery, e: BaseException) -> Outcome:
+        """The handler failed on `delivery` with `e`: requeue it, or reject it (handler_error) on its
+        max_attempts-th failure."""
+        key = hashlib.sha256(delivery.routing_key.encode(errors="backslashreplace") + b"\0"
+                             + delivery.body).hexdigest()
+        attempts = self._failures.pop(key, 0) + 1
+        count = delivery_count(delivery.headers)
+        if count is not None:
+            attempts = max(attempts, count + 1)
+        where = printable(delivery.routing_key)
+        if attempts >= self.max_attempts:
+            # A traceback only with the line the rate limit lets through: a flood must not write one each.
+            self.rejections.note("handler_error", f"handler failed on {where} (attempt {attempts}): "
+                                                  f"{type(e).__name__}: {printable(str(e))}", exc_info=e)
+            self._rejected("handler_error")
+            return Outcome.reject("handler_error")
+        self._failures[key] = attempts
+        while len(self._failures) > 1024:
+            self._failures.popitem(last=False)
+        self.rejections.note("handler_retry", f"handler failed on {where} (attempt {attempts} of "
+                                              f"{self.max_attempts}): {type(e).__name__}: {printable(str(e))}")
+        return Outcome.requeue()
 
     def _schedule(self, work: _Work, outcome: Outcome) -> None:
         link = work.link

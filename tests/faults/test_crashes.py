@@ -375,25 +375,42 @@ def test_aggregator_killed_then_restarted(fleet: Fleet, fault: str) -> None:
         # and whether the merged masks had all reached Redis.
         info = fleet.info(r)
         all_masks_stored = all(fleet.store.mask_version(d) == r for d in fleet.ids)
-        left = {"consumed": ("open", N - 1, False), "stored": ("open", 2, False), "merging": ("closing", N, False),
-                "published": ("closing", N, False), "published_all": ("closing", N, True)}[point]
-        assert (info.state, len(info.received), all_masks_stored) == left
+        # The aggregator ingests in batches (aggregator/core_batch.py): "consumed" strikes before the
+        # batch holding the quorum-completing update is stored, so fewer than N are; "stored" strikes
+        # once the batch holding the second update is stored (with whatever else it held), before any
+        # ack. How the workers' updates fall into batches depends on their timing, hence the ranges.
+        received = len(info.received)
+        if point == "consumed":
+            assert (info.state, all_masks_stored) == ("open", False) and received < N, (info.state, received)
+        elif point == "stored":
+            assert received >= 2 and not all_masks_stored and info.state == ("open" if received < N else "closing")
+        else:
+            left = {"merging": ("closing", N, False), "published": ("closing", N, False),
+                    "published_all": ("closing", N, True)}[point]
+            assert (info.state, received, all_masks_stored) == left
 
         fleet.start_aggregator()  # a clean one: resumes a 'closing' round, gets the unacked delivery again
         fleet.wait_closed(r)
         # A resumed close publishes every mask again; a device that had one already ignores the repeat.
-        # ids are sorted, the order masks go out in: the first `sent_before_kill` got theirs twice.
+        # The masks go out over several connections (shared.amqp.PublisherPool), so killed at the second
+        # confirm, at least 2 devices (any of them, and maybe more: those in flight) got theirs twice.
         sent_before_kill = {"published": 2, "published_all": N}.get(point, 0)
-        expected = [2] * sent_before_kill + [1] * (N - sent_before_kill)
-        _wait(lambda: [fleet.masks_received(d, r) for d in fleet.ids] == expected, ROUND_TIMEOUT,
-              f"mask messages per device to be {expected}")
+
+        def masks_as_expected() -> bool:
+            got = [fleet.masks_received(d, r) for d in fleet.ids]
+            return set(got) <= {1, 2} and got.count(2) >= sent_before_kill and (point == "published" or
+                                                                              got.count(2) == sent_before_kill)
+        _wait(masks_as_expected, ROUND_TIMEOUT, f"every device to get its mask, {sent_before_kill} of them twice")
+        expected = [fleet.masks_received(d, r) for d in fleet.ids]
         assert fleet.reference is not None
         fleet.reference.play_round(fleet.ids)
-        # Killed at "stored", the aggregator had stored an update but not yet counted it.
-        delta = fleet.check_round(r, fleet.ids, before, dead_before, uncounted=1 if point == "stored" else 0)
+        # Counting is part of the batch's store (admit_update.lua mode ingest): nothing stored is uncounted.
+        delta = fleet.check_round(r, fleet.ids, before, dead_before)
 
-        if point != "consumed":  # the update in hand was stored but not acked: redelivered, found duplicate
+        if point == "stored":  # the update in hand was stored but not acked: redelivered, found duplicate
             assert delta.get("updates:duplicate", 0) >= 1, delta
+        # From "merging" on, the quorum-completing update's ack went out before the close began
+        # (aggregator/service.py close_elected), or was still on its way: redelivered or not, never lost.
         if point in ("merging", "published", "published_all"):
             assert f"resuming the close of round {r}" in fleet.aggregator_log()
         _report(fault, r, delta, f"mask messages per device {expected}")

@@ -26,6 +26,7 @@ import pytest
 import redis
 
 from aggregator.store import RoundStore, StoreError
+from aggregator.store_batch import BatchUpdate
 
 pytestmark = pytest.mark.services
 
@@ -161,6 +162,11 @@ def test_every_store_operation_works_as_the_aggregator_user(acl_user: AclUser) -
         call("open_round", 3, sampled=["d1", "d2"], deadline=T0 + 180, quorum=2, now=T0 + 10)
         assert call("ingest_update", 3, "d1", b"u1-3", T0 + 11) == ("stored", False)
         assert call("remove_device", "d1", 3) == {"parked": 0, "stored": 1}
+        # The batch path: a body SET under its own key and renamed in by the script (+rename +persist).
+        batch = [BatchUpdate(3, "d2", b"u2-3", '{"loss": 0.5}'), BatchUpdate(3, "d1", b"again", "")]
+        assert [(r.status, r.elected, r.error) for r in call("ingest_batch", batch, T0 + 12, {"rejected:x": 1})] == \
+            [("stored", False, ""), ("removed", False, "")]
+        assert call("structures", ["d2", "nobody"]) == {"d2": STRUCT, "nobody": None}
         assert call("is_removed", "d1") and call("removed") == {"d1"}
         call("readmit", "d1")
         assert call("claim_close", 3) and not call("claim_close", 3)
