@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from shared.async_buffer import AsyncBuffer
-from shared.merge_rules import get_rule
+from shared.merge_rules import MergeContext, get_rule
 from shared.rounds import DeviceRecord, RoundState, merge_round, quorum_count, sample_count, sample_devices
 from shared.sim.clock import Event, EventQueue
 from shared.sim.rhythm_fleet import Durations, FleetTiming, LazyFleet, Learner
@@ -57,6 +57,7 @@ class RhythmConfig:
     eval_times: tuple[float, ...] = ()
     seed: int = 0
     record: bool = False  # keep the aggregator's arrival order (for replays and tests)
+    eval_after_merge: bool = False  # also evaluate once each merge's masks have arrived (rounds modes)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -88,6 +89,7 @@ class RhythmResult:
     arrivals: list[tuple[float, str, str, int, int]]  # (time, device, uid, base version, round)
     masks: dict[str, np.ndarray]  # each board's newest merged mask (packed full), as sent
     still_parked: int = 0  # quorum: late updates parked when the run ended (no round left to carry them)
+    update_bits: dict[str, np.ndarray] = field(default_factory=dict)  # uid -> the update (record only)
 
 
 class _Sim:
@@ -125,6 +127,7 @@ class _Sim:
         # async
         self.buffer = AsyncBuffer(cfg.k, cfg.max_staleness, cfg.staleness)
         self.uid_of: dict[str, str] = {}
+        self.update_bits: dict[str, np.ndarray] = {}
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> RhythmResult:
@@ -135,7 +138,7 @@ class _Sim:
         else:
             self.q.at(0.0, "open")
         handlers = {"task": self._on_task, "done": self._on_done, "up": self._on_up, "mask": self._on_mask,
-                    "open": self._on_open, "deadline": self._on_deadline}
+                    "open": self._on_open, "deadline": self._on_deadline, "eval": self._on_eval}
         evals = sorted(t for t in self.cfg.eval_times if t <= self.cfg.horizon_s)
         end, horizon = 0.0, self.cfg.horizon_s
         while self.q and self.q.peek_time() <= horizon:
@@ -148,8 +151,9 @@ class _Sim:
                 self._flush()  # the arrivals ran out: drain the partial buffer (its masks still go out)
         if self.q:  # stopped by the horizon
             end = horizon
-        for t in evals:  # after the last event nothing changes any more
-            self._eval(t)
+        for t in evals:  # nothing changes after the last event: only the points up to the end
+            if t <= end:
+                self._eval(t)
         if not self.curve or self.curve[-1]["t"] < end:
             self._eval(end)
         self.fleet.run()
@@ -159,7 +163,7 @@ class _Sim:
             per_device={d: dict(c) for d, c in self.stats.items()}, counters=dict(self.counters + self.buffer.counts),
             bytes_up=self.bytes_up, bytes_down=self.bytes_down, sim_seconds=end,
             wall_seconds=time.perf_counter() - start, merges=self.merges, trained=self.fleet.trained,
-            arrivals=self.arrivals, masks=self.sent_masks)
+            arrivals=self.arrivals, masks=self.sent_masks, update_bits=self.update_bits)
 
     # -- the boards ----------------------------------------------------------------------
     def _send_task(self, d: str, round_id: int) -> None:
@@ -196,7 +200,9 @@ class _Sim:
         d, (v, m) = ev.device, ev.data
         if v <= self.version[d]:
             self.counters["masks:stale"] += 1
-        elif self.busy[d]:
+            return
+        self.stats[d]["masks"] += 1  # received (adopted now, or after the task it is training)
+        if self.busy[d]:
             self.inbox[d].append((v, m))
         else:
             self._adopt(d, v, m)
@@ -204,12 +210,14 @@ class _Sim:
     def _adopt(self, d: str, v: int, m: np.ndarray) -> None:
         self.fleet.apply(d, m, v)
         self.version[d] = v
-        self.stats[d]["masks"] += 1
 
     def _send_mask(self, d: str, version: int, mask: np.ndarray) -> None:
         self.sent_masks[d] = mask
         self.bytes_down += self.mask_bytes[d]
         self.q.after(self.timing.message_s(self.mask_bytes[d]), "mask", d, (version, mask))
+
+    def _on_eval(self, ev: Event) -> None:
+        self._eval(ev.time)
 
     def _eval(self, t: float) -> None:
         self.fleet.run()
@@ -276,6 +284,8 @@ class _Sim:
         for d, m in merge_round(self.rule, self.learner.ctx, state, self.records).items():
             self.stats[d]["merged"] += 1
             self._send_mask(d, r, m)
+        if self.cfg.eval_after_merge:
+            self.q.after(self.timing.message_s(max(self.mask_bytes.values())) + 1e-6, "eval")
         rnd.members = dict.fromkeys(rnd.members, "")  # keep who took part, not the bits
         self.merges += 1
         if self.merges >= self.cfg.merges:
@@ -330,6 +340,8 @@ class _Sim:
         self.fleet.run(buffered)
         for d in buffered:
             self.buffer.latest[d].mask = self.fleet.take(self.uid_of[d], d)
+            if self.cfg.record:
+                self.update_bits[self.uid_of[d]] = self.buffer.latest[d].mask
         f = self.buffer.flush(self.rule, self.learner.ctx, self.structures)
         self.counters["async:stale_excluded"] += f.stale_excluded
         for d, m in f.masks.items():
@@ -345,6 +357,20 @@ _PLACEHOLDER = np.zeros(0, dtype=np.uint8)  # an async update's bits, filled in 
 
 def run_rhythm(learner: Learner, timing: FleetTiming, cfg: RhythmConfig) -> RhythmResult:
     return _Sim(learner, timing, cfg).run()
+
+
+def replay_async(res: RhythmResult, cfg: RhythmConfig, structures: dict[str, np.ndarray],
+                 ctx: MergeContext) -> dict[str, np.ndarray]:
+    """Feed a recorded async run's arrival order and updates to a fresh AsyncBuffer, as an aggregator
+    consuming the same deliveries would: each board's newest merged mask. A replaced update never
+    reached a merge, so its bits were not recorded; the buffer only needs the newest one's."""
+    buf = AsyncBuffer(cfg.k, cfg.max_staleness, cfg.staleness)
+    rule, newest = get_rule(cfg.rule), {}
+    for _t, d, uid, base, _r in res.arrivals:
+        buf.store(d, res.update_bits.get(uid, _PLACEHOLDER), base, uid)
+        if buf.due or _t == res.arrivals[-1][0]:
+            newest.update(buf.flush(rule, ctx, structures).masks)
+    return newest
 
 
 def summary(res: RhythmResult, timing: FleetTiming) -> dict[str, Any]:

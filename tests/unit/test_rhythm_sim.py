@@ -182,3 +182,15 @@ def test_sync_all_gives_the_synchronous_simulators_masks(tmp_path: Path) -> None
         ref.load(tmp_path / "dev" / f"{d}.npz")
         assert ref.mask_version == learner.devices[d].mask_version == 2
         assert np.array_equal(ref.model.mask_bits(), learner.devices[d].model.mask_bits())
+
+
+def test_replaying_the_recorded_arrival_order_gives_the_same_masks(learner_cfg: VectorConfig) -> None:
+    from shared.sim.rhythm import replay_async
+
+    learner = VectorFedMask(25, learner_cfg)
+    timing = FleetTiming.mixed(learner.device_ids(), 0.3, 20.0, seed=2)
+    cfg = RhythmConfig(mode="async", k=3, max_staleness=4, staleness="sqrt", merges=30, record=True)
+    res = run_rhythm(learner, timing, cfg)
+    again = replay_async(res, cfg, learner.structures(), learner.ctx)
+    assert sorted(again) == sorted(res.masks)
+    assert all(np.array_equal(again[d], res.masks[d]) for d in res.masks)
