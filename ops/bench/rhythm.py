@@ -88,7 +88,8 @@ def _mode_cfg(mode: str, b: RhythmBench, n: int, seed: int, **kw: Any) -> Rhythm
 
 def _row(mode: str, res: RhythmResult, timing: FleetTiming, n: int) -> dict[str, Any]:
     per = summary(res, timing)
-    return {"mode": mode, "wall_seconds": res.wall_seconds, "sim_seconds": res.sim_seconds, "merges": res.merges,
+    return {"mode": mode, "wall_seconds": res.wall_seconds, "cpu_seconds": res.cpu_seconds,
+            "sim_seconds": res.sim_seconds, "merges": res.merges,
             "trained": res.trained, "curve": res.curve, "by_profile": per, "counters": res.counters,
             "bytes_up_per_board": res.bytes_up / n, "bytes_down_per_board": res.bytes_down / n}
 

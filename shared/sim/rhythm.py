@@ -84,6 +84,7 @@ class RhythmResult:
     bytes_down: int
     sim_seconds: float
     wall_seconds: float
+    cpu_seconds: float  # this process's CPU time: on a shared machine, wall time is mostly other work's
     merges: int
     trained: int
     arrivals: list[tuple[float, str, str, int, int]]  # (time, device, uid, base version, round)
@@ -131,7 +132,7 @@ class _Sim:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> RhythmResult:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if self.cfg.mode == "async":
             for d in self.ids:
                 self._send_task(d, 0)
@@ -162,7 +163,8 @@ class _Sim:
             final_accuracy=self.learner.accuracy("test"),
             per_device={d: dict(c) for d, c in self.stats.items()}, counters=dict(self.counters + self.buffer.counts),
             bytes_up=self.bytes_up, bytes_down=self.bytes_down, sim_seconds=end,
-            wall_seconds=time.perf_counter() - start, merges=self.merges, trained=self.fleet.trained,
+            wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu, merges=self.merges,
+            trained=self.fleet.trained,
             arrivals=self.arrivals, masks=self.sent_masks, update_bits=self.update_bits)
 
     # -- the boards ----------------------------------------------------------------------

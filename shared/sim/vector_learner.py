@@ -77,6 +77,7 @@ class VectorFedMask:
         self.shapes = [(64, h), (h, h), (h, 10)]
         self.w = [(wrng.choice([-1.0, 1.0], size=s) * np.sqrt(2.0 / s[0])).astype(np.float32) for s in self.shapes]
         self.sizes = [a * b for a, b in self.shapes]
+        self.wflat = np.concatenate([wl.reshape(-1) for wl in self.w])
         self.bounds = np.cumsum([0, *self.sizes])
         self.nbits = int(self.bounds[-1])
         init = (wrng.uniform(-0.01, 0.01, self.nbits)).astype(np.float32)
@@ -156,10 +157,20 @@ class VectorFedMask:
             gw2 = np.swapaxes(a1, 1, 2) @ gz2
             gz1 = (gz2 @ np.swapaxes(w2, 1, 2)) * (z1 > 0)
             gw1 = xt @ gz1
-            grad = np.concatenate([(g * wl).reshape(len(idx), -1) for g, wl in zip((gw1, gw2, gw3), self.w,
-                                                                                    strict=True)], axis=1)
-            sig = 1.0 / (1.0 + np.exp(-scores))
-            scores = scores - self.cfg.lr * grad * sig * (1.0 - sig) * struct
+            # In place over (boards, bits): the score step lr x dL/dW_eff x W x sigmoid'(score). Scores
+            # outside the structure move too but never count: every mask is ANDed with the structure.
+            grad = np.empty_like(scores)
+            for layer, g in enumerate((gw1, gw2, gw3)):
+                grad[:, self.bounds[layer]:self.bounds[layer + 1]] = g.reshape(len(idx), -1)
+            grad *= self.wflat
+            sig = np.exp(-scores)
+            sig += 1.0
+            np.reciprocal(sig, out=sig)
+            grad *= sig
+            np.subtract(1.0, sig, out=sig)
+            grad *= sig
+            grad *= self.cfg.lr
+            scores = scores - grad
         return scores
 
     def _prune(self, region: np.ndarray) -> None:
