@@ -222,3 +222,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def scale_check(n: int, mode: str, merges: int = 100, *, share: float = 0.3, slowdown: float = 20.0,
+                k_fraction: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """One mode at fleet size `n` for `merges` merges (no horizon), 40 evaluations: the simulator's own
+    wall and CPU time (issue 13: 10,000 boards x 100 merges in under 10 minutes)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    learner = VectorFedMask(n, VectorConfig(seed=seed))
+    timing = FleetTiming.mixed(learner.device_ids(), share, slowdown, seed=seed)
+    setup_wall, setup_cpu = time.perf_counter() - t0, time.process_time() - c0
+    cfg = RhythmConfig(mode="sync" if mode == "sync" else mode.split("-")[0], merges=merges,
+                       k=max(1, round(k_fraction * n)), max_staleness=20 if mode.startswith("async") else 10,
+                       staleness="sqrt" if mode == "async-sqrt" else "constant", seed=seed,
+                       eval_times=tuple(np.geomspace(1.0, 1e5, 40).tolist()))
+    res = run_rhythm(learner, timing, cfg)
+    return {"devices": n, "mode": mode, "merges": res.merges, "trained": res.trained, "sim_seconds": res.sim_seconds,
+            "setup_wall_seconds": setup_wall, "setup_cpu_seconds": setup_cpu, "wall_seconds": res.wall_seconds,
+            "cpu_seconds": res.cpu_seconds, "final_accuracy": res.curve[-1]["accuracy"]}

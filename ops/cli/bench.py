@@ -263,14 +263,27 @@ def _strict_json(x: Any) -> Any:
               help="other modes run to this many times sync-all's time to target")
 @click.option("--learner", type=click.Choice(["vector", "torch"]), default="vector", show_default=True,
               help="vector: batched numpy FedMask on digits (any size); torch: DeviceRuntime on digits (<= 100)")
+@click.option("--scale", type=int, default=None,
+              help="instead: run each of --modes alone for --rounds merges at this many boards and print the "
+                   "simulator's wall and CPU time")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/rhythm"), show_default=True,
               help="directory for rhythm.json and rhythm.png")
 def rhythm(sizes: str, slow_shares: str, slowdowns: str, seeds: str, rounds: int, modes: str, k_fraction: float,
-           async_staleness: int, horizon_factor: float, learner: str, as_json: bool, out: Path) -> None:
+           async_staleness: int, horizon_factor: float, learner: str, scale: int | None, as_json: bool,
+           out: Path) -> None:
     """Sync-all vs quorum with carry vs buffered async on a simulated clock (issue 13): accuracy against
     simulated time, time to 95% of sync-all's final accuracy, updates and masks per board by profile."""
-    from ops.bench.rhythm import RhythmBench, format_table, plot, run_rhythm_bench
+    from ops.bench.rhythm import RhythmBench, format_table, plot, run_rhythm_bench, scale_check
+
+    if scale is not None:
+        for mode in (m for m in modes.split(",") if m):
+            r = scale_check(scale, mode, rounds, k_fraction=k_fraction)
+            click.echo(json.dumps(r) if as_json else
+                       f"{scale} boards, {mode}: {r['merges']} merges, {r['trained']} trainings, "
+                       f"{r['sim_seconds']:.0f} simulated s in {r['wall_seconds']:.0f} s wall ({r['cpu_seconds']:.0f} s CPU; setup "
+                       f"{r['setup_wall_seconds']:.0f} s wall), final accuracy {r['final_accuracy']:.3f}")
+        return
 
     b = RhythmBench(sizes=tuple(int(x) for x in _floats(sizes)), slow_shares=_floats(slow_shares),
                     slowdowns=_floats(slowdowns), seeds=tuple(int(x) for x in _floats(seeds)), rounds=rounds,
