@@ -281,8 +281,9 @@ def rhythm(sizes: str, slow_shares: str, slowdowns: str, seeds: str, rounds: int
             r = scale_check(scale, mode, rounds, k_fraction=k_fraction)
             click.echo(json.dumps(r) if as_json else
                        f"{scale} boards, {mode}: {r['merges']} merges, {r['trained']} trainings, "
-                       f"{r['sim_seconds']:.0f} simulated s in {r['wall_seconds']:.0f} s wall ({r['cpu_seconds']:.0f} s CPU; setup "
-                       f"{r['setup_wall_seconds']:.0f} s wall), final accuracy {r['final_accuracy']:.3f}")
+                       f"{r['sim_seconds']:.0f} simulated s in {r['wall_seconds']:.0f} s wall "
+                       f"({r['cpu_seconds']:.0f} s CPU; setup {r['setup_wall_seconds']:.0f} s wall), "
+                       f"final accuracy {r['final_accuracy']:.3f}")
         return
 
     b = RhythmBench(sizes=tuple(int(x) for x in _floats(sizes)), slow_shares=_floats(slow_shares),
