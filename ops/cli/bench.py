@@ -294,8 +294,15 @@ def rhythm(sizes: str, slow_shares: str, slowdowns: str, seeds: str, rounds: int
     bar = Progress(total, "fleets", "fleet", stream=sys.stderr)
     say = bar.write if bar.animated else (lambda s: click.echo(s, err=True))
     try:
-        result = run_rhythm_bench(b, say=say, on_fleet=lambda r: (bar.set_postfix_str(
-            f"{r['devices']} boards"), bar.update()))
+        done: list[dict[str, Any]] = []
+
+        def on_fleet(r: dict[str, Any]) -> None:  # partial results survive an interrupted run
+            done.append(r)
+            write_json(out / "rhythm.partial.json", _strict_json(done))
+            bar.set_postfix_str(f"{r['devices']} boards")
+            bar.update()
+
+        result = run_rhythm_bench(b, say=say, on_fleet=on_fleet)
     finally:
         bar.close()
     result = _strict_json(result)  # never reached = Infinity, which JSON has no word for: null
