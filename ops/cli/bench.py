@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -235,3 +236,85 @@ def quorum(rounds: int, devices: int, quorum: float, settings: str, seed: int, j
     result = run_quorum_bench(parsed, rounds=rounds, devices=devices, quorum=quorum, seed=seed)
     write_json(json_out, result)
     click.echo(format_quorum(result))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _strict_json(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_strict_json(v) for v in x]
+    return x
+
+
+@bench.command("rhythm")
+@click.option("--sizes", default="10,100,1000,10000", show_default=True, help="fleet sizes, comma-separated")
+@click.option("--slow-shares", default="0.3,0.7", show_default=True)
+@click.option("--slowdowns", default="5,20", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--rounds", type=int, default=100, show_default=True, help="sync-all rounds (sets the target)")
+@click.option("--modes", default="sync,quorum,async,async-sqrt", show_default=True)
+@click.option("--k-fraction", type=float, default=0.1, show_default=True, help="async buffer K as a share of the fleet")
+@click.option("--async-staleness", type=int, default=20, show_default=True, help="async bound on tau (merges)")
+@click.option("--horizon-factor", type=float, default=2.0, show_default=True,
+              help="other modes run to this many times sync-all's time to target")
+@click.option("--learner", type=click.Choice(["vector", "torch"]), default="vector", show_default=True,
+              help="vector: batched numpy FedMask on digits (any size); torch: DeviceRuntime on digits (<= 100)")
+@click.option("--scale", type=int, default=None,
+              help="instead: run each of --modes alone for --rounds merges at this many boards and print the "
+                   "simulator's wall and CPU time")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/rhythm"), show_default=True,
+              help="directory for rhythm.json and rhythm.png")
+def rhythm(sizes: str, slow_shares: str, slowdowns: str, seeds: str, rounds: int, modes: str, k_fraction: float,
+           async_staleness: int, horizon_factor: float, learner: str, scale: int | None, as_json: bool,
+           out: Path) -> None:
+    """Sync-all vs quorum with carry vs buffered async on a simulated clock (issue 13): accuracy against
+    simulated time, time to 95% of sync-all's final accuracy, updates and masks per board by profile."""
+    from ops.bench.rhythm import RhythmBench, format_table, plot, run_rhythm_bench, scale_check
+
+    if scale is not None:
+        for mode in (m for m in modes.split(",") if m):
+            r = scale_check(scale, mode, rounds, k_fraction=k_fraction)
+            click.echo(json.dumps(r) if as_json else
+                       f"{scale} boards, {mode}: {r['merges']} merges, {r['trained']} trainings, "
+                       f"{r['sim_seconds']:.0f} simulated s in {r['wall_seconds']:.0f} s wall "
+                       f"({r['cpu_seconds']:.0f} s CPU; setup {r['setup_wall_seconds']:.0f} s wall), "
+                       f"final accuracy {r['final_accuracy']:.3f}")
+        return
+
+    b = RhythmBench(sizes=tuple(int(x) for x in _floats(sizes)), slow_shares=_floats(slow_shares),
+                    slowdowns=_floats(slowdowns), seeds=tuple(int(x) for x in _floats(seeds)), rounds=rounds,
+                    modes=tuple(m for m in modes.split(",") if m), k_fraction=k_fraction,
+                    async_staleness=async_staleness, horizon_factor=horizon_factor, learner=learner)
+    total = len(b.sizes) * len(b.slow_shares) * len(b.slowdowns) * len(b.seeds)
+    bar = Progress(total, "fleets", "fleet", stream=sys.stderr)
+    say = bar.write if bar.animated else (lambda s: click.echo(s, err=True))
+    try:
+        done: list[dict[str, Any]] = []
+
+        def on_fleet(r: dict[str, Any]) -> None:  # partial results survive an interrupted run
+            done.append(r)
+            write_json(out / "rhythm.partial.json", _strict_json(done))
+            bar.set_postfix_str(f"{r['devices']} boards")
+            bar.update()
+
+        result = run_rhythm_bench(b, say=say, on_fleet=on_fleet)
+    finally:
+        bar.close()
+    result = _strict_json(result)  # never reached = Infinity, which JSON has no word for: null
+    write_json(out / "rhythm.json", result)
+    plot(result, out / "rhythm.png")
+    if as_json:
+        click.echo(json.dumps(result["table"], indent=2))
+        return
+    click.echo(format_table(result["table"]))
+    click.echo(f"bench wall time {result['wall_seconds']:.0f} s; figures in {out}/rhythm.json, plot {out}/rhythm.png")

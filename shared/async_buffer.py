@@ -1,0 +1,157 @@
+"""Buffered asynchronous merging (FedBuff for binary masks), pure: the simulator's state, and the state
+an asynchronous aggregator keeps (no I/O here).
+
+No rounds: every board trains whenever it is idle and names in its update the version of the merged
+mask it trained from (its `base`). The buffer keeps each board's latest update with that base. Every K
+stored updates it *flushes*: version v becomes v + 1, and each buffered board gets its own merged mask
+from a vote over
+
+  - the buffered updates (always: every stored update is merged for its board, however stale), and
+  - the latest updates of the other boards whose staleness tau = v - base is within `max_staleness`,
+
+each vote weighted by s(tau): 1 ("constant": the vote is the pipeline's merge rule unchanged, the
+same function the synchronous rounds call) or 1/sqrt(1 + tau) ("sqrt", FedBuff's polynomial weight).
+tau counts merges since the mask the update trained from (FedBuff's v - v_start).
+
+A board appears in the buffer once: an update stored while its previous one is still buffered
+replaces it (counted `replaced`); the board then gets one merged mask for both. Every stored update
+therefore ends merged (or replaced by a newer one of the same board), never lost nor counted twice;
+a redelivery of an update already stored (same board, same update id) is a `duplicate` no-op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from shared.bits import pack, unpack
+from shared.merge_rules import MergeContext, MergeRule
+
+STALENESS = ("constant", "sqrt")
+StoreStatus = Literal["stored", "replaced", "duplicate"]
+
+
+def staleness_weight(kind: str, tau: int) -> float:
+    if tau < 0:
+        raise ValueError(f"staleness must be >= 0, got {tau}")
+    if kind == "constant":
+        return 1.0
+    if kind == "sqrt":
+        return 1.0 / math.sqrt(1.0 + tau)
+    raise ValueError(f"unknown staleness function {kind!r}; choose one of {', '.join(STALENESS)}")
+
+
+def _vote_region(rule: MergeRule, ctx: MergeContext) -> np.ndarray:
+    """Where a majority rule votes, unpacked: paper everywhere, head the pruned layers, body the rest."""
+    pruned = unpack(ctx.pruned_region, ctx.nbits).astype(bool)
+    regions = {"paper": np.ones(ctx.nbits, dtype=bool), "head": pruned, "body": ~pruned}
+    if rule.name not in regions:
+        raise ValueError(f"staleness-weighted votes need a majority rule (paper, head, body), not {rule.name!r}; "
+                         "use staleness constant")
+    return regions[rule.name]
+
+
+def weighted_merge(rule: MergeRule, ctx: MergeContext, structures: np.ndarray, masks: np.ndarray,
+                   weights: np.ndarray, rows: int) -> np.ndarray:
+    """The first `rows` voters' merged masks (packed), under `rule` with weighted votes: inside the
+    rule's region an element covered by 2+ voters takes the bit with the larger total weight, a tie
+    keeps the device's own bit; never a 1 outside a structure. All weights equal: exactly rule.merge
+    (tests/unit/test_async_buffer.py checks this bit for bit)."""
+    region = _vote_region(rule, ctx)
+    s = unpack_rows(structures, ctx.nbits)
+    m = unpack_rows(masks, ctx.nbits)
+    w = weights.astype(np.float64)
+    voters = s.sum(axis=0, dtype=np.int64)
+    ones = w @ m.astype(np.float64)
+    zeros = w @ (s & ~m).astype(np.float64)
+    tie = np.abs(ones - zeros) <= 1e-9 * np.maximum(ones + zeros, 1.0)  # float sums in any order
+    can = (voters >= 2) & region & ~tie
+    up, down = pack(can & (ones > zeros)), pack(can & (zeros > ones))
+    out: np.ndarray = (masks[:rows] | (structures[:rows] & up)) & ~down
+    return out
+
+
+def unpack_rows(packed: np.ndarray, nbits: int) -> np.ndarray:
+    return np.unpackbits(packed, axis=1, count=nbits).astype(bool)
+
+
+@dataclass
+class Held:
+    mask: np.ndarray  # packed full mask of the board's latest update
+    base: int  # the merged-mask version it trained from
+    update_id: str
+
+
+@dataclass
+class Flush:
+    version: int  # the version of the merged masks sent
+    masks: dict[str, np.ndarray]  # buffered board -> its packed full merged mask
+    voters: int  # updates that voted (buffered + fresh enough others)
+    stale_excluded: int  # other boards' latest updates left out as too stale
+    taus: dict[str, int]  # buffered board -> staleness of its update
+
+
+@dataclass
+class AsyncBuffer:
+    k: int
+    max_staleness: int
+    staleness: str = "constant"
+    version: int = 0
+    latest: dict[str, Held] = field(default_factory=dict)
+    buffer: list[str] = field(default_factory=list)  # boards with a buffered update, in arrival order
+    pending: int = 0  # updates stored since the last flush (counts replacements)
+    counts: Counter[str] = field(default_factory=Counter)
+    _seen: set[tuple[str, str]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.max_staleness < 0:
+            raise ValueError(f"buffer size K must be >= 1 and max staleness >= 0, got {self.k}, {self.max_staleness}")
+        staleness_weight(self.staleness, 0)  # refuses an unknown function early
+
+    def store(self, device: str, mask: np.ndarray, base: int, update_id: str) -> StoreStatus:
+        """Keep `device`'s update (packed full mask, trained from merged version `base`)."""
+        if (device, update_id) in self._seen:
+            self.counts["duplicate"] += 1
+            return "duplicate"
+        if base > self.version:
+            raise ValueError(f"{device}'s update names version {base}, newer than the buffer's {self.version}")
+        self._seen.add((device, update_id))
+        self.latest[device] = Held(mask, base, update_id)
+        self.pending += 1
+        self.counts["stored"] += 1
+        if device in self.buffer:
+            self.counts["replaced"] += 1
+            return "replaced"
+        self.buffer.append(device)
+        return "stored"
+
+    @property
+    def due(self) -> bool:
+        return self.pending >= self.k
+
+    def flush(self, rule: MergeRule, ctx: MergeContext, structures: dict[str, np.ndarray]) -> Flush:
+        """Merge the buffered updates (see the module docstring); empties the buffer, bumps the version."""
+        buffered = list(self.buffer)
+        others = sorted(d for d in self.latest if d not in set(buffered))
+        fresh = [d for d in others if self.version - self.latest[d].base <= self.max_staleness]
+        voters = buffered + fresh
+        taus = {d: self.version - self.latest[d].base for d in voters}
+        self.version += 1
+        self.buffer, self.pending = [], 0
+        self.counts["flushes"] += 1
+        self.counts["merged"] += len(buffered)
+        if not buffered:
+            return Flush(self.version, {}, 0, len(others) - len(fresh), {})
+        s = np.stack([structures[d] for d in voters])
+        m = np.stack([self.latest[d].mask for d in voters])
+        if self.staleness == "constant":
+            merged = rule.merge(s, m, ctx)[: len(buffered)]  # the pipeline's rule, unchanged
+        else:
+            w = np.array([staleness_weight(self.staleness, taus[d]) for d in voters])
+            merged = weighted_merge(rule, ctx, s, m, w, len(buffered))
+        return Flush(self.version, dict(zip(buffered, merged, strict=True)), len(voters),
+                     len(others) - len(fresh), {d: taus[d] for d in buffered})
