@@ -18,6 +18,7 @@ fleet sizes where the torch path cannot run on this machine (docs/results.md say
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ class VectorConfig:
     seed: int = 0
 
 
+@functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
