@@ -325,6 +325,9 @@ def test_header_poisons_neither_wedge_nor_take_honest_updates_along(board: Board
             for role in HONEST:
                 links[role].publish_uplink(dep.honest[role][0].device_id, "update", updates[role])
             time.sleep(1.0)
+            # The management API lists connections from its statistics, which lag the broker (seen in CI
+            # right after a flood test: an empty list for the consumer that had been open for seconds).
+            dep.wait_for(lambda: len(_consumer_connections(dep)) == 1, 15, "the consumer's connection to be listed")
             [name] = _consumer_connections(dep)
             dep.management.close_connection(name)
         dep.wait_for(lambda: getattr(store.info(2), "state", None) == "closed", 40, "round 2 to close on its quorum")
