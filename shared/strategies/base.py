@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.errors import CodecError
 from shared.models import MaskedNet, ModelSpec, build_model
 from shared.payloads import Part
 from shared.strategy_codec import StrategyMessage
@@ -149,6 +150,18 @@ def tensors(model: MaskedNet) -> list[tuple[str, torch.Tensor]]:
 def set_tensor(param: torch.Tensor, flat: np.ndarray) -> None:
     with torch.no_grad():
         param.copy_(torch.from_numpy(np.asarray(flat).reshape(param.shape)))
+
+
+def load_dense(model: MaskedNet, msg: StrategyMessage, names: frozenset[str] | None = None) -> None:
+    """Set the model's tensors (those in `names`, or all) from the message's dense parts; a part of
+    another encoding or size is refused as bad_value."""
+    for name, param in tensors(model):
+        if names is not None and name not in names:
+            continue
+        part = msg.part(name)
+        if part.enc != "dense" or part.n != param.numel():
+            raise CodecError("bad_value", f"{name}: expected {param.numel()} dense values")
+        set_tensor(param, part.array())
 
 
 def get_tensor(param: torch.Tensor) -> np.ndarray:

@@ -20,7 +20,7 @@ from shared.strategies.base import (
     dense_train_flops,
     get_tensor,
     linear_sizes,
-    set_tensor,
+    load_dense,
     tensors,
     version_of,
 )
@@ -45,11 +45,7 @@ class FedAvgDevice(DeviceHalf):
         self._load(msg)
 
     def _load(self, msg: StrategyMessage) -> None:
-        for name, param in tensors(self.model):
-            part = msg.part(name)
-            if part.enc != "dense" or part.n != param.numel():
-                raise CodecError("bad_value", f"{name}: expected {param.numel()} dense values")
-            set_tensor(param, part.array())
+        load_dense(self.model, msg)
         self.version = msg.model
 
 

@@ -23,7 +23,7 @@ from shared.strategies.base import (
     dense_train_flops,
     get_tensor,
     linear_sizes,
-    set_tensor,
+    load_dense,
     tensors,
     version_of,
 )
@@ -45,12 +45,7 @@ class LGFedAvgDevice(DeviceHalf):
         self.head = head_names([n for n, _ in tensors(self.model)], self.cfg.head_layers)
 
     def apply(self, msg: StrategyMessage) -> None:
-        for name, param in tensors(self.model):
-            if name in self.head:
-                part = msg.part(name)
-                if part.enc != "dense" or part.n != param.numel():
-                    raise CodecError("bad_value", f"{name}: expected {param.numel()} dense values")
-                set_tensor(param, part.array())
+        load_dense(self.model, msg, frozenset(self.head))
         self.version = msg.model
 
     def train(self, task: StrategyMessage) -> StrategyMessage:

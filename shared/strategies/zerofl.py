@@ -30,7 +30,7 @@ from shared.strategies.base import (
     ServerHalf,
     dense,
     get_tensor,
-    set_tensor,
+    load_dense,
     tensors,
     train_loop,
     version_of,
@@ -82,11 +82,7 @@ class ZeroFLDevice(DeviceHalf):
                                                   self.cfg.sparsify_first)
 
     def apply(self, msg: StrategyMessage) -> None:
-        for name, param in tensors(self.model):
-            part = msg.part(name)
-            if part.enc != "dense" or part.n != param.numel():
-                raise CodecError("bad_value", f"{name}: expected {param.numel()} dense values")
-            set_tensor(param, part.array())
+        load_dense(self.model, msg)
         self.version = msg.model
 
     def train(self, task: StrategyMessage) -> StrategyMessage:
