@@ -40,6 +40,12 @@ class FedMaskConfig:
                                       # against the merged mask both sides hold, when that is smaller
                                       # (shared/delta_codec.py); merged masks then come delta-coded too
 
+    @property
+    def takes_agreement(self) -> bool:
+        """Whether this device expects the agreement downlink (enc "q4") rather than merged bits: for
+        sampled uploads (FedPM's estimate), or when it chooses its own share of the agreement."""
+        return self.upload == "sample" or bool(self.share_grid)
+
 
 def derive_seed(*parts: int | str) -> int:
     """A stable 63-bit seed from ints and strings (device ids), identical on every platform."""
@@ -114,8 +120,8 @@ class DeviceRuntime:
                               val_accuracy=val_accuracy, train_seconds=st.seconds))
 
     def _delta_coding(self) -> bool:
-        """Delta coding needs a bit mask on both sides: not for sampled uploads (agreement downlink)."""
-        return self.cfg.coding == "delta" and self.cfg.upload == "threshold"
+        """Delta coding needs a bit mask on both sides: not with the agreement downlink."""
+        return self.cfg.coding == "delta" and not self.cfg.takes_agreement
 
     def _code_update(self, task: codec.Message, inside: bytes) -> Coded:
         """Against the merged mask the device holds, but only when the task says the aggregator holds

@@ -17,7 +17,8 @@ Each rule is one small class over packed bits; all of them call the same kernel
           device's bit takes the majority only when it leads by at least 2*tolerate + 1 votes;
           anything closer keeps the device's own bit. Why not a trimmed vote: see the class.
 - agreement: per-element agreement of the participants' Bernoulli samples, sent as 4-bit levels
-          (shared/agreement.py); devices blend it into their scores. Needs `upload="sample"`.
+          (shared/agreement.py); devices blend it into their scores. Over `upload="sample"` it is
+          FedPM's estimate; over thresholded masks, the vote share (fedmask-adapt-local).
 - local:  nothing is merged (each device keeps its own bits); a diagnostic floor, not a product rule.
 """
 

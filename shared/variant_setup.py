@@ -63,8 +63,12 @@ def variant_setup(task: str, variant: str = PRESET_VARIANT, *, width: int | None
                              cfg.fedmask_config(), rule, tuned.origin)
     else:
         raise ValueError(f"variant {variant!r} has no pipeline; choose one of {', '.join(PIPELINE_VARIANTS)}")
-    # The agreement downlink blends levels into scores, which only means something for sampled uploads.
-    if (setup.merge == "agreement") != (setup.upload == "sample"):
-        raise ValueError(f"merge {setup.merge!r} with upload {setup.upload!r}: the agreement rule and sample "
-                         "uploads go together (use --variant fedmask-agree or fedpm)")
+    # A sampled upload is a 1-bit estimate of probabilities: only the agreement rule reads it that way
+    # (a majority vote over samples would merge noise). The agreement rule itself takes either upload:
+    # over thresholded masks its theta is the fleet's vote share (fedmask-adapt-local).
+    # The device must expect what the rule sends down (FedMaskConfig.takes_agreement).
+    if (setup.merge == "agreement") != setup.fedmask.takes_agreement:
+        raise ValueError(f"merge {setup.merge!r} with upload {setup.upload!r}: the agreement rule goes together "
+                         "with sampled uploads or a per-device share (use --variant fedmask-agree, fedmask-adapt, "
+                         "fedmask-adapt-local or fedpm)")
     return setup

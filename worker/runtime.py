@@ -161,7 +161,7 @@ class Worker:
                 self._record(type="task", round=msg.round, bytes_down=len(d.body))
                 self._train(msg)
             elif msg.type == "mask":
-                if (msg.enc == "q4") != (self.cfg.upload == "sample"):
+                if (msg.enc == "q4") != self.cfg.takes_agreement:
                     return self._wrong_variant(msg)
                 self.device.handle_mask(msg)
                 self.device.save(self.state_path)

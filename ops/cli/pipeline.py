@@ -19,7 +19,8 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_PORT = 9811  # aggregator.metrics.DEFAULT_METRICS_PORT, spelled out so `--help` does not import it
 TASKS = click.Choice(["activity", "mnist", "digits", "shakespeare"])
 # shared.variant_setup.PIPELINE_VARIANTS, spelled out so that `--help` does not import torch.
-VARIANTS = click.Choice(["preset", "fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedpm"])
+VARIANTS = click.Choice(["preset", "fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedmask-adapt-local",
+                         "fedpm"])
 variant_opt = click.option("--variant", type=VARIANTS, default="preset", show_default=True,
                            help="preset: FedMask with the task preset and --merge; else a named variant's "
                                 "config (tuned if shared/tuned/ has one); aggregator and workers must agree")

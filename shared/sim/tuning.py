@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 
 TUNE_SEED = 100
 # A variant without a tuning file of its own takes these variants' tuned choices (see load_tuned).
-BORROWS = {"fedmask-adapt": "fedmask-agree"}
+# An untuned variant that is another one plus a per-device choice takes the other's tuned config (its
+# budget, and no more) and keeps its own values of these knobs: what makes it that variant.
+BORROWS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fedmask-adapt": ("fedmask-agree", ("share_grid",)),
+    "fedmask-adapt-local": ("fedmask-local", ("merge", "upload", "share", "share_grid")),
+}
 DEFAULT_TRIALS = 8
 TUNED_DIR = Path(__file__).resolve().parents[1] / "tuned"  # shared/tuned: package data
 
@@ -84,6 +89,8 @@ GRIDS: dict[str, Grid] = {
     # head or paper: the majority rules that have helped on validation before (docs/results.md).
     "fedmask": [*_MASK_MAJORITY, _axis("merge", ("head", "paper"))],
     "fedmask-local": _MASK_MAJORITY,
+    # fedmask-local's grid: the share is each device's own choice (untuned, it borrows local's trials).
+    "fedmask-adapt-local": _MASK_MAJORITY,
     "fedmask-agree": [
         _AGREE_OPT,
         _axis("batch_size", (16, 32)),
@@ -301,8 +308,9 @@ def load_tuned(task: str, variant: str, p: TaskPreset, partition: str | None = N
     if not path.exists() and variant in BORROWS:
         # fedmask-adapt is fedmask-agree with the share chosen per device: untuned, it takes the other's
         # tuned choices (so it gets that variant's budget, and no more) with its own share grid.
-        other = load_tuned(task, BORROWS[variant], p, partition, root)
-        return Tuned(replace(other.config, variant=variant, share_grid=default.share_grid),
+        lender, own = BORROWS[variant]
+        other = load_tuned(task, lender, p, partition, root)
+        return Tuned(replace(other.config, variant=variant, **{k: getattr(default, k) for k in own}),
                      f"{other.origin}, share chosen per device (no tuning file {shown})")
     if not path.exists():
         return Tuned(default, f"default (no tuning file {shown})")

@@ -28,11 +28,13 @@ if TYPE_CHECKING:  # presets reads tuned configs through this module: no runtime
     from shared.presets import TaskPreset
 
 DENSE_VARIANTS = ("fedavg", "fedavg-ft", "standalone", "topk")
-MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedpm")
+MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedmask-adapt-local", "fedpm")
 # Run through the strategy interface (shared/strategies/, shared/sim/strategy_run.py).
 STRATEGY_VARIANTS = ("feddst", "zerofl", "lg-fedavg")
 VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS, *STRATEGY_VARIANTS)
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+# The shares a fedmask-adapt* device tries on its own validation split: none of the fleet's agreement to all of it.
+ADAPT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,18 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
         if variant == "lg-fedavg":  # a baseline: the dense baselines' default training
             return VariantConfig(variant, p.dense_train, p.local_epochs)
         return VariantConfig(variant, sgd, p.local_epochs, sparsity=0.8 if variant == "feddst" else 0.9)
-    if variant in ("fedmask", "fedmask-local"):
+    if variant in ("fedmask", "fedmask-local", "fedmask-adapt-local"):
         # train.py trains every group with the scores' optimizer kind: record that kind for the
         # weights too (no change in behaviour), so a config says what actually runs.
         scores = p.mask_train.with_(weight_optimizer=p.mask_train.optimizer)
+        if variant == "fedmask-adapt-local":
+            # fedmask-local's own training (thresholded masks, its optimizer, its pruning) with the
+            # fleet's agreement over those thresholded masks sent down; each device blends it in at
+            # the share its own validation split prefers, share 0 (keep its scores: exactly `local`
+            # for that device) included. Validation chooses the training mode per device, not only
+            # the share: the agreement family's sampled-mask training loses to `local` on label shards.
+            return VariantConfig(variant, scores, p.local_epochs, final_local_epochs=p.final_local_epochs,
+                                 merge="agreement", upload="threshold", share=0.0, share_grid=ADAPT_SHARES)
         return VariantConfig(variant, scores, p.local_epochs, final_local_epochs=p.final_local_epochs,
                              merge=p.merge if variant == "fedmask" else "local")
     # FedPM trains scores with Adam (lr 0.1) through sampled masks, and has no sparsity term
@@ -137,7 +147,7 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
     if variant in ("fedmask-agree", "fedmask-adapt"):
         # fedmask-adapt is fedmask-agree whose share each device chooses on its own validation split,
         # every time an agreement arrives, from none of the fleet's agreement to all of it.
-        grid = (0.0, 0.25, 0.5, 0.75, 1.0) if variant == "fedmask-adapt" else ()
+        grid = ADAPT_SHARES if variant == "fedmask-adapt" else ()
         return VariantConfig(variant, agree, p.local_epochs, final_local_epochs=p.final_local_epochs,
                              merge="agreement", upload="sample", share=0.5, share_grid=grid, personal_head=True,
                              prune_rho=0.5)

@@ -1,6 +1,6 @@
 """The agreement variants through the real pipeline: one aggregator and six workers started with
 --variant fedmask-agree (or fedmask-adapt, whose devices choose their share on their own validation
-split), three rounds; every device's final scores, personal head and mask bits must
+split, or fedmask-adapt-local, the same choice over fedmask-local's thresholded masks), three rounds; every device's final scores, personal head and mask bits must
 equal the simulator's (run_variant) bit for bit, and every downlink is agreement levels (enc q4) at
 4 bits per structure element."""
 
@@ -26,7 +26,7 @@ from tests.integration.pipeline_fleet import ROUNDS, SEED, TASK, WIDTH, N, cli, 
 pytestmark = pytest.mark.services
 
 
-@pytest.fixture(params=["fedmask-agree", "fedmask-adapt"])
+@pytest.fixture(params=["fedmask-agree", "fedmask-adapt", "fedmask-adapt-local"])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
              tmp_path: Path) -> Iterator[dict[str, object]]:
     flags = ["--variant", request.param]
@@ -48,7 +48,8 @@ def test_agreement_pipeline_matches_simulator(pipeline: dict[str, object], redis
     tmp: Path = pipeline["tmp"]  # type: ignore[assignment]
     variant = str(pipeline["variant"])
     wait(lambda: sorted(store.device_ids()) == sorted(ids), 180, "every worker's hello")
-    assert store.config()["variant"] == variant and store.config()["upload"] == "sample"
+    upload = "threshold" if variant == "fedmask-adapt-local" else "sample"  # local's thresholded masks
+    assert store.config()["variant"] == variant and store.config()["upload"] == upload
     urls = ["--amqp-url", str(pipeline["admin_url"]), "--redis-url", redis_service_url]
     run = cli("round", "run", "--rounds", str(ROUNDS), "--quorum", "1.0", "--deadline", "240", "--json", *urls)
     assert run.returncode == 0, run.stderr
@@ -56,7 +57,7 @@ def test_agreement_pipeline_matches_simulator(pipeline: dict[str, object], redis
     assert [x["round"] for x in summaries] == [1, 2, 3]
     assert all(x["state"] == "closed" and x["received"] == x["sampled"] == N for x in summaries)
     shown = cli("round", "status", "--redis-url", redis_service_url).stdout
-    assert f"variant {variant} (merge agreement, upload sample)" in shown
+    assert f"variant {variant} (merge agreement, upload {upload})" in shown
     wait(lambda: all(store.mask_version(d) == ROUNDS for d in ids), 30, "masks stored")
     state = tmp / "state"
     wait(lambda: all(len(_mask_records(state, d)) == ROUNDS for d in ids), 30, "workers to persist the last mask")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from shared import codec
+from shared.bits import positions
 from shared.data import load_task
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.presets import model_spec, preset
@@ -115,3 +116,41 @@ def test_untuned_it_borrows_the_agreement_variants_tuned_choices(tmp_path: Path)
     (tmp_path / "mnist" / "fedmask-adapt.json").write_text(json.dumps(own))
     mine = load_tuned("mnist", "fedmask-adapt", p, root=tmp_path)
     assert mine.config.share_grid == (0.0, 1.0) and "fedmask-adapt.json" in mine.origin
+
+
+def test_adapt_local_is_local_training_with_the_agreement_downlink(tmp_path: Path) -> None:
+    """fedmask-adapt-local borrows fedmask-local's tuned training and pruning, and keeps its own
+    aggregation: the agreement rule over thresholded masks, a per-device share starting from none."""
+    from shared.sim.tuning import TUNED_DIR, load_tuned
+
+    p = preset("mnist")
+    (tmp_path / "mnist").mkdir()
+    shutil.copy(TUNED_DIR / "mnist" / "fedmask-local.json", tmp_path / "mnist")
+    local = load_tuned("mnist", "fedmask-local", p, root=tmp_path)
+    mine = load_tuned("mnist", "fedmask-adapt-local", p, root=tmp_path)
+    c = mine.config
+    assert (c.merge, c.upload, c.share, c.share_grid) == ("agreement", "threshold", 0.0, GRID)
+    assert replace(c, variant="fedmask-local", merge="local", share=local.config.share, share_grid=()) == local.config
+    assert c.train.mask_mode == "ste" and c.fedmask_config().takes_agreement
+    assert not local.config.fedmask_config().takes_agreement
+
+
+def test_a_contradicting_agreement_leaves_a_local_trained_device_as_it_was() -> None:
+    """Share 0 chosen: the device's scores (so its mask) are exactly those local training left."""
+    data = load_task("digits", num_devices=4, seed=0)
+    d = data.devices[0]
+    cfg = default_config("fedmask-adapt-local", preset("digits")).fedmask_config()
+    dev = DeviceRuntime(d.device_id, model_spec("digits", width=32, seed=0), replace(cfg, local_epochs=3),
+                        (d.train.x, d.train.y), seed=0, val_xy=(d.val.x, d.val.y))
+    dev.hello()
+    task = codec.make_task(device=dev.device_id, round=1, model=dev.fingerprint, layout=dev.layout, bits=b"",
+                           nbits=0, version=0, deadline=0.0)
+    dev.handle_task(task)
+    before = dev.model.scores_flat().copy()
+    assert dev.structure is not None
+    inside = positions(dev.structure, dev.nbits)
+    theta = np.full(dev.nbits, 0.5)
+    theta[inside] = np.where(before[inside] > 0, 0.02, 0.98)  # the fleet votes against every bit it holds
+    dev.handle_mask(_agreement(dev, theta))
+    assert dev.chosen_shares == [0.0]
+    assert np.array_equal(dev.model.scores_flat(), before)

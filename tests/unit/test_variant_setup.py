@@ -45,7 +45,7 @@ def test_agreement_variant_has_its_own_model_and_downlink() -> None:
 def test_refused_combinations() -> None:
     with pytest.raises(ValueError, match="merges with 'agreement'"):
         variant_setup("digits", "fedmask-agree", merge="head")
-    with pytest.raises(ValueError, match="go together"):
+    with pytest.raises(ValueError, match="goes together"):
         variant_setup("digits", merge="agreement")  # threshold uploads under the agreement rule
     with pytest.raises(ValueError, match="no pipeline"):
         variant_setup("digits", "fedavg")
