@@ -1,6 +1,7 @@
 """The agreement variants through the real pipeline: one aggregator and six workers started with
 --variant fedmask-agree (or fedmask-adapt, whose devices choose their share on their own validation
-split, or fedmask-adapt-local, the same choice over fedmask-local's thresholded masks), three rounds; every device's final scores, personal head and mask bits must
+split, or fedmask-adapt-local, the same choice over fedmask-local's thresholded masks),
+three rounds; every device's final scores, personal head and mask bits must
 equal the simulator's (run_variant) bit for bit, and every downlink is agreement levels (enc q4) at
 4 bits per structure element."""
 

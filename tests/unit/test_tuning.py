@@ -75,7 +75,8 @@ def test_declared_grids_have_the_declared_sizes() -> None:
     # feddst: dense 24 x 3 alphas x 3 periods x 2 rules; zerofl: dense 24 x 3 unsent rules; lg-fedavg: 24 x 2
     sizes = {v: len(grid_points(v, default_config(v, DIGITS))) for v in GRIDS}
     assert sizes == {"fedavg": 24, "standalone": 24, "fedavg-ft": 72, "topk": 72, "fedmask": 288,
-                     "fedmask-local": 144, "fedmask-adapt-local": 144, "fedmask-agree": 2592, "fedmask-adapt": 648, "fedpm": 12,
+                     "fedmask-local": 144, "fedmask-adapt-local": 144, "fedmask-agree": 2592,
+                     "fedmask-adapt": 648, "fedpm": 12,
                      "feddst": 432, "zerofl": 72, "lg-fedavg": 48}
     assert all(c.merge == "local" for c in grid_points("fedmask-local", default_config("fedmask-local", DIGITS)))
     fedpm = grid_points("fedpm", default_config("fedpm", DIGITS))
