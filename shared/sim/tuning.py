@@ -125,6 +125,11 @@ GRIDS: dict[str, Grid] = {
     "zerofl": [*_DENSE, _axis("unsent", ("zero", "holders", "keep"))],
     # LG-FedAvg: the dense optimizers and how many of the last tensors are shared.
     "lg-fedavg": [*_DENSE, _axis("head_layers", (1, 2))],
+    # Per-FedAvg: its own two step sizes (the optimizer is its FO-MAML step) and the batch size.
+    "per-fedavg": [_axis("inner_lr", (0.01, 0.03, 0.1)), _axis("outer_lr", (0.001, 0.01, 0.03)),
+                   _axis("batch_size", (16, 32))],
+    # BNN-FedAvg: the latent weights' optimizer and whether the binary weights carry a scale.
+    "bnn-fedavg": [*_DENSE, _axis("bnn_scale", (True, False))],
 }
 
 

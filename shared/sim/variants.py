@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # presets reads tuned configs through this module: no runtime
 DENSE_VARIANTS = ("fedavg", "fedavg-ft", "standalone", "topk")
 MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedmask-adapt-local", "fedpm")
 # Run through the strategy interface (shared/strategies/, shared/sim/strategy_run.py).
-STRATEGY_VARIANTS = ("feddst", "zerofl", "lg-fedavg")
+STRATEGY_VARIANTS = ("feddst", "zerofl", "lg-fedavg", "per-fedavg", "bnn-fedavg")
 VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS, *STRATEGY_VARIANTS)
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 # The shares a fedmask-adapt* device tries on its own validation split: none of the fleet's agreement to all of it.
@@ -66,6 +66,9 @@ class VariantConfig:
     unsent: str = "zero"           # zerofl: zero | holders | keep
     sparsify_first: bool = False   # zerofl: SWAT on the first layer too
     head_layers: int = 1           # lg-fedavg: the global (shared) last tensors
+    inner_lr: float = 0.01         # per-fedavg: alpha
+    outer_lr: float = 0.001        # per-fedavg: beta
+    bnn_scale: bool = True         # bnn-fedavg: per-layer mean|w| scale
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -83,7 +86,8 @@ class VariantConfig:
         return StrategyConfig(train=self.train, local_epochs=self.local_epochs, sparsity=self.sparsity,
                               alpha=self.alpha, readjust_every=self.readjust_every, density_rule=self.density_rule,
                               mask_ratio=self.mask_ratio, unsent=self.unsent, sparsify_first=self.sparsify_first,
-                              head_layers=self.head_layers)
+                              head_layers=self.head_layers, inner_lr=self.inner_lr, outer_lr=self.outer_lr,
+                              bnn_scale=self.bnn_scale)
 
     def with_(self, **changes: Any) -> VariantConfig:
         """Change knobs by name; TrainConfig's fields (lr, batch_size, ...) go to `train`."""
@@ -123,7 +127,7 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
     if variant in STRATEGY_VARIANTS:
         # The papers' optimizer (SGD, momentum 0.9, lr 0.01) with the task's batch size and local budget.
         sgd = p.dense_train.with_(weight_optimizer="sgd", weight_lr=0.01, momentum=0.9)
-        if variant == "lg-fedavg":  # a baseline: the dense baselines' default training
+        if variant in ("lg-fedavg", "bnn-fedavg", "per-fedavg"):  # baselines: the dense baselines' default training
             return VariantConfig(variant, p.dense_train, p.local_epochs)
         return VariantConfig(variant, sgd, p.local_epochs, sparsity=0.8 if variant == "feddst" else 0.9)
     if variant in ("fedmask", "fedmask-local", "fedmask-adapt-local"):

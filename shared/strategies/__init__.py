@@ -7,9 +7,11 @@ shared/payloads.py only if none fits, and one line in STRATEGIES below.
 from __future__ import annotations
 
 from shared.strategies.base import DeviceHalf, ServerHalf, Strategy, StrategyConfig
+from shared.strategies.bnn_fedavg import BNNFedAvgDevice, BNNFedAvgServer
 from shared.strategies.fedavg import FedAvgDevice, FedAvgServer
 from shared.strategies.feddst import FedDSTDevice, FedDSTServer
 from shared.strategies.lg_fedavg import LGFedAvgDevice, LGFedAvgServer
+from shared.strategies.per_fedavg import PerFedAvgDevice, PerFedAvgServer
 from shared.strategies.zerofl import ZeroFLDevice, ZeroFLServer
 
 STRATEGIES: dict[str, Strategy] = {
@@ -17,6 +19,10 @@ STRATEGIES: dict[str, Strategy] = {
     "feddst": Strategy("feddst", FedDSTDevice, FedDSTServer, "sparse weights, dynamic masks (Bibikar et al. 2022)"),
     "zerofl": Strategy("zerofl", ZeroFLDevice, ZeroFLServer, "SWAT training, top-K uploads (Qiu et al. 2022)"),
     "lg-fedavg": Strategy("lg-fedavg", LGFedAvgDevice, LGFedAvgServer, "local body, global head (Liang et al. 2020)"),
+    "per-fedavg": Strategy("per-fedavg", PerFedAvgDevice, PerFedAvgServer,
+                           "FO-MAML local steps, adapt then evaluate (Fallah et al. 2020)"),
+    "bnn-fedavg": Strategy("bnn-fedavg", BNNFedAvgDevice, BNNFedAvgServer,
+                           "binary weights, 1 bit up and down, majority vote (FedMask's BNN baseline)"),
 }
 
 

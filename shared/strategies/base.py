@@ -56,6 +56,9 @@ class StrategyConfig:
     sparsify_first: bool = False   # ZeroFL: SWAT on the first layer too (default: first dense, last sparse)
     value_dtype: str = "f32"       # dtype of weight values on the wire: "f32" | "f16"
     head_layers: int = 1           # LG-FedAvg: the last this-many tensors are global, the rest stay local
+    inner_lr: float = 0.01         # Per-FedAvg: alpha, the inner (and evaluation-time adaptation) step
+    outer_lr: float = 0.001        # Per-FedAvg: beta, the outer (meta) step
+    bnn_scale: bool = True         # BNN-FedAvg: per-layer scale mean|w| (XNOR-Net's) on the +-1 weights
 
     def with_(self, **changes: object) -> StrategyConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
