@@ -6,11 +6,12 @@ from Redis. Untrusted updates are refused with a reason and never stored."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from aggregator.core_strategy import StrategyCore
+from aggregator.core_strategy import StrategyCore, config_fields
 from aggregator.store import RoundStore
 from shared.data import FederatedDataset, load_task
 from shared.models import ModelSpec
@@ -19,6 +20,7 @@ from shared.sim.strategy_run import _scores, run_strategy
 from shared.strategies import get_strategy
 from shared.strategies.base import DeviceHalf, StrategyConfig
 from shared.strategy_codec import StrategyMessage, decode_strategy, encode_strategy
+from worker.strategy_runtime import StrategyWorker
 
 ROUNDS, SEED = 3, 4
 
@@ -49,12 +51,18 @@ def _devices(name: str, data: FederatedDataset, spec: ModelSpec, cfg: StrategyCo
 
 @pytest.mark.parametrize("name", ["fedavg", "feddst", "zerofl", "lg-fedavg"])
 def test_three_rounds_through_redis_equal_the_simulator(name: str, fleet: FederatedDataset,
-                                                        store: RoundStore) -> None:
+                                                        store: RoundStore, tmp_path: Path) -> None:
     spec, cfg = _spec(fleet), _cfg(name)
     core = StrategyCore(store, name, cfg, spec, seed=SEED, rounds=ROUNDS)
+    store.set_config(dict(config_fields(name, cfg)))
     reference = get_strategy(name).server(spec, cfg, seed=SEED, rounds=ROUNDS)  # never persisted
-    devices = _devices(name, fleet, spec, cfg)
-    ids = [d.device_id for d in fleet.devices]
+    by_id = {d.device_id: d for d in fleet.devices}
+    ids = list(by_id)
+
+    def worker(d: str) -> StrategyWorker:  # a board restarted every step: config from Redis, state from .npz
+        return StrategyWorker(d, store.config(), spec, (by_id[d].train.x, by_id[d].train.y), SEED,
+                              state_path=tmp_path / f"{d}.npz")
+
     up = down = 0
     for r in range(1, ROUNDS + 1):
         sampled = sample_devices(ids, sample_count(len(ids), rate=1.0), seed=SEED, round_id=r)
@@ -65,7 +73,8 @@ def test_three_rounds_through_redis_equal_the_simulator(name: str, fleet: Federa
         for d in sampled:
             assert tasks[d] == encode_strategy(reference.task(r, d))
             down += len(tasks[d])
-            body = encode_strategy(devices[d].train(decode_strategy(tasks[d], expect_type="stask")))
+            body = worker(d).handle(tasks[d])
+            assert body is not None
             up += len(body)
             received[d] = decode_strategy(body, expect_type="supdate")
             admission = core.ingest(body, time.time())
@@ -78,7 +87,7 @@ def test_three_rounds_through_redis_equal_the_simulator(name: str, fleet: Federa
         assert downlinks == expected
         for d, body in downlinks.items():
             down += len(body)
-            devices[d].apply(decode_strategy(body, expect_type="smodel"))
+            assert worker(d).handle(body) is None
         info = store.info(r)
         assert info is not None and info.state == "closed" and info.received == sorted(sampled)
     for d in ids:
@@ -87,6 +96,7 @@ def test_three_rounds_through_redis_equal_the_simulator(name: str, fleet: Federa
     assert (up, down) == (sim.uplink_bytes, sim.downlink_bytes)
     evaluator = get_strategy(name).device("evaluator", spec, cfg, (np.zeros((0,)), np.zeros((0,))), SEED)
     evaluator.prepare()
+    devices = {d: worker(d).half for d in ids}
     assert _scores(core.server(), evaluator, devices, fleet, "test") == sim.per_device_accuracy
 
 
