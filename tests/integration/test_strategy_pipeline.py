@@ -5,6 +5,7 @@ from Redis. Untrusted updates are refused with a reason and never stored."""
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from aggregator.core_strategy import StrategyCore, config_fields
-from aggregator.store import RoundStore
+from aggregator.store import RoundStore, StoreError
 from shared.data import FederatedDataset, load_task
+from shared.errors import ConfigError
 from shared.models import ModelSpec
 from shared.rounds import sample_count, sample_devices
 from shared.sim.strategy_run import _scores, run_strategy
@@ -130,3 +132,34 @@ def test_untrusted_updates_are_refused_with_a_reason(fleet: FederatedDataset, st
 def _fields(m: StrategyMessage) -> dict[str, object]:
     return {"type": m.type, "strategy": m.strategy, "device": m.device, "round": m.round, "model": m.model,
             "parts": m.parts, "params": m.params, "stats": m.stats}
+
+
+def test_stored_state_is_never_unpickled_and_belongs_to_its_strategy(fleet: FederatedDataset,
+                                                                     store: RoundStore) -> None:
+    spec, cfg = _spec(fleet), StrategyConfig(local_epochs=1)
+    core = StrategyCore(store, "fedavg", cfg, spec, seed=SEED, rounds=2)
+    core.server()  # writes the initial state
+    with pytest.raises(StoreError, match="not 'feddst'"):
+        StrategyCore(store, "feddst", cfg, spec, seed=SEED, rounds=2).server()
+    key = store.keys.key("strategy:tensor:w")
+    buf = io.BytesIO()  # a pickled payload in .npy form: what an attacker with Redis access could plant
+    np.lib.format.write_array(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    store.client.set(key, buf.getvalue())
+    with pytest.raises(StoreError, match="does not decode"):
+        core.server()
+
+
+def test_a_board_refuses_a_message_for_another_device_or_strategy(fleet: FederatedDataset,
+                                                                   store: RoundStore, tmp_path: Path) -> None:
+    spec, cfg = _spec(fleet), StrategyConfig(local_epochs=1)
+    core = StrategyCore(store, "fedavg", cfg, spec, seed=SEED, rounds=2)
+    d0, d1 = (d.device_id for d in fleet.devices[:2])
+    tasks = core.open_round(1, [d0, d1], now=time.time(), deadline=time.time() + 600, quorum=2)
+    board = StrategyWorker(d0, dict(config_fields("fedavg", cfg)), spec,
+                           (fleet.devices[0].train.x, fleet.devices[0].train.y), SEED)
+    with pytest.raises(ConfigError, match="not for this fedavg device"):
+        board.handle(tasks[d1])
+    with pytest.raises(ConfigError, match="unknown settings"):
+        StrategyWorker(d0, {"strategy": "fedavg", "strategy_config": '{"rounds_x": 1}'}, spec,
+                       (fleet.devices[0].train.x, fleet.devices[0].train.y), SEED)
+    assert board.handle(tasks[d0]) is not None
