@@ -1,0 +1,121 @@
+"""StrategyCore: the round logic of a weight-training strategy (shared/strategies/) over Redis
+(issue 12, roadmap items 2-3). Broker-free like aggregator/core.py: the caller moves the bytes.
+
+A round: open_round() builds each sampled device's `stask` (with the model when the device's copy is
+stale) from the server half's state in Redis, opens the round with RoundStore's machinery (the same
+open/quorum/close election as FedMask's rounds) and returns the tasks to send. ingest() admits one
+untrusted `supdate`: the strategy codec's checks (size limit, schema, parts' sizes and crc), then
+the round, the strategy, the base version (`stale_base` unless it is the version this device was
+sent) and a dry fold of the update alone on a copy of the state (shapes and encodings the half
+expects); a refused update gets a reason and is not stored, so the caller dead-letters it as the
+FedMask path does. An admitted one is stored with SET NX (aggregator/lua/admit_update.lua). close()
+folds the stored updates, writes the new state and returns the participants' `smodel` downlinks
+(none for a strategy with one global model: its next task carries it).
+
+The server half is rebuilt and loaded from Redis on every call, so any replica may serve any step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from aggregator.store import RoundStore, StoreError
+from aggregator.store_strategy import StrategyStateStore
+from shared.errors import CodecError
+from shared.models import ModelSpec
+from shared.strategies import get_strategy
+from shared.strategies.base import ServerHalf, StrategyConfig
+from shared.strategy_codec import MAX_BYTES, StrategyMessage, decode_strategy, encode_strategy
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ingest() did with one update: status is "stored", "duplicate", "closed", "not_sampled",
+    "unknown_round" (RoundStore's) or "rejected" (then `reason` is the codec's or the core's code)."""
+
+    status: str
+    device: str = ""
+    round_id: int = -1
+    reason: str = ""
+    detail: str = ""
+    elected: bool = False
+
+
+class StrategyCore:
+    def __init__(self, store: RoundStore, name: str, cfg: StrategyConfig, spec: ModelSpec, *, seed: int,
+                 rounds: int, max_update_bytes: int = MAX_BYTES) -> None:
+        self.store, self.state = store, StrategyStateStore(store)
+        self.strategy = get_strategy(name)
+        self.cfg, self.spec, self.seed, self.rounds = cfg, spec, seed, rounds
+        self.max_update_bytes = max_update_bytes
+
+    def server(self) -> ServerHalf:
+        """The server half with the state Redis holds (its initial state, written once, if none)."""
+        half = self.strategy.server(self.spec, self.cfg, seed=self.seed, rounds=self.rounds)
+        if self.state.exists():
+            self.state.load(half)
+        else:
+            self.state.save(half)
+        return half
+
+    def open_round(self, round_id: int, sampled: list[str], *, now: float, deadline: float,
+                   quorum: int) -> dict[str, bytes]:
+        half = self.server()
+        tasks = {d: encode_strategy(half.task(round_id, d)) for d in sampled}
+        self.state.save(half)  # the versions sent (held) decide stale_base and the next tasks' models
+        self.store.open_round(round_id, sampled=sampled, deadline=deadline, quorum=quorum, now=now,
+                              policy={"strategy": self.strategy.name})
+        return tasks
+
+    def ingest(self, body: bytes, now: float) -> Admission:
+        try:
+            msg = decode_strategy(body, max_bytes=self.max_update_bytes, expect_type="supdate")
+        except CodecError as exc:
+            return Admission("rejected", reason=exc.reason, detail=str(exc)[:200])
+        base = Admission("rejected", device=msg.device, round_id=msg.round)
+        if msg.strategy != self.strategy.name:
+            return _with(base, "wrong_strategy", f"{msg.strategy} update for a {self.strategy.name} aggregator")
+        half = self.server()
+        if half.held.get(msg.device) != msg.model:
+            return _with(base, "stale_base", f"base {msg.model[:16]} is not the version {msg.device} was sent")
+        try:
+            half.fold(msg.round, {msg.device: msg})  # a dry run on this copy: the state is not saved
+        except CodecError as exc:
+            return _with(base, exc.reason, str(exc)[:200])
+        except (ValueError, KeyError, IndexError) as exc:  # a well-formed part the half cannot use
+            return _with(base, "bad_value", f"{type(exc).__name__}: {str(exc)[:160]}")
+        status, elected = self.store.ingest_update(msg.round, msg.device, body, now)
+        return Admission(status, device=msg.device, round_id=msg.round, elected=elected)
+
+    def close(self, round_id: int, now: float) -> dict[str, bytes]:
+        """Fold the round's stored updates (the caller won the close election); returns the encoded
+        downlinks by device. Updates were checked at ingest; a stored one that no longer decodes
+        means Redis was written by someone else, which stops the close."""
+        updates: dict[str, StrategyMessage] = {}
+        for device, body in self.store.updates(round_id).items():
+            try:
+                updates[device] = decode_strategy(body, max_bytes=self.max_update_bytes, expect_type="supdate")
+            except CodecError as exc:
+                raise StoreError(f"round {round_id}: the stored update of {device} does not decode: {exc}") from None
+        half = self.server()
+        downlinks = {d: encode_strategy(m) for d, m in half.fold(round_id, updates).items()}
+        self.state.save(half)
+        self.store.mark_closed(round_id, now)
+        return downlinks
+
+    def model_message(self, device: str) -> bytes:
+        return encode_strategy(self.server().model_message(device))
+
+    def version(self) -> str:
+        return str(getattr(self.server(), "version", ""))
+
+
+def _with(base: Admission, reason: str, detail: str) -> Admission:
+    return Admission(base.status, device=base.device, round_id=base.round_id, reason=reason, detail=detail)
+
+
+def config_fields(name: str, cfg: StrategyConfig) -> Mapping[str, str]:
+    """The fm:config entries a worker needs to build the device half: the strategy and its settings."""
+    return {"strategy": name, "strategy_config": json.dumps(asdict(cfg), sort_keys=True)}
