@@ -33,7 +33,8 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
                    aggregator_args: list[str], worker_args: list[str], first: int = 0,
                    slow: int = 0) -> Iterator[dict[str, Any]]:
     """Start the processes (TASK, WIDTH, N devices from the `first`; the extra flags on each command
-    line; the last `slow` workers emulate a Pi 4), yield what the test needs, and stop everything, vhost and device users included. Broker users
+    line; the last `slow` workers emulate a Pi 4),
+    yield what the test needs, and stop everything, vhost and device users included. Broker users
     are global: tests that may run at the same time on one broker take different `first`."""
     from aggregator.store import RoundStore
     from ops.control.enrolment import Management
