@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from aggregator.dropped_tally import DroppedTally
 from aggregator.metrics import DEFAULT_METRICS_HOST, AggregatorMetrics, MeteredCore
@@ -58,6 +59,11 @@ class ServiceSettings:
     # asked; `fedmask aggregator run` defaults to DEFAULT_METRICS_PORT.
     metrics_port: int = 0
     metrics_host: str = DEFAULT_METRICS_HOST
+    # `--mode async` (aggregator/core_async.py): no rounds, a flush every `buffer` stored updates.
+    mode: str = "rounds"
+    buffer: int = 3
+    max_staleness: int = 10
+    staleness: str = "constant"
 
 
 class AggregatorService:
@@ -68,9 +74,10 @@ class AggregatorService:
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         # A close publishes one confirmed mask per participant: a few connections keep several in flight.
         self.publisher = PublisherPool(self.amqp, size=DOWNLINK_CONNECTIONS, declare=True)
-        self.core = MeteredCore(self.store, self.publisher, self.setup.spec, merge=self.setup.merge,
-                                prune_last_k=self.setup.fedmask.prune_last_k,
-                                prune_rho=self.setup.fedmask.prune_rho)
+        core_kw: dict[str, Any] = {"merge": self.setup.merge, "prune_last_k": self.setup.fedmask.prune_last_k,
+                                   "prune_rho": self.setup.fedmask.prune_rho}
+        self.core = MeteredCore(self.store, self.publisher, self.setup.spec, **core_kw) if s.mode == "rounds" else \
+            async_core(self.store, self.publisher, self.setup.spec, s, core_kw)
         self.store.set_closer(s.closer_id or default_closer_id(), s.close_lease_s)
         self.metrics = self.core.metrics = AggregatorMetrics(self.store)
         self.metrics_port: int | None = None  # the bound port once run() serves metrics
@@ -79,7 +86,7 @@ class AggregatorService:
         # Set when Redis or the broker failed under us: that may have cut a close short, leaving its
         # round in 'closing', which only resume() finishes. The next tick that reaches Redis runs it.
         self._resume_pending = False
-        self.consumer: BatchConsumer | None = None  # the uplink consumer, once run() has started it
+        self.consumer: BatchConsumer | Consumer | None = None  # the uplink consumer, once run() has started it
         self._to_close: list[int] = []  # rounds a batch elected this process to close (after its acks)
 
     def on_delivery(self, d: Delivery) -> Outcome:
@@ -168,7 +175,8 @@ class AggregatorService:
         self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
                                "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,
                                "config_origin": setup.origin, "fingerprint": self.core.fingerprint,
-                               "amqp_address": self.amqp.address(), "ack_durability": durability.describe()})
+                               "amqp_address": self.amqp.address(), "ack_durability": durability.describe(),
+                               **mode_config(s)})
         with self.lock:
             resumed = self.core.resume()
         if resumed:
@@ -196,12 +204,16 @@ class AggregatorService:
             self.metrics.shutdown()
             log.info("aggregator stopped")
 
-    def uplink_consumer(self) -> BatchConsumer:
+    def uplink_consumer(self) -> BatchConsumer | Consumer:
         """The consumer of aggregator.uplink: batches of the prefetch window (on_batch), the elected
         closes after each batch's acks. Its own rejections (unreadable properties, a delivery the handler
         keeps failing on) are counted beside the core's, as rejected:<reason>."""
-        return BatchConsumer(self.amqp, AGGREGATOR_QUEUE, self.on_batch, prefetch=self.settings.prefetch,
-                             batch_max=self.settings.batch_max or None, after_batch=self.close_elected,
+        s = self.settings
+        if s.mode == "async":  # one delivery at a time: each may flush, and the flush reads what it stored
+            return Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=s.prefetch,
+                            on_reject=lambda reason: self.store.incr(f"rejected:{reason}"))
+        return BatchConsumer(self.amqp, AGGREGATOR_QUEUE, self.on_batch, prefetch=s.prefetch,
+                             batch_max=s.batch_max or None, after_batch=self.close_elected,
                              on_reject=lambda reason: self.store.incr(f"rejected:{reason}"))
 
     def install_signal_handlers(self) -> None:
@@ -211,3 +223,20 @@ class AggregatorService:
 
         signal.signal(signal.SIGTERM, _drain)
         signal.signal(signal.SIGINT, _drain)
+
+
+def async_core(store: RoundStore, publisher: PublisherPool, spec: object, s: ServiceSettings,
+               core_kw: dict[str, Any]) -> MeteredCore:
+    from aggregator.core_async import AsyncCore  # only async mode loads it
+
+    class MeteredAsyncCore(AsyncCore, MeteredCore):
+        pass
+    return MeteredAsyncCore(store, publisher, spec, buffer_k=s.buffer, max_staleness=s.max_staleness,
+                            staleness=s.staleness, **core_kw)
+
+
+def mode_config(s: ServiceSettings) -> dict[str, str]:
+    """fm:config's mode fields: `round status` / `watch` show them, `round start` refuses async."""
+    if s.mode == "rounds":
+        return {"mode": "rounds"}
+    return {"mode": s.mode, "buffer": str(s.buffer), "max_staleness": str(s.max_staleness), "staleness": s.staleness}

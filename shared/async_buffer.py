@@ -135,23 +135,31 @@ class AsyncBuffer:
 
     def flush(self, rule: MergeRule, ctx: MergeContext, structures: dict[str, np.ndarray]) -> Flush:
         """Merge the buffered updates (see the module docstring); empties the buffer, bumps the version."""
-        buffered = list(self.buffer)
-        others = sorted(d for d in self.latest if d not in set(buffered))
-        fresh = [d for d in others if self.version - self.latest[d].base <= self.max_staleness]
-        voters = buffered + fresh
-        taus = {d: self.version - self.latest[d].base for d in voters}
+        out = merge_buffered(rule, ctx, self.version, self.latest, list(self.buffer), structures,
+                             self.max_staleness, self.staleness)
         self.version += 1
         self.buffer, self.pending = [], 0
         self.counts["flushes"] += 1
-        self.counts["merged"] += len(buffered)
-        if not buffered:
-            return Flush(self.version, {}, 0, len(others) - len(fresh), {})
-        s = np.stack([structures[d] for d in voters])
-        m = np.stack([self.latest[d].mask for d in voters])
-        if self.staleness == "constant":
-            merged = rule.merge(s, m, ctx)[: len(buffered)]  # the pipeline's rule, unchanged
-        else:
-            w = np.array([staleness_weight(self.staleness, taus[d]) for d in voters])
-            merged = weighted_merge(rule, ctx, s, m, w, len(buffered))
-        return Flush(self.version, dict(zip(buffered, merged, strict=True)), len(voters),
-                     len(others) - len(fresh), {d: taus[d] for d in buffered})
+        self.counts["merged"] += len(out.masks)
+        return out
+
+
+def merge_buffered(rule: MergeRule, ctx: MergeContext, version: int, latest: dict[str, Held], buffered: list[str],
+                   structures: dict[str, np.ndarray], max_staleness: int, staleness: str) -> Flush:
+    """One flush over given state, pure: AsyncBuffer's own flush and the pipeline's async aggregator
+    (aggregator/core_async.py, state read from Redis) both call it, so both merge bit for bit alike."""
+    others = sorted(d for d in latest if d not in set(buffered))
+    fresh = [d for d in others if version - latest[d].base <= max_staleness]
+    voters = buffered + fresh
+    taus = {d: version - latest[d].base for d in voters}
+    if not buffered:
+        return Flush(version + 1, {}, 0, len(others) - len(fresh), {})
+    s = np.stack([structures[d] for d in voters])
+    m = np.stack([latest[d].mask for d in voters])
+    if staleness == "constant":
+        merged = rule.merge(s, m, ctx)[: len(buffered)]  # the pipeline's rule, unchanged
+    else:
+        w = np.array([staleness_weight(staleness, taus[d]) for d in voters])
+        merged = weighted_merge(rule, ctx, s, m, w, len(buffered))
+    return Flush(version + 1, dict(zip(buffered, merged, strict=True)), len(voters),
+                 len(others) - len(fresh), {d: taus[d] for d in buffered})

@@ -112,9 +112,17 @@ def aggregator() -> None:
               default=DEFAULT_METRICS_PORT, show_default=True, help="Prometheus /metrics port; 0: no endpoint")
 @click.option("--metrics-host", envvar="FEDMASK_METRICS_HOST", default="127.0.0.1", show_default=True,
               help="address the metrics endpoint binds (it has no authentication)")
+@click.option("--mode", type=click.Choice(["rounds", "async"]), default="rounds", show_default=True,
+              help="rounds: the operator opens rounds; async: no rounds, a flush every --buffer stored updates")
+@click.option("--buffer", "buffer_k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="async: stored updates per flush (K)")
+@click.option("--max-staleness", type=click.IntRange(min=0), default=10, show_default=True,
+              help="async: other boards' latest updates vote while at most this many versions old")
+@click.option("--staleness", type=click.Choice(["constant", "sqrt"]), default="constant", show_default=True,
+              help="async: vote weight by staleness tau: 1, or 1/sqrt(1+tau)")
 def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
                    seed: int, close_lease: float, closer_id: str, ack_durability: str, metrics_port: int,
-                   metrics_host: str) -> None:
+                   metrics_host: str, mode: str, buffer_k: int, max_staleness: int, staleness: str) -> None:
     """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains). Run several
     against the same queue and Redis to share the load: exactly one closes each round (each serves its
     own metrics endpoint: give each its own --metrics-port)."""
@@ -126,7 +134,9 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
         svc = AggregatorService(ServiceSettings(amqp_url=amqp_url, redis_url=redis_url, task=task, width=width,
                                                 seed=seed, variant=variant, merge=merge, close_lease_s=close_lease,
                                                 closer_id=closer_id, ack_durability=ack_durability,
-                                                metrics_port=metrics_port, metrics_host=metrics_host))
+                                                metrics_port=metrics_port, metrics_host=metrics_host,
+                                                mode=mode, buffer=buffer_k, max_staleness=max_staleness,
+                                                staleness=staleness))
     except ValueError as exc:  # a variant/merge combination variant_setup refuses
         raise click.ClickException(str(exc)) from exc
     svc.install_signal_handlers()

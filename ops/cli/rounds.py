@@ -72,7 +72,8 @@ def _plan(kw: dict[str, Any]) -> Any:
 @plan_options
 @click.option("--json", "as_json", is_flag=True)
 def round_start(as_json: bool, **kw: Any) -> None:
-    """Sample idle devices, open the next round and send their tasks."""
+    """Sample idle devices, open the next round and send their tasks (not needed in async mode)."""
+    _refuse_async(kw["redis_url"])
     core = _core(kw["amqp_url"], kw["redis_url"], kw["task"], kw["width"], kw["seed"])
     try:
         info = core.start_round(**_plan(kw).start_kwargs())
@@ -82,6 +83,25 @@ def round_start(as_json: bool, **kw: Any) -> None:
                "carried": info.carried}
     click.echo(json.dumps(payload) if as_json else f"round {info.round_id}: {len(info.sampled)} sampled, "
                f"quorum {info.quorum}, {len(info.carried)} late updates carried in, deadline in {kw['deadline']:.0f}s")
+
+
+def _refuse_async(redis_url: str) -> None:
+    from aggregator.store import RoundStore
+    from ops.control.async_status import ASYNC_NO_ROUNDS, is_async
+
+    if is_async(RoundStore.from_url(redis_url)):
+        raise click.ClickException(ASYNC_NO_ROUNDS)
+
+
+def _async_text(store: Any, as_json: bool = False) -> str | None:
+    """The async stream's status, or None when the aggregator runs rounds."""
+    from ops.control.async_status import async_summary, is_async, render_async
+
+    if not is_async(store):
+        return None
+    s = async_summary(store)
+    return json.dumps({**s, "counters": store.counters(), "aggregator": store.config()}, indent=2) if as_json \
+        else render_async(s)
 
 
 def _info(redis_url: str, round_id: int | None, store: Any = None) -> Any:
@@ -104,8 +124,13 @@ def round_status(round_id: int | None, redis_url: str, as_json: bool) -> None:
     """State of ROUND (default: the newest), with per-device latency, training loss and accuracy and
     validation accuracy, and their means."""
     from aggregator.round_stats import round_stats
+    from aggregator.store import RoundStore
     from ops.control.rounds import render_round, round_rows, round_summary
 
+    text = _async_text(RoundStore.from_url(redis_url), as_json)
+    if text is not None:
+        click.echo(text)
+        return
     store, info = _info(redis_url, round_id)
     now = time.time()
     stats = round_stats(store, info.round_id)
@@ -153,8 +178,13 @@ def round_watch(redis_url: str, interval: float, once: bool) -> None:
     store = None
     try:
         while True:
-            store, info = _info(redis_url, None, store)
-            text = render_round(info, time.time(), round_stats(store, info.round_id))
+            from aggregator.store import RoundStore
+
+            store = store or RoundStore.from_url(redis_url)
+            text = _async_text(store)
+            if text is None:
+                store, info = _info(redis_url, None, store)
+                text = render_round(info, time.time(), round_stats(store, info.round_id))
             if once:
                 click.echo(text)
                 return
@@ -171,6 +201,7 @@ def round_watch(redis_url: str, interval: float, once: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON summary per round on stdout")
 def round_run(rounds: int, as_json: bool, **kw: Any) -> None:
     """Open R rounds back to back, each once the previous one closed, with a progress bar."""
+    _refuse_async(kw["redis_url"])
     from aggregator.round_stats import round_stats
     from aggregator.store import RoundStore
     from ops.control.rounds import round_summary, run_rounds

@@ -30,9 +30,11 @@ def _log(path: Path) -> IO[str]:
 
 @contextlib.contextmanager
 def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path, *,
-                   aggregator_args: list[str], worker_args: list[str], first: int = 0) -> Iterator[dict[str, Any]]:
+                   aggregator_args: list[str], worker_args: list[str], first: int = 0,
+                   slow: int = 0) -> Iterator[dict[str, Any]]:
     """Start the processes (TASK, WIDTH, N devices from the `first`; the extra flags on each command
-    line), yield what the test needs, and stop everything, vhost and device users included. Broker users
+    line; the last `slow` workers emulate a Pi 4),
+    yield what the test needs, and stop everything, vhost and device users included. Broker users
     are global: tests that may run at the same time on one broker take different `first`."""
     from aggregator.store import RoundStore
     from ops.control.enrolment import Management
@@ -59,10 +61,11 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
                                "--ack-durability", "unchecked", *aggregator_args],  # the machine's Redis
                               env=env, stdout=_log(tmp_path / "aggregator.log"), stderr=subprocess.STDOUT)]
     time.sleep(2)  # topology declared before workers publish
-    for d in ids:
+    for i, d in enumerate(ids):
+        profile = ["--profile", "pi4"] if i >= len(ids) - slow else []
         procs.append(subprocess.Popen(
             [*fedmask, "worker", "--device-id", d, "--task", TASK, "--width", str(WIDTH), "--amqp-url", creds[d],
-             "--state-dir", str(tmp_path / "state"), *worker_args],
+             "--state-dir", str(tmp_path / "state"), *worker_args, *profile],
             env=env, stdout=_log(tmp_path / f"{d}.log"), stderr=subprocess.STDOUT))
     try:
         yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path}

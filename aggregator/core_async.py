@@ -1,0 +1,133 @@
+"""The aggregator's asynchronous mode (`fedmask aggregator run --mode async`, issue 13): no rounds.
+
+Every board trains whenever it is idle; its update names the merged-mask version it trained from (its
+`base`) and the task number it answers. AsyncCore stores the update (aggregator/store_async.py: one
+Lua step, persisted before the ack; a redelivered update id is a duplicate no-op), sends the board its
+next task at once, and every K stored updates flushes: each buffered board gets its own merged mask
+at once. The merge itself is shared.async_buffer.merge_buffered over the state Redis holds, the same
+function the simulator's AsyncBuffer calls, so a replay of the stored order matches bit for bit.
+
+Hellos, sender checks and downlinks reuse AggregatorCore (a subclass: only the update path and the
+absence of rounds differ). One aggregator owns the stream: a flush is published before it is committed
+(async_flush.lua), so a crash in between publishes the same flush again (devices drop repeats by version).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from aggregator.core import AggregatorCore
+from aggregator.core_batch import ACK, Decision
+from aggregator.store_async import AsyncStore
+from shared import codec
+from shared.async_buffer import STALENESS, Flush, Held, merge_buffered, staleness_weight
+from shared.errors import CodecError, ConfigError
+from shared.rounds import DeviceRecord, check_update, mask_message, unpack_update
+
+log = logging.getLogger("fedmask.aggregator")
+TASK_DEADLINE_S = 24 * 3600.0  # async tasks have no round deadline; a day keeps the worker's check inert
+
+
+def update_id(device: str, task: int) -> str:
+    return f"{device}:{task}"
+
+
+class AsyncCore(AggregatorCore):
+    def __init__(self, *args: Any, buffer_k: int = 3, max_staleness: int = 10, staleness: str = "constant",
+                 **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        if buffer_k < 1 or max_staleness < 0 or staleness not in STALENESS:
+            raise ConfigError(f"async mode needs --buffer >= 1, --max-staleness >= 0 and --staleness in "
+                              f"{', '.join(STALENESS)}; got {buffer_k}, {max_staleness}, {staleness!r}")
+        staleness_weight(staleness, 0)
+        self.k, self.max_staleness, self.staleness = buffer_k, max_staleness, staleness
+        self.stream = AsyncStore(self.store)
+
+    def settings(self) -> dict[str, str]:
+        """What fm:config records for `round status` / `watch`."""
+        return {"mode": "async", "buffer": str(self.k), "max_staleness": str(self.max_staleness),
+                "staleness": self.staleness}
+
+    # -- uplink ---------------------------------------------------------------------------
+    def _hello(self, msg: codec.Message) -> Decision:
+        decision = super()._hello(msg)
+        self.send_task(msg.device, 1)  # a redelivered hello re-sends task 1: the worker skips a done task
+        return decision
+
+    def _update(self, msg: codec.Message, body: bytes) -> Decision:
+        self._refuse_removed(msg.device)
+        rec = check_update(msg, self._record(msg.device), ("structure",))  # delta: open in async mode
+        if msg.version is None:
+            raise CodecError("bad_version", f"{msg.device}'s update names no base version")
+        self._fault("consumed")
+        status, pending = self.stream.put(msg.device, update_id(msg.device, msg.round), body, msg.version)
+        self._fault("stored")
+        if status == "future_base":
+            raise CodecError("future_base", f"{msg.device}'s update names v {msg.version}, newer than the stream's")
+        if status == "duplicate":
+            self.stream.incr("duplicate")
+            self.store.incr("updates:duplicate")
+        else:
+            self.store.incr("updates:stored")
+        self.store.touch(msg.device, self.clock())
+        # Also on a duplicate: a crash between storing and here left the board without its next task.
+        self.send_task(msg.device, msg.round + 1)
+        if pending >= self.k:
+            self.flush()
+        del rec
+        return ACK
+
+    def handle_batch(self, items: Any) -> Any:
+        raise NotImplementedError("async mode handles one delivery at a time (service.on_delivery)")
+
+    def send_task(self, device: str, task: int) -> None:
+        version = self.stream.state().version
+        msg = codec.make_task(device=device, round=task, model=self.fingerprint, layout=self.layout, bits=b"",
+                              nbits=0, version=version, deadline=self.clock() + TASK_DEADLINE_S)
+        self._send(device, codec.encode(msg))
+
+    # -- flush ----------------------------------------------------------------------------
+    def flush(self) -> Flush | None:
+        """Merge the buffer from Redis's state, publish each buffered board's mask, then commit."""
+        st = self.stream.state()
+        if st.counts.get("pending", 0) < self.k or not st.buffer:
+            return None
+        latest, structures, records = self.held_state(st.latest, st.base)
+        out = merge_buffered(self.rule, self.ctx, st.version, latest, st.buffer, structures,
+                             self.max_staleness, self.staleness)
+        self._fault("merging")
+        for device, merged in out.masks.items():
+            msg = mask_message(device, merged, records[device], round_id=out.version, fingerprint=self.fingerprint,
+                               layout=self.layout, nbits=self.nbits)
+            self._send(device, codec.encode(msg))
+        self.store.set_masks({d: m.tobytes() for d, m in out.masks.items()}, out.version)  # idempotent
+        self._fault("published_all")
+        if self.stream.commit_flush(st.version, st.buffer, out.voters):
+            log.info("async flush v%d: %d buffered merged, %d voters, %d too stale", out.version, len(out.masks),
+                     out.voters, out.stale_excluded)
+        return out
+
+    def held_state(self, bodies: dict[str, bytes], bases: dict[str, int]
+                   ) -> tuple[dict[str, Held], dict[str, np.ndarray], dict[str, DeviceRecord]]:
+        latest, structures, records = {}, {}, {}
+        for device, body in bodies.items():
+            msg = codec.decode(body, expect_type="update")
+            rec = self._record(device)
+            if rec is None:
+                continue  # removed since: its update no longer votes
+            latest[device] = Held(unpack_update(msg, rec, self.nbits), bases[device], update_id(device, msg.round))
+            structures[device], records[device] = rec.structure, rec
+        return latest, structures, records
+
+    def tick(self) -> None:
+        self.flush()  # a flush a crash cut short (or due at restart) runs at the next tick
+
+    def resume(self) -> list[int]:
+        out = self.flush()
+        return [out.version] if out is not None else []
+
+    def start_round(self, **_: Any) -> Any:
+        raise ConfigError("the aggregator runs in async mode: there are no rounds; boards get tasks as they answer")

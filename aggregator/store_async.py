@@ -1,0 +1,96 @@
+"""The asynchronous stream's state in Redis (`--mode async`, issue 13): all its Redis access.
+
+Key layout (under the RoundStore's prefix <p>; hash tag {async} keeps them in one cluster slot):
+  <p>{async}:state     hash    version (merged-mask counter), pending (stored since the last flush),
+                               stored, replaced, duplicate, merged, flushes (counters)
+  <p>{async}:seen      set     update ids (<device>:<task>) ever stored: a redelivery is a no-op
+                               (votes are not idempotent, so the id is checked, not the payload)
+  <p>{async}:latest    hash    device -> its latest raw encoded update
+  <p>{async}:base      hash    device -> the merged-mask version that update trained from
+  <p>{async}:buffer    list    devices with a buffered update, in arrival order
+  <p>{async}:order     list    update ids in the order they were stored (the replay's input)
+  <p>{async}:log       hash    update id -> raw update (kept for the replay; grows with the stream)
+  <p>{async}:flushes   list    json per committed flush: version, devices, voters
+Storing is one script (async_store.lua), so an update is persisted, buffered and counted in one step
+before its ack; a flush is committed by another (async_flush.lua) after its masks were published.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import cast
+
+from aggregator.store import RoundStore
+
+_SCRIPTS = {name: files("aggregator").joinpath(f"lua/{name}.lua").read_text("utf-8")
+            for name in ("async_store", "async_flush")}
+
+
+@dataclass(frozen=True)
+class AsyncState:
+    version: int
+    buffer: list[str]
+    latest: dict[str, bytes]
+    base: dict[str, int]
+    counts: dict[str, int]
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class AsyncStore:
+    def __init__(self, store: RoundStore) -> None:
+        self.store = store
+        self.client = store.client
+        p = store.prefix + "{async}:"
+        self.k = {n: p + n for n in ("state", "seen", "latest", "base", "buffer", "order", "log", "flushes")}
+        self._scripts = {n: self.client.register_script(src) for n, src in _SCRIPTS.items()}
+
+    def put(self, device: str, update_id: str, body: bytes, base: int) -> tuple[str, int]:
+        """Store one update: (stored | replaced | duplicate | future_base, pending count)."""
+        k = self.k
+        with self.store._guard("async_store"):
+            status, pending = self._scripts["async_store"](
+                keys=[k["seen"], k["latest"], k["base"], k["buffer"], k["state"], k["order"], k["log"]],
+                args=[device, update_id, body, base])
+        return _s(status), int(pending)
+
+    def incr(self, name: str) -> None:
+        with self.store._guard("async_incr"):
+            self.client.hincrby(self.k["state"], name, 1)
+
+    def state(self) -> AsyncState:
+        k = self.k
+        with self.store._guard("async_state"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(k["state"])
+            pipe.lrange(k["buffer"], 0, -1)
+            pipe.hgetall(k["latest"])
+            pipe.hgetall(k["base"])
+            st, buf, latest, base = pipe.execute()
+        counts = {_s(a): int(b) for a, b in cast(dict[bytes, bytes], st).items()}
+        return AsyncState(counts.get("version", 0), [_s(d) for d in buf],
+                          {_s(a): bytes(b) for a, b in latest.items()}, {_s(a): int(b) for a, b in base.items()},
+                          counts)
+
+    def commit_flush(self, version: int, devices: list[str], voters: int) -> bool:
+        record = json.dumps({"version": version + 1, "devices": devices, "voters": voters})
+        k = self.k
+        with self.store._guard("async_flush"):
+            done = self._scripts["async_flush"](keys=[k["state"], k["buffer"], k["flushes"]],
+                                                args=[version, len(devices), record])
+        return bool(done)
+
+    def order(self) -> list[tuple[str, bytes]]:
+        """(update id, raw update) in stored order: the replay's input."""
+        with self.store._guard("async_order"):
+            ids = [_s(i) for i in self.client.lrange(self.k["order"], 0, -1)]
+            bodies = cast(list["bytes | None"], self.client.hmget(self.k["log"], ids)) if ids else []
+        return [(i, b) for i, b in zip(ids, bodies, strict=True) if b is not None]
+
+    def flushes(self) -> list[dict[str, object]]:
+        with self.store._guard("async_flushes"):
+            return [json.loads(r) for r in self.client.lrange(self.k["flushes"], 0, -1)]
