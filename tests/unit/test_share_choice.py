@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from shared import codec
+from shared.agreement import blend_scores
 from shared.bits import positions
 from shared.data import load_task
 from shared.device import DeviceRuntime, FedMaskConfig
@@ -51,10 +52,20 @@ def test_an_agreement_that_contradicts_the_device_is_refused() -> None:
     """The fleet's agreement is the opposite of what the device learned: every share above 0 flips some of
     its trained mask, so its own validation loss is lowest at share 0, and its scores stay as they were."""
     dev = _device(GRID)
-    before = dev.model.scores_flat()
-    dev.handle_mask(_agreement(dev, 1.0 - _own_theta(dev)))
-    assert dev.chosen_shares == [0.0]
-    np.testing.assert_allclose(dev.model.scores_flat(), before, rtol=1e-6)
+    before = dev.model.scores_flat().copy()
+    theta = 1.0 - _own_theta(dev)
+    assert dev.structure is not None and dev.val_xy is not None
+    where = positions(dev.structure, dev.nbits)
+    losses = {}
+    for share in GRID:  # the loss of every blend, computed here independently of _choose_share
+        trial = before.copy()
+        trial[where] = blend_scores(before[where], theta[where], share=share, clip=dev.cfg.clip)
+        dev.model.set_scores(trial)
+        losses[share] = dev.evaluate(*dev.val_xy)[0]
+    dev.model.set_scores(before)
+    assert losses[1.0] > losses[0.0]  # taking all of a contradicting agreement is refused
+    dev.handle_mask(_agreement(dev, theta))
+    assert dev.chosen_shares == [min(GRID, key=lambda sh: (losses[sh], abs(sh - dev.cfg.share)))]
     assert dev.mask_version == 1
 
 

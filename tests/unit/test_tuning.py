@@ -77,7 +77,8 @@ def test_declared_grids_have_the_declared_sizes() -> None:
     assert sizes == {"fedavg": 24, "standalone": 24, "fedavg-ft": 72, "topk": 72, "fedmask": 288,
                      "fedmask-local": 144, "fedmask-adapt-local": 144, "fedmask-agree": 2592,
                      "fedmask-adapt": 648, "fedpm": 12,
-                     "feddst": 432, "zerofl": 72, "lg-fedavg": 48}
+                     "feddst": 432, "zerofl": 72, "lg-fedavg": 48, "per-fedavg": 18,
+                     "bnn-fedavg": 48}
     assert all(c.merge == "local" for c in grid_points("fedmask-local", default_config("fedmask-local", DIGITS)))
     fedpm = grid_points("fedpm", default_config("fedpm", DIGITS))
     assert {(c.share, c.prune_rho, c.personal_head, c.final_local_epochs) for c in fedpm} == {(1.0, 1.0, False, 0)}
