@@ -112,14 +112,29 @@ class ServerHalf(ABC):
         self.spec, self.cfg, self.seed, self.rounds = spec, cfg, seed, rounds
         self.held: dict[str, str] = {}  # device -> the version it was last sent
 
+    version: str  # the current state's version: each server sets it in __init__ and at every fold
+
     @abstractmethod
-    def task(self, round_id: int, device: str) -> StrategyMessage: ...
+    def _parts(self) -> list[Part]:
+        """The current state as payload parts: what a stale device's task and model_message carry."""
+
+    def task_params(self) -> dict[str, bool | int | float]:
+        """Round parameters a strategy adds to every task (ZeroFL: its sparsity and mask ratio)."""
+        return {}
+
+    def task(self, round_id: int, device: str) -> StrategyMessage:
+        """`device`'s task: the model travels only when its copy (the version last sent) is stale."""
+        stale = self.held.get(device) != self.version
+        self.held[device] = self.version
+        return StrategyMessage(type="stask", strategy=self.name, device=device, round=round_id, model=self.version,
+                               parts=tuple(self._parts()) if stale else (), params=self.task_params())
 
     @abstractmethod
     def fold(self, round_id: int, updates: Mapping[str, StrategyMessage]) -> dict[str, StrategyMessage]: ...
 
-    @abstractmethod
-    def model_message(self, device: str) -> StrategyMessage: ...
+    def model_message(self, device: str) -> StrategyMessage:
+        return StrategyMessage(type="smodel", strategy=self.name, device=device, round=0, model=self.version,
+                               parts=tuple(self._parts()))
 
 
 @dataclass(frozen=True)

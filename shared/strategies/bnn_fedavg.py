@@ -159,12 +159,6 @@ class BNNFedAvgServer(ServerHalf):
             out += [bits_part(name, s > 0), dense_part(name + ":scale", [c])]
         return out
 
-    def task(self, round_id: int, device: str) -> StrategyMessage:
-        stale = self.held.get(device) != self.version
-        self.held[device] = self.version
-        return StrategyMessage(type="stask", strategy=self.name, device=device, round=round_id, model=self.version,
-                               parts=tuple(self._parts()) if stale else ())
-
     def fold(self, round_id: int, updates: Mapping[str, StrategyMessage]) -> dict[str, StrategyMessage]:
         order = sorted(updates)
         weights = np.asarray([float(updates[d].stats.get("samples", 0)) for d in order])
@@ -178,10 +172,6 @@ class BNNFedAvgServer(ServerHalf):
             self.scales[i] = float(np.average([c for _, c in per_device], weights=weights))
         self.version = version_of(round_id, [*self.signs, np.asarray(self.scales)])
         return {}
-
-    def model_message(self, device: str) -> StrategyMessage:
-        return StrategyMessage(type="smodel", strategy=self.name, device=device, round=0, model=self.version,
-                               parts=tuple(self._parts()))
 
 
 def _flops(model: MaskedNet, samples: int) -> float:

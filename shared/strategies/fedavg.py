@@ -67,12 +67,6 @@ class FedAvgServer(ServerHalf):
             offset += n
         return out
 
-    def task(self, round_id: int, device: str) -> StrategyMessage:
-        stale = self.held.get(device) != self.version
-        self.held[device] = self.version
-        return StrategyMessage(type="stask", strategy=self.name, device=device, round=round_id, model=self.version,
-                               parts=tuple(self._parts()) if stale else ())
-
     def fold(self, round_id: int, updates: Mapping[str, StrategyMessage]) -> dict[str, StrategyMessage]:
         deltas, weights = [], []
         for d in sorted(updates):
@@ -84,10 +78,6 @@ class FedAvgServer(ServerHalf):
             self.w = self.w + np.average(np.stack(deltas), axis=0, weights=np.asarray(weights, float))
             self.version = version_of(round_id, [self.w])
         return {}
-
-    def model_message(self, device: str) -> StrategyMessage:
-        return StrategyMessage(type="smodel", strategy=self.name, device=device, round=0, model=self.version,
-                               parts=tuple(self._parts()))
 
 
 def _dense(msg: StrategyMessage, name: str, n: int) -> np.ndarray:

@@ -258,7 +258,3 @@ class FedDSTServer(ServerHalf):
         self.masks_at = {v: m for v, m in self.masks_at.items() if v in set(self.held.values())}
         self.masks_at[self.version] = [m.copy() for m in self.m]
         return {}
-
-    def model_message(self, device: str) -> StrategyMessage:
-        return StrategyMessage(type="smodel", strategy=self.name, device=device, round=0, model=self.version,
-                               parts=tuple(self._parts()))

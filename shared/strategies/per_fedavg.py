@@ -131,12 +131,6 @@ class PerFedAvgServer(ServerHalf):
     def _parts(self) -> list[Part]:
         return [dense_part(n, w, self.cfg.value_dtype) for n, w in zip(self.names, self.w, strict=True)]
 
-    def task(self, round_id: int, device: str) -> StrategyMessage:
-        stale = self.held.get(device) != self.version
-        self.held[device] = self.version
-        return StrategyMessage(type="stask", strategy=self.name, device=device, round=round_id, model=self.version,
-                               parts=tuple(self._parts()) if stale else ())
-
     def fold(self, round_id: int, updates: Mapping[str, StrategyMessage]) -> dict[str, StrategyMessage]:
         weights = np.asarray([float(updates[d].stats.get("samples", 0)) for d in sorted(updates)])
         if not updates or weights.sum() <= 0:
@@ -156,10 +150,6 @@ class PerFedAvgServer(ServerHalf):
         self.w = new
         self.version = version_of(round_id, self.w)
         return {}
-
-    def model_message(self, device: str) -> StrategyMessage:
-        return StrategyMessage(type="smodel", strategy=self.name, device=device, round=0, model=self.version,
-                               parts=tuple(self._parts()))
 
 
 def _flops(model: MaskedNet, samples: int) -> float:

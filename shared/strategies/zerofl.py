@@ -132,12 +132,8 @@ class ZeroFLServer(ServerHalf):
     def _parts(self) -> list[Part]:
         return [dense_part(n, w, self.cfg.value_dtype) for n, w in zip(self.names, self.w, strict=True)]
 
-    def task(self, round_id: int, device: str) -> StrategyMessage:
-        stale = self.held.get(device) != self.version
-        self.held[device] = self.version
-        return StrategyMessage(type="stask", strategy=self.name, device=device, round=round_id, model=self.version,
-                               parts=tuple(self._parts()) if stale else (),
-                               params={"sparsity": self.cfg.sparsity, "mask_ratio": self.cfg.mask_ratio})
+    def task_params(self) -> dict[str, bool | int | float]:
+        return {"sparsity": self.cfg.sparsity, "mask_ratio": self.cfg.mask_ratio}
 
     def fold(self, round_id: int, updates: Mapping[str, StrategyMessage]) -> dict[str, StrategyMessage]:
         if not updates:
@@ -155,7 +151,3 @@ class ZeroFLServer(ServerHalf):
             self.w[i] = merge_sparse(self.w[i], sent, self.cfg.unsent)
         self.version = version_of(round_id, self.w)
         return {}
-
-    def model_message(self, device: str) -> StrategyMessage:
-        return StrategyMessage(type="smodel", strategy=self.name, device=device, round=0, model=self.version,
-                               parts=tuple(self._parts()))
