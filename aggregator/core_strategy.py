@@ -17,9 +17,8 @@ The server half is rebuilt and loaded from Redis on every call, so any replica m
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aggregator.store import RoundStore, StoreError
 from aggregator.store_strategy import StrategyStateStore
@@ -28,6 +27,7 @@ from shared.models import ModelSpec
 from shared.strategies import get_strategy
 from shared.strategies.base import ServerHalf, StrategyConfig
 from shared.strategy_codec import MAX_BYTES, StrategyMessage, decode_strategy, encode_strategy
+from shared.strategy_setup import config_fields as config_fields  # re-exported: fm:config's strategy fields
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,31 @@ class StrategyCore:
         status, elected = self.store.ingest_update(msg.round, msg.device, body, now)
         return Admission(status, device=msg.device, round_id=msg.round, elected=elected)
 
-    def close(self, round_id: int, now: float) -> dict[str, bytes]:
+    def close(self, round_id: int, now: float,
+              publish: Callable[[dict[str, bytes]], None] | None = None) -> dict[str, bytes]:
         """Fold the round's stored updates (the caller won the close election); returns the encoded
         downlinks by device. Updates were checked at ingest; a stored one that no longer decodes
-        means Redis was written by someone else, which stops the close."""
+        means Redis was written by someone else, which stops the close.
+
+        Order, so that a crash at any step ends as an undisturbed close: fold in memory, `publish`
+        the downlinks (confirmed), save the folded state with `closed_round` in one MULTI, mark the
+        round closed. A close resumed before the save folds the same state again (the fold is
+        deterministic: the same downlinks, which devices apply idempotently); one resumed after it
+        finds `closed_round` and only marks the round closed: a round is never folded twice."""
+        half = self.server()
+        if half.closed_round >= round_id:
+            self.store.mark_closed(round_id, now)
+            return {}
         updates: dict[str, StrategyMessage] = {}
         for device, body in self.store.updates(round_id).items():
             try:
                 updates[device] = decode_strategy(body, max_bytes=self.max_update_bytes, expect_type="supdate")
             except CodecError as exc:
                 raise StoreError(f"round {round_id}: the stored update of {device} does not decode: {exc}") from None
-        half = self.server()
         downlinks = {d: encode_strategy(m) for d, m in half.fold(round_id, updates).items()}
+        if publish is not None:
+            publish(downlinks)
+        half.closed_round = round_id
         self.state.save(half)
         self.store.mark_closed(round_id, now)
         return downlinks
@@ -114,8 +127,3 @@ class StrategyCore:
 
 def _with(base: Admission, reason: str, detail: str) -> Admission:
     return Admission(base.status, device=base.device, round_id=base.round_id, reason=reason, detail=detail)
-
-
-def config_fields(name: str, cfg: StrategyConfig) -> Mapping[str, str]:
-    """The fm:config entries a worker needs to build the device half: the strategy and its settings."""
-    return {"strategy": name, "strategy_config": json.dumps(asdict(cfg), sort_keys=True)}

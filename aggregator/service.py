@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from aggregator.core_strategy import config_fields
 from aggregator.dropped_tally import DroppedTally
 from aggregator.metrics import DEFAULT_METRICS_HOST, AggregatorMetrics, MeteredCore
 from aggregator.store import RoundStore, StoreError, redact_url
@@ -30,8 +31,9 @@ from shared.amqp import (
     PublisherPool,
     device_of_user,
 )
-from shared.errors import FedMaskError
+from shared.errors import ConfigError, FedMaskError
 from shared.log_safety import printable
+from shared.strategy_setup import strategy_setup
 from shared.variant_setup import PRESET_VARIANT, variant_setup
 
 log = logging.getLogger("fedmask.aggregator")
@@ -64,20 +66,26 @@ class ServiceSettings:
     buffer: int = 3
     max_staleness: int = 10
     staleness: str = "constant"
+    # `--strategy S` (aggregator/core_strategy_rounds.py): a weight-training strategy instead of FedMask.
+    strategy: str = ""
+    planned_rounds: int | None = None  # the strategy's planned run length (FedDST's annealing); None: preset
 
 
 class AggregatorService:
     def __init__(self, s: ServiceSettings) -> None:
         self.settings = s
-        self.setup = variant_setup(s.task, s.variant, width=s.width, seed=s.seed, merge=s.merge)  # before connecting
+        if s.strategy and (s.mode != "rounds" or s.variant != PRESET_VARIANT or s.merge is not None):
+            raise ConfigError("--strategy runs its own rounds and settings: drop --mode async, --variant and --merge")
+        # Before connecting: a bad variant or strategy fails without touching the services.
+        self.setup = None if s.strategy else variant_setup(s.task, s.variant, width=s.width, seed=s.seed,
+                                                           merge=s.merge)
+        self.strategy_setup = strategy_setup(s.task, s.strategy, width=s.width, seed=s.seed,
+                                             rounds=s.planned_rounds) if s.strategy else None
         self.amqp = AmqpSettings.from_url(s.amqp_url, prefetch=s.prefetch)
         self.store = RoundStore.from_url(s.redis_url, prefix=s.redis_prefix)
         # A close publishes one confirmed mask per participant: a few connections keep several in flight.
         self.publisher = PublisherPool(self.amqp, size=DOWNLINK_CONNECTIONS, declare=True)
-        core_kw: dict[str, Any] = {"merge": self.setup.merge, "prune_last_k": self.setup.fedmask.prune_last_k,
-                                   "prune_rho": self.setup.fedmask.prune_rho}
-        self.core = MeteredCore(self.store, self.publisher, self.setup.spec, **core_kw) if s.mode == "rounds" else \
-            async_core(self.store, self.publisher, self.setup.spec, s, core_kw)
+        self.core = self._core()
         self.store.set_closer(s.closer_id or default_closer_id(), s.close_lease_s)
         self.metrics = self.core.metrics = AggregatorMetrics(self.store)
         self.metrics_port: int | None = None  # the bound port once run() serves metrics
@@ -88,6 +96,38 @@ class AggregatorService:
         self._resume_pending = False
         self.consumer: BatchConsumer | Consumer | None = None  # the uplink consumer, once run() has started it
         self._to_close: list[int] = []  # rounds a batch elected this process to close (after its acks)
+
+    def _core(self) -> MeteredCore:
+        s = self.settings
+        if self.strategy_setup is not None:
+            from aggregator.core_strategy_rounds import StrategyRoundsCore
+
+            class MeteredStrategyCore(MeteredCore, StrategyRoundsCore):
+                pass
+            return MeteredStrategyCore(self.store, self.publisher, self.strategy_setup, seed=s.seed)
+        assert self.setup is not None
+        core_kw: dict[str, Any] = {"merge": self.setup.merge, "prune_last_k": self.setup.fedmask.prune_last_k,
+                                   "prune_rho": self.setup.fedmask.prune_rho}
+        if s.mode == "rounds":
+            return MeteredCore(self.store, self.publisher, self.setup.spec, **core_kw)
+        return async_core(self.store, self.publisher, self.setup.spec, s, core_kw)
+
+    def served_config(self) -> dict[str, str]:
+        """fm:config's description of what this aggregator serves: `round start` rebuilds the model
+        from it, `round status` shows it to operators, and boards are checked against its fingerprint."""
+        s = self.settings
+        base = {"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
+                "fingerprint": self.core.fingerprint, "amqp_address": self.amqp.address()}
+        if self.strategy_setup is not None:
+            st = self.strategy_setup
+            return {**base, **config_fields(st.name, st.cfg), "variant": st.name, "merge": "", "upload": "",
+                    "config_origin": st.origin, "planned_rounds": str(st.rounds), "mode": "rounds"}
+        assert self.setup is not None
+        return {**base, "variant": self.setup.variant, "merge": self.setup.merge, "upload": self.setup.upload,
+                "config_origin": self.setup.origin, **mode_config(s)}
+
+    def describe(self) -> str:
+        return (self.strategy_setup or self.setup).describe()  # type: ignore[union-attr]
 
     def on_delivery(self, d: Delivery) -> Outcome:
         """While Redis (or the downlink) is unreachable, retry the delivery in place with backoff rather
@@ -168,15 +208,10 @@ class AggregatorService:
 
     def run(self) -> None:
         self.store.ping()
-        s, setup = self.settings, self.setup
+        s = self.settings
         durability = self.store.ack_durability()  # before the first ack: refuses a Redis that would lose acked updates
         require_ack_durability(durability, s.ack_durability, redact_url(s.redis_url))
-        # `round start` rebuilds the model from these; `round status` shows the variant to operators.
-        self.store.set_config({"task": s.task, "width": "" if s.width is None else str(s.width), "seed": str(s.seed),
-                               "variant": setup.variant, "merge": setup.merge, "upload": setup.upload,
-                               "config_origin": setup.origin, "fingerprint": self.core.fingerprint,
-                               "amqp_address": self.amqp.address(), "ack_durability": durability.describe(),
-                               **mode_config(s)})
+        self.store.set_config({**self.served_config(), "ack_durability": durability.describe()})
         with self.lock:
             resumed = self.core.resume()
         if resumed:
@@ -189,7 +224,7 @@ class AggregatorService:
         tally = Consumer(self.amqp, DROPPED_QUEUE, DroppedTally(self.store, self.stop).on_delivery, prefetch=64)
         tally.start_in_thread()
         log.info("aggregator up: task %s, model %s, %s, amqp %s", self.settings.task,
-                 self.core.fingerprint, self.setup.describe(), self.amqp.redacted())
+                 self.core.fingerprint, self.describe(), self.amqp.redacted())
         try:
             while not self.stop.wait(self.settings.tick_seconds):
                 if consumer.error is not None:  # the broker refused us (credentials, permissions): stop loudly
@@ -209,7 +244,7 @@ class AggregatorService:
         closes after each batch's acks. Its own rejections (unreadable properties, a delivery the handler
         keeps failing on) are counted beside the core's, as rejected:<reason>."""
         s = self.settings
-        if s.mode == "async":  # one delivery at a time: each may flush, and the flush reads what it stored
+        if s.mode == "async" or s.strategy:  # one at a time: each may flush (or fold), reading what it stored
             return Consumer(self.amqp, AGGREGATOR_QUEUE, self.on_delivery, prefetch=s.prefetch,
                             on_reject=lambda reason: self.store.incr(f"rejected:{reason}"))
         return BatchConsumer(self.amqp, AGGREGATOR_QUEUE, self.on_batch, prefetch=s.prefetch,

@@ -65,7 +65,7 @@ Reason codes
   (A receiver that does not hold the named base refuses with stale_base: shared/rounds.py, shared/device.py.)
 
 Strategy messages (shared/strategies/: FedAvg, FedDST, ZeroFL) are registered here too: types
-"stask" | "supdate" | "smodel" (STRATEGY_TYPES, encode_strategy / decode_strategy, envelope in
+"stask" | "supdate" | "smodel" | "shello" (STRATEGY_TYPES, encode_strategy / decode_strategy, envelope in
 shared/strategy_codec.py), whose tensors travel as payload parts with enc in PAYLOAD_ENCODINGS
 (shared/payloads.py): "bits" (packed, as above), "sparse" (values with positions, as a bitmap or an
 index list, whichever is smaller per part) and "dense" (float32 or float16). Same reason codes.

@@ -5,6 +5,8 @@ Fields
   v         int    PROTOCOL_VERSION (shared/codec_checks.py)
   type      str    "stask" (down: a round's task, with the model when the device lacks it)
                    | "supdate" (up: a device's trained update) | "smodel" (down: a model after a round)
+                   | "shello" (up: a board announces itself; `model` is its settings' digest,
+                   shared/strategy_setup.py, and it carries no parts)
   strategy  str    the strategy's registry name, 1..32 chars of [a-z0-9-]
   device    str    1..64 chars of [A-Za-z0-9_.-]
   round     int    0 .. 2**63-1
@@ -33,7 +35,7 @@ from shared.codec_checks import PROTOCOL_VERSION
 from shared.errors import CodecError
 from shared.payloads import Part, part_from_wire, part_to_wire
 
-STRATEGY_TYPES: Final = ("stask", "supdate", "smodel")
+STRATEGY_TYPES: Final = ("stask", "supdate", "smodel", "shello")
 MAX_PARTS: Final = 64
 MAX_BYTES: Final = 64 * 1024 * 1024
 _STRATEGY_RE = re.compile(r"[a-z0-9-]{1,32}")
@@ -135,6 +137,8 @@ def _validate(obj: Mapping[Any, Any], expect_type: str | None) -> StrategyMessag
     raw_parts = obj["parts"]
     if type(raw_parts) not in (list, tuple):
         raise CodecError("bad_type", "parts: expected array")
+    if mtype == "shello" and raw_parts:
+        raise CodecError("forbidden_field", "parts in shello")
     parts = tuple(part_from_wire(p) for p in raw_parts)
     if len({p.name for p in parts}) != len(parts):
         raise CodecError("bad_value", "part names repeat")

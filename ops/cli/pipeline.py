@@ -21,6 +21,11 @@ TASKS = click.Choice(["activity", "mnist", "digits", "shakespeare"])
 # shared.variant_setup.PIPELINE_VARIANTS, spelled out so that `--help` does not import torch.
 VARIANTS = click.Choice(["preset", "fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedmask-adapt-local",
                          "fedpm"])
+# shared.strategy_setup.PIPELINE_STRATEGIES, spelled out for the same reason.
+STRATEGIES = click.Choice(["fedavg", "feddst", "zerofl", "lg-fedavg", "per-fedavg", "bnn-fedavg"])
+strategy_opt = click.option("--strategy", type=STRATEGIES, default=None,
+                            help="a weight-training strategy instead of FedMask (docs/design.md, \"Strategies\"); "
+                                 "aggregator and workers must agree")
 variant_opt = click.option("--variant", type=VARIANTS, default="preset", show_default=True,
                            help="preset: FedMask with the task preset and --merge; else a named variant's "
                                 "config (tuned if shared/tuned/ has one); aggregator and workers must agree")
@@ -81,6 +86,9 @@ def describe_aggregator(cfg: dict[str, str]) -> str:
     """One line on what the running aggregator serves (its fm:config), for `round status` and `devices list`."""
     if not cfg:
         return "aggregator: none has started against this Redis"
+    if cfg.get("strategy"):
+        return (f"aggregator: {cfg.get('task')} width {cfg.get('width') or 'preset'}, strategy {cfg['strategy']} "
+                f"({cfg.get('config_origin')}); workers must run the same --strategy")
     return (f"aggregator: {cfg.get('task')} width {cfg.get('width') or 'preset'}, variant "
             f"{cfg.get('variant') or 'preset'} (merge {cfg.get('merge')}, upload "
             f"{cfg.get('upload') or 'threshold'}); workers must run the same --variant")
@@ -120,9 +128,13 @@ def aggregator() -> None:
               help="async: other boards' latest updates vote while at most this many versions old")
 @click.option("--staleness", type=click.Choice(["constant", "sqrt"]), default="constant", show_default=True,
               help="async: vote weight by staleness tau: 1, or 1/sqrt(1+tau)")
+@strategy_opt
+@click.option("--planned-rounds", type=click.IntRange(min=1), default=None,
+              help="--strategy: the run's length, over which FedDST anneals its readjustment [default: the preset's]")
 def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
                    seed: int, close_lease: float, closer_id: str, ack_durability: str, metrics_port: int,
-                   metrics_host: str, mode: str, buffer_k: int, max_staleness: int, staleness: str) -> None:
+                   metrics_host: str, mode: str, buffer_k: int, max_staleness: int, staleness: str,
+                   strategy: str | None, planned_rounds: int | None) -> None:
     """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains). Run several
     against the same queue and Redis to share the load: exactly one closes each round (each serves its
     own metrics endpoint: give each its own --metrics-port)."""
@@ -136,8 +148,9 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
                                                 closer_id=closer_id, ack_durability=ack_durability,
                                                 metrics_port=metrics_port, metrics_host=metrics_host,
                                                 mode=mode, buffer=buffer_k, max_staleness=max_staleness,
-                                                staleness=staleness))
-    except ValueError as exc:  # a variant/merge combination variant_setup refuses
+                                                staleness=staleness, strategy=strategy or "",
+                                                planned_rounds=planned_rounds))
+    except (ValueError, ConfigError) as exc:  # a variant/merge combination variant_setup refuses
         raise click.ClickException(str(exc)) from exc
     svc.install_signal_handlers()
     try:
@@ -159,18 +172,20 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
 @click.option("--coding", type=click.Choice(["raw", "delta"]), default="raw", show_default=True,
               help="delta: send each update as its range-coded change against the merged mask the aggregator "
                    "holds, and take merged masks coded the same way (docs/design.md)")
+@strategy_opt
 def worker(device_id: str, profile: str, task: str, variant: str, amqp_url: str, state_dir: Path,
-           width: int | None, seed: int, coding: str) -> None:
-    """Run one device: prune once, hello, then train on every task and apply every merged mask."""
+           width: int | None, seed: int, coding: str, strategy: str | None) -> None:
+    """Run one device: prune once, hello, then train on every task and apply every merged mask
+    (with --strategy: train that strategy's weights on every task and apply every model sent)."""
     from ops.fleet.board import NoLocalData, board_worker
     from worker.runtime import WrongVariant
 
     _log(True)
     try:
         w = board_worker(device_id, profile=profile, task=task, amqp_url=amqp_url, state_dir=state_dir, width=width,
-                         seed=seed, variant=variant, coding=coding)
+                         seed=seed, variant=variant, coding=coding, strategy=strategy)
         w.run()
-    except (NoLocalData, WrongVariant) as exc:
+    except (NoLocalData, WrongVariant, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

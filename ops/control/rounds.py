@@ -93,6 +93,8 @@ def core_for_running_aggregator(amqp_url: str | None, redis_url: str, task: str 
     if width is None and cfg.get("width") and task == cfg.get("task"):
         width = int(cfg["width"])
     model_seed = int(cfg.get("seed", seed))  # --seed is the sampling seed; the model's is the aggregator's
+    if cfg.get("strategy"):
+        return _strategy_core(store, amqp_url, cfg, task, width, model_seed)
     variant = cfg.get("variant") or PRESET_VARIANT  # an aggregator from before variants: the preset
     merge = (cfg.get("merge") or None) if variant == PRESET_VARIANT else None  # a named variant brings its own
     try:
@@ -107,6 +109,25 @@ def core_for_running_aggregator(amqp_url: str | None, redis_url: str, task: str 
             f"the running aggregator serves {cfg.get('task')} (width {cfg.get('width') or 'preset'}, variant "
             f"{variant}), not {task} (width {width or 'preset'}): drop --task/--width to use the aggregator's")
     return core
+
+
+def _strategy_core(store: RoundStore, amqp_url: str, cfg: dict[str, str], task: str, width: int | None,
+                   model_seed: int) -> AggregatorCore:
+    """The operator's side of `--strategy` rounds: the same setup the aggregator built, checked by its
+    fingerprint (StrategyRoundsCore opens rounds and sends the tasks)."""
+    from aggregator.core_strategy_rounds import StrategyRoundsCore
+    from shared.strategy_setup import strategy_setup
+
+    planned = int(cfg["planned_rounds"]) if cfg.get("planned_rounds") else None
+    try:
+        setup = strategy_setup(task, cfg["strategy"], width=width, seed=model_seed, rounds=planned)
+    except ValueError as exc:
+        raise AggregatorMismatch(f"cannot build the aggregator's strategy {cfg['strategy']} for {task}: {exc}") from exc
+    if setup.fingerprint != cfg.get("fingerprint"):
+        served = f"{cfg.get('task')} (width {cfg.get('width') or 'preset'}, strategy {cfg['strategy']})"
+        raise AggregatorMismatch(f"the running aggregator serves {served}, not {task} (width {width or 'preset'}): "
+                                 "drop --task/--width to use the aggregator's")
+    return StrategyRoundsCore(store, Publisher(AmqpSettings.from_url(amqp_url), declare=True), setup, seed=model_seed)
 
 
 def wait_closed(store: RoundStore, round_id: int, *, poll_s: float = 0.1, timeout_s: float | None = None,

@@ -111,6 +111,9 @@ class ServerHalf(ABC):
     def __init__(self, spec: ModelSpec, cfg: StrategyConfig, *, seed: int, rounds: int) -> None:
         self.spec, self.cfg, self.seed, self.rounds = spec, cfg, seed, rounds
         self.held: dict[str, str] = {}  # device -> the version it was last sent
+        # The last round whose fold this state holds: the aggregator saves it with the folded state in
+        # one step, so a close resumed after a crash knows whether to fold again (never twice).
+        self.closed_round = 0
 
     version: str  # the current state's version: each server sets it in __init__ and at every fold
 

@@ -31,8 +31,8 @@ def _log(path: Path) -> IO[str]:
 @contextlib.contextmanager
 def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path, *,
                    aggregator_args: list[str], worker_args: list[str], first: int = 0,
-                   slow: int = 0) -> Iterator[dict[str, Any]]:
-    """Start the processes (TASK, WIDTH, N devices from the `first`; the extra flags on each command
+                   slow: int = 0, n: int = N) -> Iterator[dict[str, Any]]:
+    """Start the processes (TASK, WIDTH, `n` devices from the `first`; the extra flags on each command
     line; the last `slow` workers emulate a Pi 4),
     yield what the test needs, and stop everything, vhost and device users included. Broker users
     are global: tests that may run at the same time on one broker take different `first`."""
@@ -52,7 +52,7 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
     for key in store.client.scan_iter(match=b"fm:*"):  # only the service prefix: other tests use their own
         store.client.delete(key)
     data = load_task(TASK, num_devices=preset(TASK).devices, seed=SEED)
-    ids = [d.device_id for d in data.devices[first:first + N]]
+    ids = [d.device_id for d in data.devices[first:first + n]]
     creds = {d: mgmt.enroll(d, vhost=vhost).amqp_url for d in ids}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     fedmask = [sys.executable, "-m", "ops.cli"]

@@ -29,11 +29,24 @@ SIM_PINS = {
     "affinity": ("668386c087979b4f3f5287fd9989fb3a9eefcac1084f5802b4d776e340afe761", 11071, 7716),
 }
 # tests/integration/test_pipeline.py's configuration: digits, width 32, seed 0, 6 devices, 3 rounds, head.
-# Re-taken on 2026-12-02 on an AVX-512 machine (the first pin, 2a3bb414..., came from an AVX2 one): with
-# MKL's AVX2 branch (shared/__init__.py) the five pins above reproduce there, this one did not, and MKL's
-# branch, ATen's CPU capability, oneDNN's ISA, numpy's SIMD features and OpenBLAS's core type were each
-# ruled out. Byte counts are unchanged. Where the remaining difference comes from is open (docs/roadmap.md).
-PIPELINE_PIN = ("f2c3aa2b3edd136df93fed117475a6bed10a6a7cf80333f3e9a9ab016f71e63a", 13104, 11574)
+# This one pin differs by CPU even with MKL's AVX2 branch (shared/__init__.py), which makes the five above
+# agree everywhere seen: 2a3bb414... on machines without AVX-512 (an Intel one in November, an AMD EPYC on
+# 2026-12-03), f2c3aa2b... on the AVX-512 machine of 2026-12-02. MKL's branch, ATen's CPU capability,
+# oneDNN's ISA, numpy's SIMD features and OpenBLAS's core type were each ruled out as the cause; where
+# it comes from is open (docs/roadmap.md). The expected digest is chosen by the CPU, so each still fails
+# on a change of results. Byte counts are the same on both.
+PIPELINE_PINS = {
+    "no-avx512": ("2a3bb4149c4bd558b7c6d97a580d721f996635c3121f12475b2f5ac5bad95a2b", 13104, 11574),
+    "avx512": ("f2c3aa2b3edd136df93fed117475a6bed10a6a7cf80333f3e9a9ab016f71e63a", 13104, 11574),
+}
+
+
+def _cpu_class() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no-avx512"
+    return "avx512" if " avx512f" in flags else "no-avx512"
 
 
 def _digest(save: Path, spec: ModelSpec, cfg: FedMaskConfig, seed: int) -> str:
@@ -66,4 +79,4 @@ def test_pipeline_configuration_is_pinned(tmp_path: Path) -> None:
     spec = model_spec(task, width=width, seed=seed)
     cfg = FedMaskConfig(train=preset(task).mask_train, local_epochs=preset(task).local_epochs)
     r = run_fedmask(subset, spec, cfg, rounds=3, sample_rate=1.0, seed=seed, merge="head", save_dir=tmp_path)
-    assert (_digest(tmp_path, spec, cfg, seed), r.uplink_bytes, r.downlink_bytes) == PIPELINE_PIN
+    assert (_digest(tmp_path, spec, cfg, seed), r.uplink_bytes, r.downlink_bytes) == PIPELINE_PINS[_cpu_class()]

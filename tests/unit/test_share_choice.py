@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shared import codec
-from shared.agreement import blend_scores
+from shared.agreement import blend_scores, dequantize, quantize
 from shared.bits import positions
 from shared.data import load_task
 from shared.device import DeviceRuntime, FedMaskConfig
@@ -56,10 +56,11 @@ def test_an_agreement_that_contradicts_the_device_is_refused() -> None:
     theta = 1.0 - _own_theta(dev)
     assert dev.structure is not None and dev.val_xy is not None
     where = positions(dev.structure, dev.nbits)
+    received = dequantize(quantize(theta[where]))  # what the device reads from the 4-bit downlink
     losses = {}
     for share in GRID:  # the loss of every blend, computed here independently of _choose_share
         trial = before.copy()
-        trial[where] = blend_scores(before[where], theta[where], share=share, clip=dev.cfg.clip)
+        trial[where] = blend_scores(before[where], received, share=share, clip=dev.cfg.clip)
         dev.model.set_scores(trial)
         losses[share] = dev.evaluate(*dev.val_xy)[0]
     dev.model.set_scores(before)

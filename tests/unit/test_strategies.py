@@ -96,7 +96,7 @@ def test_bitmap_padding_and_count_are_checked() -> None:
 
 def test_strategy_messages_are_registered_in_the_codec_and_checked_both_ways() -> None:
     assert codec.PAYLOAD_ENCODINGS == ("bits", "dense", "sparse")
-    assert codec.STRATEGY_TYPES == ("stask", "supdate", "smodel")
+    assert codec.STRATEGY_TYPES == ("stask", "supdate", "smodel", "shello")
     msg = StrategyMessage(type="supdate", strategy="zerofl", device="d1", round=3, model="ab" * 8,
                           parts=(sparse_part("fc1", 10, [1], [2.0]),), stats={"samples": 4, "flops": 1.0})
     assert codec.decode_strategy(codec.encode_strategy(msg)) == msg
