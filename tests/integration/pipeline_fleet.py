@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -40,7 +41,9 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
     from ops.control.enrolment import Management
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
-    mgmt = Management()
+    # The management API of the broker under test: FEDMASK_TEST_MANAGEMENT_URL when the broker is not
+    # the machine's default one (e.g. a private node: FEDMASK_TEST_AMQP_URL points at its AMQP port).
+    mgmt = Management(os.environ.get("FEDMASK_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672"))
     try:
         mgmt.ensure_vhost(vhost)
     except Exception as exc:  # the management API is the enrolment path: under CI it must be there
@@ -53,7 +56,11 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
         store.client.delete(key)
     data = load_task(TASK, num_devices=preset(TASK).devices, seed=SEED)
     ids = [d.device_id for d in data.devices[first:first + N]]
-    creds = {d: mgmt.enroll(d, vhost=vhost).amqp_url for d in ids}
+    if len(ids) != N:  # an empty fleet would pass "every worker's hello" with no worker started
+        raise ValueError(f"{TASK} has {len(data.devices)} devices: no {N} from device {first}")
+    broker = urlparse(amqp_service_url)  # the devices' URLs name the broker under test, not a default port
+    creds = {d: mgmt.enroll(d, vhost=vhost, amqp_host=broker.hostname or "127.0.0.1",
+                            amqp_port=broker.port or 5672).amqp_url for d in ids}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     fedmask = [sys.executable, "-m", "ops.cli"]
     procs = [subprocess.Popen([*fedmask, "aggregator", "run", "--amqp-url", admin_url, "--redis-url",
@@ -68,7 +75,8 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
              "--state-dir", str(tmp_path / "state"), *worker_args, *profile],
             env=env, stdout=_log(tmp_path / f"{d}.log"), stderr=subprocess.STDOUT))
     try:
-        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path}
+        # procs: the aggregator first, then the workers in `ids` order (a test may stop one early).
+        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path, "procs": procs}
     finally:
         for p in procs:
             p.terminate()
