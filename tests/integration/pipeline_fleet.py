@@ -63,10 +63,10 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
                             amqp_port=broker.port or 5672).amqp_url for d in ids}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     fedmask = [sys.executable, "-m", "ops.cli"]
-    procs = [subprocess.Popen([*fedmask, "aggregator", "run", "--amqp-url", admin_url, "--redis-url",
-                               redis_service_url, "--task", TASK, "--width", str(WIDTH),
-                               "--ack-durability", "unchecked", *aggregator_args],  # the machine's Redis
-                              env=env, stdout=_log(tmp_path / "aggregator.log"), stderr=subprocess.STDOUT)]
+    aggregator = [*fedmask, "aggregator", "run", "--amqp-url", admin_url, "--redis-url", redis_service_url,
+                  "--task", TASK, "--width", str(WIDTH), "--ack-durability", "unchecked",  # the machine's Redis
+                  *aggregator_args]
+    procs = [subprocess.Popen(aggregator, env=env, stdout=_log(tmp_path / "aggregator.log"), stderr=subprocess.STDOUT)]
     time.sleep(2)  # topology declared before workers publish
     for i, d in enumerate(ids):
         profile = ["--profile", "pi4"] if i >= len(ids) - slow else []
@@ -75,8 +75,10 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
              "--state-dir", str(tmp_path / "state"), *worker_args, *profile],
             env=env, stdout=_log(tmp_path / f"{d}.log"), stderr=subprocess.STDOUT))
     try:
-        # procs: the aggregator first, then the workers in `ids` order (a test may stop one early).
-        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path, "procs": procs}
+        # procs: the aggregator first, then the workers in `ids` order (a test may stop one early, or
+        # append a process it started, e.g. a restarted aggregator from `aggregator_cmd`: it is stopped too).
+        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path, "procs": procs,
+               "aggregator_cmd": aggregator}
     finally:
         for p in procs:
             p.terminate()
