@@ -41,9 +41,10 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
     from ops.control.enrolment import Management
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
-    # The management API of the broker under test: FEDMASK_TEST_MANAGEMENT_URL when the broker is not
-    # the machine's default one (e.g. a private node: FEDMASK_TEST_AMQP_URL points at its AMQP port).
-    mgmt = Management(os.environ.get("FEDMASK_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672"))
+    broker = urlparse(amqp_service_url)
+    # The management API of the broker under test (as tests/integration/test_amqp.py finds it):
+    # FEDMASK_TEST_MANAGEMENT_URL when it is not on the broker's host at 15672 (e.g. a private node).
+    mgmt = Management(os.environ.get("FEDMASK_TEST_MANAGEMENT_URL", f"http://{broker.hostname or '127.0.0.1'}:15672"))
     try:
         mgmt.ensure_vhost(vhost)
     except Exception as exc:  # the management API is the enrolment path: under CI it must be there
@@ -58,7 +59,7 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
     ids = [d.device_id for d in data.devices[first:first + N]]
     if len(ids) != N:  # an empty fleet would pass "every worker's hello" with no worker started
         raise ValueError(f"{TASK} has {len(data.devices)} devices: no {N} from device {first}")
-    broker = urlparse(amqp_service_url)  # the devices' URLs name the broker under test, not a default port
+    # The devices' URLs name the broker under test, not 127.0.0.1:5672 (a container's port differs).
     creds = {d: mgmt.enroll(d, vhost=vhost, amqp_host=broker.hostname or "127.0.0.1",
                             amqp_port=broker.port or 5672).amqp_url for d in ids}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
