@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -40,7 +41,10 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
     from ops.control.enrolment import Management
 
     vhost = f"fedmask-test-{uuid.uuid4().hex[:8]}"
-    mgmt = Management()
+    broker = urlparse(amqp_service_url)
+    # The management API of the broker under test (as tests/integration/test_amqp.py finds it):
+    # FEDMASK_TEST_MANAGEMENT_URL when it is not on the broker's host at 15672 (e.g. a private node).
+    mgmt = Management(os.environ.get("FEDMASK_TEST_MANAGEMENT_URL", f"http://{broker.hostname or '127.0.0.1'}:15672"))
     try:
         mgmt.ensure_vhost(vhost)
     except Exception as exc:  # the management API is the enrolment path: under CI it must be there
@@ -53,13 +57,17 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
         store.client.delete(key)
     data = load_task(TASK, num_devices=preset(TASK).devices, seed=SEED)
     ids = [d.device_id for d in data.devices[first:first + n]]
-    creds = {d: mgmt.enroll(d, vhost=vhost).amqp_url for d in ids}
+    if len(ids) != n:  # an empty fleet would pass "every worker's hello" with no worker started
+        raise ValueError(f"{TASK} has {len(data.devices)} devices: no {n} from device {first}")
+    # The devices' URLs name the broker under test, not 127.0.0.1:5672 (a container's port differs).
+    creds = {d: mgmt.enroll(d, vhost=vhost, amqp_host=broker.hostname or "127.0.0.1",
+                            amqp_port=broker.port or 5672).amqp_url for d in ids}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     fedmask = [sys.executable, "-m", "ops.cli"]
-    procs = [subprocess.Popen([*fedmask, "aggregator", "run", "--amqp-url", admin_url, "--redis-url",
-                               redis_service_url, "--task", TASK, "--width", str(WIDTH),
-                               "--ack-durability", "unchecked", *aggregator_args],  # the machine's Redis
-                              env=env, stdout=_log(tmp_path / "aggregator.log"), stderr=subprocess.STDOUT)]
+    aggregator = [*fedmask, "aggregator", "run", "--amqp-url", admin_url, "--redis-url", redis_service_url,
+                  "--task", TASK, "--width", str(WIDTH), "--ack-durability", "unchecked",  # the machine's Redis
+                  *aggregator_args]
+    procs = [subprocess.Popen(aggregator, env=env, stdout=_log(tmp_path / "aggregator.log"), stderr=subprocess.STDOUT)]
     time.sleep(2)  # topology declared before workers publish
     for i, d in enumerate(ids):
         profile = ["--profile", "pi4"] if i >= len(ids) - slow else []
@@ -68,7 +76,10 @@ def start_pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path
              "--state-dir", str(tmp_path / "state"), *worker_args, *profile],
             env=env, stdout=_log(tmp_path / f"{d}.log"), stderr=subprocess.STDOUT))
     try:
-        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path}
+        # procs: the aggregator first, then the workers in `ids` order (a test may stop one early, or
+        # append a process it started, e.g. a restarted aggregator from `aggregator_cmd`: it is stopped too).
+        yield {"admin_url": admin_url, "store": store, "ids": ids, "data": data, "tmp": tmp_path, "procs": procs,
+               "aggregator_cmd": aggregator}
     finally:
         for p in procs:
             p.terminate()
