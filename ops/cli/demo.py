@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ops.cli.common import write_json
+from ops.cli.pipeline import strategy_opt
 from shared.errors import FedMaskError
 
 
@@ -28,16 +29,18 @@ from shared.errors import FedMaskError
               help="a Redis database the demo resets (never db 0)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@strategy_opt
 def demo(workers: int, pi4: int, rounds: int, quorum: float, late: str, max_staleness: int, deadline: float,
-         seed: int, amqp_url: str, redis_url: str, out: Path, as_json: bool) -> None:
-    """A mixed Pi 4 / Jetson fleet of worker processes trains FedMask on activity data through
-    RabbitMQ and Redis; prints per-device accuracy, bytes, round times per profile and late updates,
-    and writes report.json and pipeline.png under --out."""
+         seed: int, amqp_url: str, redis_url: str, out: Path, as_json: bool, strategy: str | None) -> None:
+    """A mixed Pi 4 / Jetson fleet of worker processes trains FedMask (or, with --strategy, that
+    weight-training strategy) on activity data through RabbitMQ and Redis; prints per-device accuracy,
+    bytes, round times per profile and late updates, and writes report.json and pipeline.png under --out."""
     from ops.demo.report import plot, render_table
     from ops.demo.run import DemoSettings, run_demo
 
     s = DemoSettings(workers=workers, pi4=pi4, rounds=rounds, quorum=quorum, late=late, max_staleness=max_staleness,
-                     deadline_s=deadline, seed=seed, amqp_url=amqp_url, redis_url=redis_url, out=out)
+                     deadline_s=deadline, seed=seed, amqp_url=amqp_url, redis_url=redis_url, out=out,
+                     strategy=strategy)
 
     def say(msg: str) -> None:
         click.echo(msg, err=True)

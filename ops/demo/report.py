@@ -11,6 +11,9 @@ from ops.demo.metrics_scrape import render as render_metrics
 
 
 def render_table(report: dict[str, Any]) -> str:
+    strategy = report["settings"].get("strategy")
+    if strategy:
+        return render_strategy_table(report, strategy)
     lines = [f"{'device':<14}{'profile':<8}{'mask v':>7}{'acc merged':>11}{'acc final':>10}{'updates':>8}"
              f"{'KB up':>9}{'KB down':>9}{'task s':>8}"]
     for d, r in report["devices"].items():
@@ -35,6 +38,23 @@ def render_table(report: dict[str, Any]) -> str:
     if learning:
         lines.append("mean validation accuracy per round (devices' own reports): " +
                      " ".join(f"{r['round']}:{r['mean_val_accuracy']:.3f}" for r in learning))
+    if "metrics" in report:
+        lines.append(render_metrics(report["metrics"]))
+    return "\n".join(lines)
+
+
+def render_strategy_table(report: dict[str, Any], strategy: str) -> str:
+    """A strategy's run: no masks, one accuracy (its own evaluation), and what late updates cost it."""
+    lines = [f"{'device':<14}{'profile':<8}{'accuracy':>9}{'updates':>8}{'KB up':>9}{'KB down':>9}{'task s':>8}"]
+    for d, r in report["devices"].items():
+        train = "" if r["median_turnaround_s"] is None else f"{r['median_turnaround_s']:.2f}"
+        lines.append(f"{d:<14}{r['profile']:<8}{r['accuracy_merged']:>9.3f}{r['updates']:>8}"
+                     f"{r['bytes_up'] / 1e3:>9.1f}{r['bytes_down'] / 1e3:>9.1f}{train:>8}")
+    lines.append(f"strategy {strategy}: mean personalized accuracy {report['mean_accuracy_merged']:.3f}")
+    prof = ", ".join(f"{k} {v:.1f}s" for k, v in report["turnaround_seconds_by_profile"].items())
+    lines.append(f"median board turnaround (task received -> update sent): {prof}")
+    lines.append(f"median round time {report['median_round_seconds']:.1f}s over {len(report['rounds'])} rounds; "
+                 f"late updates {report['late']['updates']} (dropped {report['late']['dropped']})")
     if "metrics" in report:
         lines.append(render_metrics(report["metrics"]))
     return "\n".join(lines)
@@ -65,10 +85,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax1.legend(handles=handles, fontsize=8)
     names = list(devices)
     x = np.arange(len(names))
-    ax2.bar(x - 0.2, [devices[d]["accuracy_merged"] for d in names], 0.4, label="merged mask",
-            color=[colors[devices[d]["profile"]] for d in names], alpha=0.5)
-    ax2.bar(x + 0.2, [devices[d]["accuracy_final"] for d in names], 0.4, label="after final adaptation",
-            color=[colors[devices[d]["profile"]] for d in names])
+    strategy = report["settings"].get("strategy")
+    if strategy:  # one figure per device: the strategy's own evaluation
+        ax2.bar(x, [devices[d]["accuracy_merged"] for d in names], 0.6, label=f"strategy {strategy}",
+                color=[colors[devices[d]["profile"]] for d in names])
+    else:
+        ax2.bar(x - 0.2, [devices[d]["accuracy_merged"] for d in names], 0.4, label="merged mask",
+                color=[colors[devices[d]["profile"]] for d in names], alpha=0.5)
+        ax2.bar(x + 0.2, [devices[d]["accuracy_final"] for d in names], 0.4, label="after final adaptation",
+                color=[colors[devices[d]["profile"]] for d in names])
     ax2.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
     ax2.set(ylabel="test accuracy (own data)", ylim=(0, 1), title="personalized accuracy per device")
     ax2.legend(fontsize=8)

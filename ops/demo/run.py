@@ -42,6 +42,7 @@ class DemoSettings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/1"
     out: Path = Path("runs/demo")
+    strategy: str | None = None  # a weight-training strategy instead of FedMask (late updates then dropped)
 
 
 def evaluate_devices(task: str, profiles: dict[str, str], state_dir: Path, seed: int) -> dict[str, dict[str, Any]]:
@@ -78,8 +79,14 @@ def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
     profiles = fleet_profiles(ids, s.workers, s.pi4)
     port = free_port()  # its own port: a deployment's aggregator may hold the default one
     spec = FleetSpec(task=s.task, devices=profiles, amqp_url=s.amqp_url, redis_url=s.redis_url,
-                     run_dir=s.out, seed=s.seed, metrics_port=port)
-    plan = RoundPlan(rate=1.0, quorum=s.quorum, deadline_s=s.deadline_s, seed=s.seed, late=s.late,
+                     run_dir=s.out, seed=s.seed, metrics_port=port, strategy=s.strategy,
+                     planned_rounds=s.rounds if s.strategy else None)
+    late = s.late
+    if s.strategy is not None and late != "drop":
+        say(f"strategy {s.strategy}: late updates are dropped, not carried (a weight update trained from an "
+            "older model is not averaged into a newer one); slow boards rejoin the next round")
+        late = "drop"
+    plan = RoundPlan(rate=1.0, quorum=s.quorum, deadline_s=s.deadline_s, seed=s.seed, late=late,
                      max_staleness=s.max_staleness)
     scraper = Scraper(f"http://127.0.0.1:{port}/metrics")
     started = time.time()
@@ -99,7 +106,13 @@ def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
         # Re-read every round: late updates keep arriving (and are listed) after a round closed.
         final = [store.info(r.round_id) or r for r in run.rounds]
         learning = history(store)
-    devices = evaluate_devices(s.task, profiles, fleet.state_dir, s.seed)
+    if s.strategy is None:
+        devices = evaluate_devices(s.task, profiles, fleet.state_dir, s.seed)
+    else:
+        from ops.demo.strategy_eval import evaluate_strategy_devices
+
+        devices = evaluate_strategy_devices(s.task, s.strategy, profiles, fleet.state_dir, s.seed, s.redis_url,
+                                            s.rounds)
     report = summarize(final, devices, counters, s, time.time() - started)
     report["metrics"] = scraper.summary()
     report["learning"] = [{k: row[k] for k in ("round", "reported_stats", "mean_train_loss", "mean_train_accuracy",

@@ -84,6 +84,8 @@ class FleetSpec:
     merge: str = "head"
     api_url: str = "http://127.0.0.1:15672"
     metrics_port: int | None = None  # the aggregator's /metrics port (None: its default)
+    strategy: str | None = None  # a weight-training strategy instead of FedMask (aggregator and workers)
+    planned_rounds: int | None = None
 
 
 @dataclass
@@ -98,7 +100,7 @@ class Fleet:
         s = self.spec
         return Deployment(amqp_url=with_vhost(s.amqp_url, s.vhost), redis_url=s.redis_url,
                           run_dir=s.run_dir / "services", task=s.task, width=s.width, seed=s.seed, merge=s.merge,
-                          metrics_port=s.metrics_port)
+                          metrics_port=s.metrics_port, strategy=s.strategy, planned_rounds=s.planned_rounds)
 
     @property
     def state_dir(self) -> Path:
@@ -131,6 +133,8 @@ class Fleet:
                    s.task, "--amqp-url", creds[d], "--state-dir", str(self.state_dir), "--seed", str(s.seed)]
             if s.width is not None:
                 cmd += ["--width", str(s.width)]
+            if s.strategy is not None:
+                cmd += ["--strategy", s.strategy]
             self.procs[d] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.say(f"started {len(self.procs)} workers; waiting for every hello (each prunes once) ...")
         self._wait_hellos(hello_timeout_s)
@@ -168,8 +172,18 @@ class Fleet:
         s = self.spec
         store = RoundStore.from_url(s.redis_url)
         with Publisher(AmqpSettings.from_url(self.deployment.amqp_url)) as pub:
-            core = AggregatorCore(store, pub, model_spec(s.task, width=s.width, seed=s.seed), merge=s.merge)
+            core = AggregatorCore(store, pub, model_spec(s.task, width=s.width, seed=s.seed), merge=s.merge) \
+                if s.strategy is None else self._strategy_core(store, pub)
             return run_rounds(core, store, rounds, plan, on_round=on_round, on_poll=lambda _i: self.check_alive())
+
+    def _strategy_core(self, store: RoundStore, pub: Publisher) -> AggregatorCore:
+        from aggregator.core_strategy_rounds import StrategyRoundsCore
+        from shared.strategy_setup import strategy_setup
+
+        s = self.spec
+        assert s.strategy is not None
+        setup = strategy_setup(s.task, s.strategy, width=s.width, seed=s.seed, rounds=s.planned_rounds)
+        return StrategyRoundsCore(store, pub, setup, seed=s.seed)
 
     def wait_outstanding(self, timeout_s: float) -> None:
         """Let slow boards finish the task they hold, so a report counts the work they did (their late

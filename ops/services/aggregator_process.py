@@ -37,7 +37,10 @@ def start_aggregator(dep: Deployment, say: Any, wait_s: float = 120.0) -> int:
         say(f"aggregator already running (pid {pid}, log {dep.log_file})")
         return pid
     cmd = [sys.executable, "-m", "ops.cli", "aggregator", "run", "--amqp-url", dep.amqp_url, "--redis-url",
-           dep.redis_url, "--task", dep.task, "--seed", str(dep.seed), "--merge", dep.merge]
+           dep.redis_url, "--task", dep.task, "--seed", str(dep.seed)]
+    cmd += ["--merge", dep.merge] if dep.strategy is None else ["--strategy", dep.strategy]
+    if dep.strategy is not None and dep.planned_rounds is not None:
+        cmd += ["--planned-rounds", str(dep.planned_rounds)]
     if dep.width is not None:
         cmd += ["--width", str(dep.width)]
     if REDIS.name not in started_here(dep):

@@ -50,6 +50,8 @@ class Deployment:
     seed: int = 0
     merge: str = "head"
     metrics_port: int | None = None  # the aggregator's --metrics-port (None: its default)
+    strategy: str | None = None  # the aggregator's --strategy (None: FedMask with `merge`)
+    planned_rounds: int | None = None  # with `strategy`: its --planned-rounds
 
     @property
     def amqp_host(self) -> tuple[str, int]:
