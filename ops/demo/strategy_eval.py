@@ -22,7 +22,8 @@ def evaluate_strategy_devices(task: str, strategy: str, profiles: dict[str, str]
     from shared.presets import preset
 
     p = preset(task)
-    data = {d.device_id: d for d in load_task(task, num_devices=p.devices, seed=seed, **p.data_options).devices}
+    data = {d.device_id: d for d in load_task(task, num_devices=p.devices, seed=seed,
+                                              **p.data_options).devices}  # type: ignore[arg-type]
     setup = strategy_setup(task, strategy, seed=seed, rounds=planned_rounds)
     server = StrategyCore(RoundStore.from_url(redis_url), strategy, setup.cfg, setup.spec, seed=seed,
                           rounds=setup.rounds).server()
