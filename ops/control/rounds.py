@@ -153,8 +153,9 @@ def wait_closed(store: RoundStore, round_id: int, *, poll_s: float = 0.1, timeou
 
 def run_rounds(core: AggregatorCore, store: RoundStore, rounds: int, plan: RoundPlan, *,
                on_round: Callable[[RoundInfo], None] | None = None,
-               on_poll: Callable[[RoundInfo], None] | None = None) -> RunLog:
-    """Open `rounds` rounds one after another, each as soon as the previous one closed."""
+               on_poll: Callable[[RoundInfo], None] | None = None, budget_s: float | None = None) -> RunLog:
+    """Open `rounds` rounds one after another, each as soon as the previous one closed; with `budget_s`,
+    no round opens once that many seconds have passed (the one running then is let close)."""
     if rounds < 1:
         raise FedMaskError(f"rounds must be >= 1, got {rounds}")
     current = store.current_round()
@@ -163,7 +164,10 @@ def run_rounds(core: AggregatorCore, store: RoundStore, rounds: int, plan: Round
         if info is not None and info.state != "closed":  # finish what is running instead of failing
             wait_closed(store, current, on_poll=on_poll)
     log = RunLog()
+    start = time.monotonic()
     for _ in range(rounds):
+        if budget_s is not None and time.monotonic() - start >= budget_s:
+            break
         opened = core.start_round(**plan.start_kwargs())
         info = wait_closed(store, opened.round_id, on_poll=on_poll)
         log.rounds.append(info)

@@ -11,6 +11,10 @@ from ops.demo.metrics_scrape import render as render_metrics
 
 
 def render_table(report: dict[str, Any]) -> str:
+    if report.get("mode") == "async":
+        from ops.demo.async_report import render_async_table
+
+        return render_async_table(report)
     strategy = report["settings"].get("strategy")
     if strategy:
         return render_strategy_table(report, strategy)
@@ -66,6 +70,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if report.get("mode") == "async":
+        from ops.demo.async_report import plot_async
+
+        plot_async(report, path)
+        return
     devices = report["devices"]
     colors = {"pi4": "tab:red", "jetson": "tab:blue"}
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.5))

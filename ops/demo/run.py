@@ -41,8 +41,26 @@ class DemoSettings:
     seed: int = 0
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/1"
+    api_url: str = "http://127.0.0.1:15672"  # the broker's management API (enrolment, the vhost's reset)
     out: Path = Path("runs/demo")
     strategy: str | None = None  # a weight-training strategy instead of FedMask (late updates then dropped)
+    budget_s: float | None = None  # rounds: open no round after this many seconds; async: stop the stream then
+    mode: str = "rounds"  # async: the aggregator's --mode async (ops/demo/async_run.py), no rounds
+    buffer: int = 3  # async: flush every K stored updates
+    staleness: str = "sqrt"  # async: vote weight by staleness (constant | sqrt)
+    flushes: int = 12  # async: stop after this many flushes with every board merged (or at budget_s)
+
+    def mode_line(self) -> str:
+        """The one line saying which rhythm the demo runs and why (issue 13)."""
+        if self.mode == "async":
+            return (f"mode async (K={self.buffer}, max staleness {self.max_staleness}, {self.staleness} weights), "
+                    "asked by --mode async: no rounds, each board gets its next task as soon as its update is "
+                    "stored, so a slow board never holds the fast ones back")
+        why = ("--quorum 1.0 asked: every round waits for the slowest board" if self.quorum >= 1.0 else
+               "the default: rounds close without the slow boards and their late updates are "
+               f"{'carried into the next round' if self.late == 'carry' else 'dropped'}; "
+               "--mode async is the alternative (docs/results.md, Which rhythm)")
+        return f"mode rounds (quorum {self.quorum}, late {self.late}): {why}"
 
 
 def evaluate_devices(task: str, profiles: dict[str, str], state_dir: Path, seed: int) -> dict[str, dict[str, Any]]:
@@ -69,17 +87,28 @@ def evaluate_devices(task: str, profiles: dict[str, str], state_dir: Path, seed:
     return out
 
 
-def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
+def demo_profiles(s: DemoSettings, say: Any) -> dict[str, str]:
     from shared.data import load_task
     from shared.presets import preset
 
     p = preset(s.task)
     say(f"loading {s.task} data (the first run builds a cache under .data/) ...")
     ids = [d.device_id for d in load_task(s.task, num_devices=p.devices, seed=s.seed, **p.data_options).devices]
-    profiles = fleet_profiles(ids, s.workers, s.pi4)
+    return fleet_profiles(ids, s.workers, s.pi4)
+
+
+def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
+    if s.mode == "async":
+        if s.strategy is not None:
+            raise FedMaskError("--mode async trains FedMask masks only: drop --strategy (strategies run in rounds)")
+        from ops.demo.async_run import run_async_demo
+
+        return run_async_demo(s, say)
+    say(s.mode_line())
+    profiles = demo_profiles(s, say)
     port = free_port()  # its own port: a deployment's aggregator may hold the default one
     spec = FleetSpec(task=s.task, devices=profiles, amqp_url=s.amqp_url, redis_url=s.redis_url,
-                     run_dir=s.out, seed=s.seed, metrics_port=port, strategy=s.strategy,
+                     run_dir=s.out, seed=s.seed, metrics_port=port, strategy=s.strategy, api_url=s.api_url,
                      planned_rounds=s.rounds if s.strategy else None)
     late = s.late
     if s.strategy is not None and late != "drop":
@@ -97,7 +126,7 @@ def run_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
 
     with Fleet(spec, say=say) as fleet:
         scraper.scrape()
-        run = fleet.run_rounds(s.rounds, plan, on_round=on_round)
+        run = fleet.run_rounds(s.rounds, plan, on_round=on_round, budget_s=s.budget_s)
         store = RoundStore.from_url(s.redis_url)
         fleet.wait_outstanding(s.deadline_s)
         fleet.wait_last_masks()

@@ -86,6 +86,10 @@ class FleetSpec:
     metrics_port: int | None = None  # the aggregator's /metrics port (None: its default)
     strategy: str | None = None  # a weight-training strategy instead of FedMask (aggregator and workers)
     planned_rounds: int | None = None
+    mode: str = "rounds"  # the aggregator's --mode (async: it tasks every board itself, no rounds)
+    buffer: int = 3
+    max_staleness: int = 10
+    staleness: str = "constant"
 
 
 @dataclass
@@ -100,7 +104,8 @@ class Fleet:
         s = self.spec
         return Deployment(amqp_url=with_vhost(s.amqp_url, s.vhost), redis_url=s.redis_url,
                           run_dir=s.run_dir / "services", task=s.task, width=s.width, seed=s.seed, merge=s.merge,
-                          metrics_port=s.metrics_port, strategy=s.strategy, planned_rounds=s.planned_rounds)
+                          metrics_port=s.metrics_port, strategy=s.strategy, planned_rounds=s.planned_rounds,
+                          mode=s.mode, buffer=s.buffer, max_staleness=s.max_staleness, staleness=s.staleness)
 
     @property
     def state_dir(self) -> Path:
@@ -166,15 +171,17 @@ class Fleet:
         missing = sorted(set(self.spec.devices) - set(store.device_ids()))
         raise FedMaskError(f"no hello from {', '.join(missing)} within {timeout_s:.0f}s; see {self.spec.run_dir}/logs")
 
-    def run_rounds(self, rounds: int, plan: RoundPlan,
-                   on_round: Callable[[RoundInfo], None] | None = None) -> RunLog:
-        """Drive `rounds` rounds through this fleet's aggregator; fail fast if a worker dies."""
+    def run_rounds(self, rounds: int, plan: RoundPlan, on_round: Callable[[RoundInfo], None] | None = None,
+                   budget_s: float | None = None) -> RunLog:
+        """Drive `rounds` rounds (or as many as open within `budget_s`) through this fleet's aggregator;
+        fail fast if a worker dies."""
         s = self.spec
         store = RoundStore.from_url(s.redis_url)
         with Publisher(AmqpSettings.from_url(self.deployment.amqp_url)) as pub:
             core = AggregatorCore(store, pub, model_spec(s.task, width=s.width, seed=s.seed), merge=s.merge) \
                 if s.strategy is None else self._strategy_core(store, pub)
-            return run_rounds(core, store, rounds, plan, on_round=on_round, on_poll=lambda _i: self.check_alive())
+            return run_rounds(core, store, rounds, plan, on_round=on_round, on_poll=lambda _i: self.check_alive(),
+                              budget_s=budget_s)
 
     def _strategy_core(self, store: RoundStore, pub: Publisher) -> AggregatorCore:
         from aggregator.core_strategy_rounds import StrategyRoundsCore

@@ -41,6 +41,9 @@ def start_aggregator(dep: Deployment, say: Any, wait_s: float = 120.0) -> int:
     cmd += ["--merge", dep.merge] if dep.strategy is None else ["--strategy", dep.strategy]
     if dep.strategy is not None and dep.planned_rounds is not None:
         cmd += ["--planned-rounds", str(dep.planned_rounds)]
+    if dep.mode == "async":
+        cmd += ["--mode", "async", "--buffer", str(dep.buffer), "--max-staleness", str(dep.max_staleness),
+                "--staleness", dep.staleness]
     if dep.width is not None:
         cmd += ["--width", str(dep.width)]
     if REDIS.name not in started_here(dep):

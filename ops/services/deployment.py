@@ -52,6 +52,10 @@ class Deployment:
     metrics_port: int | None = None  # the aggregator's --metrics-port (None: its default)
     strategy: str | None = None  # the aggregator's --strategy (None: FedMask with `merge`)
     planned_rounds: int | None = None  # with `strategy`: its --planned-rounds
+    mode: str = "rounds"  # the aggregator's --mode; with "async" also the three settings below
+    buffer: int = 3
+    max_staleness: int = 10
+    staleness: str = "constant"
 
     @property
     def amqp_host(self) -> tuple[str, int]:
