@@ -49,6 +49,7 @@ def run_async_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
         # Freeze the stream: SIGTERM drains the delivery in hand, so what Redis says is final and no
         # flush happens after this read; the boards still apply the masks already queued for them.
         stop_aggregator(fleet.deployment, say)
+        frozen = time.time()  # updates sent after this were never stored: the curve ends here
         summary = async_summary(store)
         flushes = stream.flushes()
         counters = store.counters()
@@ -57,7 +58,7 @@ def run_async_demo(s: DemoSettings, say: Any = print) -> dict[str, Any]:
     silent = [d for d, r in devices.items() if r["updates"] == 0]
     if silent:  # a board that never answered a task means the pipeline is broken for it
         raise FedMaskError(f"devices that never sent an update: {', '.join(silent)}")
-    curve = fleet_curve(fleet.state_dir, profiles)
+    curve = fleet_curve(fleet.state_dir, profiles, until=frozen)
     report = summarize_async(flushes, summary, devices, counters, s, time.time() - started)
     report["metrics"] = scraper.summary()
     report["learning_over_time"] = curve["curve"]

@@ -42,7 +42,9 @@ def compare_modes(s: DemoSettings, budget_s: float, say: Any = print) -> dict[st
     for mode in MODES:
         ms = mode_settings(s, mode, budget_s)
         say(f"== {mode}: {budget_s:.0f}s of training, out {ms.out}")
+        load_before = os.getloadavg()[0]
         report = run_demo(ms, say)
+        report["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
         write_json(ms.out / "report.json", report)
         plot(report, ms.out / "pipeline.png")
         profiles = {d: r["profile"] for d, r in report["devices"].items()}
@@ -80,7 +82,7 @@ def summarize(runs: dict[str, dict[str, Any]], budget_s: float, s: DemoSettings)
             "mean_test_acc_final": report["mean_accuracy_final"],
             "updates_within_budget": updates,
             "merges": len(report["rounds"]) if "rounds" in report else len(report["flushes"]),
-            "wall_seconds": report["wall_seconds"],
+            "wall_seconds": report["wall_seconds"], "load_average_1m": report.get("load_average_1m"),
             "curve": [r for r in c["curve"] if r["t"] % 10 == 0 or r is c["curve"][-1]],
         }
     for m in out["modes"].values():

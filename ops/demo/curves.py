@@ -57,13 +57,16 @@ def time_to(curve: list[dict[str, Any]], target: float, boards: int) -> float | 
 
 
 def fleet_curve(state_dir: Path, profiles: dict[str, str], horizon_s: float | None = None,
-                step_s: float = 5.0) -> dict[str, Any]:
+                step_s: float = 5.0, until: float | None = None) -> dict[str, Any]:
     """The fleet's mean validation accuracy every `step_s` seconds from its first task up to `horizon_s`
-    (None: its last update), and each board's points, for a report or a comparison of rhythms."""
+    after it (or up to the wall-clock time `until`; neither: its last update), and each board's points,
+    for a report or a comparison of rhythms."""
     devices = list(profiles)
     t0 = start_time(state_dir, devices)
     if t0 is None:
         return {"t0": None, "curve": [], "points": {}}
+    if until is not None:
+        horizon_s = max(0.0, until - t0)
     points = {d: val_points(state_dir, d, t0) for d in devices}
     end = horizon_s if horizon_s is not None else max((p[-1][0] for p in points.values() if p), default=0.0)
     n = int(end // step_s)

@@ -128,7 +128,8 @@ class Fleet:
         mgmt = Management(s.api_url, u.username or "guest", u.password or "guest")
         self._reset(mgmt)
         start_aggregator(dep, self.say)
-        creds = {d: mgmt.enroll(d, vhost=s.vhost).amqp_url for d in s.devices}
+        host, port = dep.amqp_host  # the broker the fleet was given, not the enrolment default 127.0.0.1:5672
+        creds = {d: mgmt.enroll(d, vhost=s.vhost, amqp_host=host, amqp_port=port).amqp_url for d in s.devices}
         self.say(f"enrolled {len(creds)} devices (own broker user each) in vhost {s.vhost}")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for d, profile in s.devices.items():
