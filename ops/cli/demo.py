@@ -44,10 +44,13 @@ from shared.errors import FedMaskError
 @click.option("--compare-modes", is_flag=True,
               help="run sync-all (quorum 1.0), quorum with carry and async (K=3, sqrt) for --budget seconds "
                    "each (default 180) and compare learning over time (out: runs/compare-modes)")
+@click.option("--summarize-only", is_flag=True,
+              help="with --compare-modes: recompute compare.json/png from the runs an earlier one left in --out")
 @strategy_opt
 def demo(workers: int, pi4: int, rounds: int, quorum: float, late: str, max_staleness: int, deadline: float,
          seed: int, amqp_url: str, redis_url: str, api_url: str, out: Path, as_json: bool, mode: str, buffer_k: int,
-         staleness: str, flushes: int, budget: float | None, compare_modes: bool, strategy: str | None) -> None:
+         staleness: str, flushes: int, budget: float | None, compare_modes: bool, summarize_only: bool,
+         strategy: str | None) -> None:
     """A mixed Pi 4 / Jetson fleet of worker processes trains FedMask (or, with --strategy, that
     weight-training strategy) on activity data through RabbitMQ and Redis; prints per-device accuracy,
     bytes, round times per profile and late updates, and writes report.json and pipeline.png under --out.
@@ -67,7 +70,7 @@ def demo(workers: int, pi4: int, rounds: int, quorum: float, late: str, max_stal
         click.echo(msg, err=True)
 
     if compare_modes:
-        _compare(s, budget or 180.0, as_json, say)
+        _compare(s, budget or 180.0, as_json, say, summarize_only)
         return
     try:
         report: dict[str, Any] = run_demo(s, say)
@@ -82,21 +85,26 @@ def demo(workers: int, pi4: int, rounds: int, quorum: float, late: str, max_stal
     click.echo(f"report: {out / 'report.json'}, plot: {out / 'pipeline.png'}, logs: {out / 'logs'}")
 
 
-def _compare(s: Any, budget: float, as_json: bool, say: Any) -> None:
+def _compare(s: Any, budget: float, as_json: bool, say: Any, summarize_only: bool) -> None:
     import dataclasses
 
-    from ops.demo.compare import compare_modes, default_out, render
+    from ops.demo.compare import MODES, compare_modes, default_out, plot_compare, read_runs, render, summarize
 
     if s.strategy is not None:
         raise click.UsageError("--compare-modes compares FedMask's rhythms: drop --strategy")
     s = dataclasses.replace(s, out=default_out(s.out))
+    missing = [m for m in MODES if not (s.out / m / "report.json").exists()]
+    if summarize_only and missing:
+        raise click.ClickException(f"--summarize-only: no earlier run of {', '.join(missing)} under {s.out}")
     try:
-        result = compare_modes(s, budget, say)
+        result = summarize(read_runs(s.out, budget), budget, s) if summarize_only else compare_modes(s, budget, say)
     except FedMaskError as exc:
         raise click.ClickException(f"{exc}\n(logs under {s.out})") from exc
     write_json(s.out / "compare.json", result)
+    plot_compare(result, s.out / "compare.png")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(render(result))
-    click.echo(f"figures: {s.out / 'compare.json'}; each mode's report and plot under {s.out}/<mode>/")
+    click.echo(f"figures: {s.out / 'compare.json'}, plot {s.out / 'compare.png'}; each mode's report and plot "
+               f"under {s.out}/<mode>/")

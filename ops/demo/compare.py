@@ -14,11 +14,12 @@ the machine's load: it measures no spread.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ops.demo.curves import at, fleet_curve, time_to
+from ops.demo.curves import at, fleet_curve, mean_curve, time_to
 from ops.demo.run import DemoSettings, run_demo
 
 TARGET_SHARE = 0.95
@@ -38,7 +39,6 @@ def compare_modes(s: DemoSettings, budget_s: float, say: Any = print) -> dict[st
     from ops.cli.common import write_json
     from ops.demo.report import plot
 
-    runs: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         ms = mode_settings(s, mode, budget_s)
         say(f"== {mode}: {budget_s:.0f}s of training, out {ms.out}")
@@ -47,10 +47,18 @@ def compare_modes(s: DemoSettings, budget_s: float, say: Any = print) -> dict[st
         report["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
         write_json(ms.out / "report.json", report)
         plot(report, ms.out / "pipeline.png")
+    return summarize(read_runs(s.out, budget_s), budget_s, s)
+
+
+def read_runs(out: Path, budget_s: float) -> dict[str, dict[str, Any]]:
+    """Each mode's report and curve from its out dir: the comparison is a function of what the runs left."""
+    runs = {}
+    for mode in MODES:
+        report = json.loads((out / mode / "report.json").read_text())
         profiles = {d: r["profile"] for d, r in report["devices"].items()}
         runs[mode] = {"report": report, "profiles": profiles,
-                      "curve": fleet_curve(ms.out / "state", profiles, horizon_s=budget_s)}
-    return summarize(runs, budget_s, s)
+                      "curve": fleet_curve(out / mode / "state", profiles, horizon_s=budget_s)}
+    return runs
 
 
 def summarize(runs: dict[str, dict[str, Any]], budget_s: float, s: DemoSettings) -> dict[str, Any]:
@@ -84,6 +92,8 @@ def summarize(runs: dict[str, dict[str, Any]], budget_s: float, s: DemoSettings)
             "merges": len(report["rounds"]) if "rounds" in report else len(report["flushes"]),
             "wall_seconds": report["wall_seconds"], "load_average_1m": report.get("load_average_1m"),
             "curve": [r for r in c["curve"] if r["t"] % 10 == 0 or r is c["curve"][-1]],
+            "slow_curve": mean_curve({d: c["points"].get(d, []) for d in slow},
+                                     [float(t) for t in range(0, int(budget_s) + 1, 10)]),
         }
     for m in out["modes"].values():
         t = m["time_to_target_s"]
@@ -111,6 +121,30 @@ def render(r: dict[str, Any]) -> str:
                      f"{f(m['slow_test_acc_merged']):>10}{f(m['mean_test_acc_merged']):>12}"
                      f"{u.get('pi4', 0):>10}/{u.get('jetson', 0)}")
     return "\n".join(lines)
+
+
+def plot_compare(r: dict[str, Any], path: Path) -> None:
+    """Mean validation accuracy over time per mode (solid: every board that reported; dotted: the slow boards)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (mode, m), color in zip(r["modes"].items(), ("tab:gray", "tab:orange", "tab:green"), strict=False):
+        for key, style, label in (("curve", "-", mode), ("slow_curve", ":", f"{mode}, pi4 boards")):
+            pts = [(row["t"], row["mean_val_accuracy"]) for row in m[key] if row["mean_val_accuracy"] is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, color=color, label=label)
+    if r["target"] is not None:
+        ax.axhline(r["target"], color="k", linestyle="--", linewidth=0.8, label="95% of sync-all at the budget")
+    ax.set(xlabel="seconds since the first task", ylabel="mean of each board's latest val accuracy",
+           title=f"{r['workers']} workers ({r['pi4']} pi4) through the pipeline, {r['budget_s']:.0f}s per mode")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def default_out(out: Path) -> Path:

@@ -79,7 +79,7 @@ def test_curve_holds_each_boards_latest_report(tmp_path: Path) -> None:
     assert at(c["points"]["b"], 11.0) is None and at(c["points"]["b"], 12.0) == 0.2
 
 
-def test_comparison_summary_sets_target_from_sync_all() -> None:
+def test_comparison_summary_sets_target_from_sync_all(tmp_path: Path) -> None:
     def run(points: dict[str, list[tuple[float, float]]], merges: int) -> dict[str, Any]:
         grid = [float(t) for t in range(0, 101, 5)]
         devices = {d: {"profile": "pi4" if d == "slow" else "jetson", "accuracy_merged": 0.5} for d in points}
@@ -100,3 +100,6 @@ def test_comparison_summary_sets_target_from_sync_all() -> None:
     assert m["async"]["slow_final_val"] == pytest.approx(0.8) and m["quorum"]["slow_final_val"] == pytest.approx(0.7)
     assert m["async"]["updates_within_budget"] == {"jetson": 1, "pi4": 1} and m["quorum"]["merges"] == 9
     assert "async" in compare.render(out)
+    compare.plot_compare(out, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    assert m["async"]["slow_curve"][2] == {"t": 20.0, "boards": 1, "mean_val_accuracy": 0.8}
