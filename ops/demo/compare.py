@@ -72,6 +72,9 @@ def summarize(runs: dict[str, dict[str, Any]], budget_s: float, s: DemoSettings)
         c, profiles, report = run["curve"], run["profiles"], run["report"]
         n = len(profiles)
         t_target = time_to(c["curve"], target, n) if target is not None else None
+        # 95% can be reached by the first local training alone (activity: ~0.82 of ~0.85); sync-all's own
+        # mean at the budget is the stricter mark, reported next to it.
+        t_full = time_to(c["curve"], sync_final, n) if sync_final is not None else None
         if mode == "sync-all":
             sync_t = t_target
         slow = [d for d, p in profiles.items() if p == "pi4"]
@@ -81,7 +84,7 @@ def summarize(runs: dict[str, dict[str, Any]], budget_s: float, s: DemoSettings)
             updates[p] = updates.get(p, 0) + sum(1 for t, _ in c["points"].get(d, []) if t <= budget_s)
         final = c["curve"][-1] if c["curve"] else {"mean_val_accuracy": None, "boards": 0}
         out["modes"][mode] = {
-            "time_to_target_s": t_target,
+            "time_to_target_s": t_target, "time_to_sync_all_final_s": t_full,
             "final_mean_val": final["mean_val_accuracy"], "boards_reported_at_budget": final["boards"],
             "slow_final_val": sum(slow_val) / len(slow_val) if slow_val else None,
             "slow_boards_reported": len(slow_val),
@@ -112,12 +115,13 @@ def render(r: dict[str, Any]) -> str:
     lines = [f"{r['workers']} workers ({r['pi4']} pi4), {r['budget_s']:.0f}s each, seed {r['seed']}; target = "
              f"{TARGET_SHARE:.0%} of sync-all's mean val accuracy at the budget ({f(r['sync_all_final_mean_val'])})"
              f" = {f(r['target'])}",
-             f"{'mode':<10}{'merges':>7}{'to target s':>12}{'speedup':>8}{'val@budget':>11}{'slow val':>9}"
-             f"{'slow test':>10}{'test merged':>12}{'updates pi4/jetson':>20}"]
+             f"{'mode':<10}{'merges':>7}{'to target s':>12}{'speedup':>8}{'to 100% s':>10}{'val@budget':>11}"
+             f"{'slow val':>9}{'slow test':>10}{'test merged':>12}{'updates pi4/jetson':>20}"]
     for mode, m in r["modes"].items():
         u = m["updates_within_budget"]
         lines.append(f"{mode:<10}{m['merges']:>7}{f(m['time_to_target_s'], '.0f'):>12}"
-                     f"{f(m['speedup_vs_sync_all'], '.2f'):>8}{f(m['final_mean_val']):>11}{f(m['slow_final_val']):>9}"
+                     f"{f(m['speedup_vs_sync_all'], '.2f'):>8}{f(m['time_to_sync_all_final_s'], '.0f'):>10}"
+                     f"{f(m['final_mean_val']):>11}{f(m['slow_final_val']):>9}"
                      f"{f(m['slow_test_acc_merged']):>10}{f(m['mean_test_acc_merged']):>12}"
                      f"{u.get('pi4', 0):>10}/{u.get('jetson', 0)}")
     return "\n".join(lines)

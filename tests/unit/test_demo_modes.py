@@ -96,6 +96,7 @@ def test_comparison_summary_sets_target_from_sync_all(tmp_path: Path) -> None:
     m = out["modes"]
     assert m["sync-all"]["time_to_target_s"] == 100.0 and m["sync-all"]["speedup_vs_sync_all"] == 1.0
     assert m["quorum"]["time_to_target_s"] is None and m["quorum"]["speedup_vs_sync_all"] is None  # 0.75 < 0.76
+    assert m["async"]["time_to_sync_all_final_s"] == 20.0 and m["sync-all"]["time_to_sync_all_final_s"] == 100.0
     assert m["async"]["time_to_target_s"] == 20.0 and m["async"]["speedup_vs_sync_all"] == pytest.approx(5.0)
     assert m["async"]["slow_final_val"] == pytest.approx(0.8) and m["quorum"]["slow_final_val"] == pytest.approx(0.7)
     assert m["async"]["updates_within_budget"] == {"jetson": 1, "pi4": 1} and m["quorum"]["merges"] == 9
