@@ -31,6 +31,7 @@ def test_small_demo_runs_end_to_end(amqp_service_url: str, redis_service_url: st
                           "--quorum", "0.6", "--amqp-url", amqp_service_url, "--redis-url", redis_service_url,
                           "--out", str(out)], capture_output=True, text=True, timeout=400, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "mode rounds (quorum 0.6, late carry): the default" in res.stderr  # which mode and why, one line
     report = json.loads((out / "report.json").read_text())
     assert (out / "pipeline.png").stat().st_size > 10_000
     assert len(report["rounds"]) == 3 and all(r["received"] >= 1 for r in report["rounds"])
