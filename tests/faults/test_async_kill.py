@@ -41,7 +41,7 @@ POINTS = {"consumed": (KILL_AT, False, False), "stored": (KILL_AT, True, False),
           "merging": (3, True, True), "published_all": (3, True, True)}
 
 
-@pytest.fixture(params=list(POINTS))
+@pytest.fixture(params=[pytest.param(k, marks=[] if k == "stored" else pytest.mark.exhaustive) for k in POINTS])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
     # start_pipeline hands its environment to every process; only the aggregator reads FEDMASK_FAULT.

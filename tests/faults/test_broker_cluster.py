@@ -36,7 +36,7 @@ from tests.private_services import PrivateRabbitMQ, PrivateRedis, rabbitmq_insta
 from tests.services import missing
 
 N = 4
-pytestmark = [pytest.mark.services, pytest.mark.faults]
+pytestmark = [pytest.mark.services, pytest.mark.faults, pytest.mark.exhaustive]  # ~2 min: make faults
 
 
 def _cluster_url(url: str, nodes: list[PrivateRabbitMQ]) -> str:

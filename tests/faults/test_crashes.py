@@ -350,11 +350,12 @@ def fleet(broker: PrivateRabbitMQ, tmp_path_factory: pytest.TempPathFactory) -> 
 # ------------------------------------------------------------------------------------------------ cases
 
 CRASH_POINTS = [
-    pytest.param(f"consumed:{N}", id="after-consuming-before-storing"),  # the update completing the quorum
+    # the update completing the quorum
+    pytest.param(f"consumed:{N}", id="after-consuming-before-storing", marks=pytest.mark.exhaustive),
     pytest.param("stored:2", id="after-storing-before-acking"),
     pytest.param("merging", id="during-merging"),
-    pytest.param("published:2", id="after-publishing-some-masks"),
-    pytest.param("published_all", id="after-publishing-all-before-marking-closed"),
+    pytest.param("published:2", id="after-publishing-some-masks", marks=pytest.mark.exhaustive),
+    pytest.param("published_all", id="after-publishing-all-before-marking-closed", marks=pytest.mark.exhaustive),
 ]
 
 

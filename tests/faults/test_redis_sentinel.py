@@ -29,7 +29,7 @@ from tests.private_services import PrivateRedis, free_port, wait_until
 from tests.services import missing
 
 N, MASTER = 4, "fedmask"
-pytestmark = [pytest.mark.services, pytest.mark.faults]
+pytestmark = [pytest.mark.services, pytest.mark.faults, pytest.mark.exhaustive]  # make faults
 
 
 class Sentinel:

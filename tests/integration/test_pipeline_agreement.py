@@ -27,7 +27,8 @@ from tests.integration.pipeline_fleet import ROUNDS, SEED, TASK, WIDTH, N, cli, 
 pytestmark = pytest.mark.services
 
 
-@pytest.fixture(params=["fedmask-agree", "fedmask-adapt", "fedmask-adapt-local"])
+@pytest.fixture(params=["fedmask-agree", pytest.param("fedmask-adapt", marks=pytest.mark.exhaustive),
+                        "fedmask-adapt-local"])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
              tmp_path: Path) -> Iterator[dict[str, object]]:
     flags = ["--variant", request.param]
