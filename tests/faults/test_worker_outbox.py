@@ -40,7 +40,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultFleet]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("point", [pytest.param(k, marks=[] if k in ("trained", "published")
+@pytest.mark.parametrize("point", [pytest.param(k, marks=[] if k == "published"
                                                 else pytest.mark.exhaustive) for k in KILL_POINTS])
 def test_worker_killed_between_training_and_confirm(fleet: FaultFleet, point: str) -> None:
     victim = fleet.ids[0]

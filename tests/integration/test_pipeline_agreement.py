@@ -28,7 +28,7 @@ pytestmark = pytest.mark.services
 
 
 @pytest.fixture(params=["fedmask-agree", pytest.param("fedmask-adapt", marks=pytest.mark.exhaustive),
-                        "fedmask-adapt-local"])
+                        pytest.param("fedmask-adapt-local", marks=pytest.mark.exhaustive)])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
              tmp_path: Path) -> Iterator[dict[str, object]]:
     flags = ["--variant", request.param]

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.services
 ROUNDS, BOARDS, FIRST = 3, 3, 12  # FIRST: device ids no other pipeline test enrols (broker users are global)
 
 
-@pytest.fixture(params=[pytest.param(s, marks=[] if s in ("fedavg", "feddst", "zerofl") else pytest.mark.exhaustive)
+@pytest.fixture(params=[pytest.param(s, marks=[] if s in ("fedavg", "feddst") else pytest.mark.exhaustive)
                         for s in PIPELINE_STRATEGIES])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
              tmp_path: Path) -> Iterator[dict[str, Any]]:
