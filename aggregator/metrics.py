@@ -178,7 +178,7 @@ class AggregatorMetrics:
 
     def received(self, routing_key: str) -> None:
         """Count one delivery by the kind its routing key (device.<id>.<kind>) names; untrusted, but only counted."""
-        if routing_key.rsplit(".", 1)[-1] == "hello":
+        if routing_key.rsplit(".", 1)[-1] in ("hello", "shello"):  # FedMask's and a strategy board's
             self.hellos_received.inc()
         else:
             self.updates_received.inc()

@@ -101,12 +101,13 @@ def _collect_snapshot() -> list[Any]:
 
 def test_deliveries_are_counted_by_kind_and_closes_timed() -> None:
     m = AggregatorMetrics(OneRound())  # type: ignore[arg-type]
-    for key in ("device.a.update", "device.a.update", "device.a.hello", "device.a.whatever", "garbage"):
+    for key in ("device.a.update", "device.a.update", "device.a.hello", "device.b.shello", "device.a.whatever",
+                "garbage"):
         m.received(key)
     m.observe_close(OneRound(), 7)  # type: ignore[arg-type]  # 0.25 s from election to closed
     m.observe_close(NoRedis(), 8)  # type: ignore[arg-type]  # Redis gone: logged, not raised
     s = samples(m)
-    assert s["fedmask_updates_received_total"] == 4 and s["fedmask_hellos_received_total"] == 1
+    assert s["fedmask_updates_received_total"] == 4 and s["fedmask_hellos_received_total"] == 2  # shello too
     assert s["fedmask_round_close_seconds_count"] == 1 and s["fedmask_round_close_seconds_sum"] == 0.25
     assert s["fedmask_round_close_seconds_bucket{le=0.1}"] == 0
     assert s["fedmask_round_close_seconds_bucket{le=0.25}"] == 1
