@@ -118,9 +118,13 @@ class AggregatorCore:
                 return self._update(msg, body)
             raise CodecError("wrong_type", f"devices may send hello or update, not {msg.type}")
         except CodecError as err:
-            self.store.incr(f"rejected:{err.reason}")
-            self.rejections.note(err.reason, f"{printable(routing_key)}: {printable(str(err))}")
-            return Decision("reject", err.reason)
+            return self._refused(routing_key, err)
+
+    def _refused(self, routing_key: str, err: CodecError) -> Decision:
+        """Count and log (rate-limited) a refused delivery; the consumer dead-letters it with the reason."""
+        self.store.incr(f"rejected:{err.reason}")
+        self.rejections.note(err.reason, f"{printable(routing_key)}: {printable(str(err))}")
+        return Decision("reject", err.reason)
 
     def _hello(self, msg: codec.Message) -> Decision:
         # The simulator's checks (shared.rounds.check_hello); register_device.lua still refuses a
@@ -310,18 +314,8 @@ class AggregatorCore:
         if not 0 <= min_wait <= deadline_s:
             raise StoreError(f"min_wait must be in [0, deadline] = [0, {deadline_s:g}] s, got {min_wait:g}")
         r = (self.store.current_round() or 0) + 1
-        pool = candidates if candidates is not None else self.store.device_ids()
-        if not pool:
-            raise StoreError("no enrolled devices: start workers (they say hello) before a round")
-        if candidates is None:
-            # Under "carry" a parked update joins this round, so its device sits this one out.
-            parked = self.store.pending_devices() if late == "carry" else set()
-            pool = sorted(set(pool) - self.store.busy(pool, r, max_staleness) - parked - self.store.unreachable())
-            if not pool:
-                raise StoreError(f"every enrolled device is busy with an earlier task or unreachable (round {r})")
-        target = sample_count(len(pool), rate=rate, devices=devices)
-        sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
-                                                    over_select=over_select), seed=seed, round_id=r)
+        target, sampled = self.sample_round(r, candidates, rate=rate, devices=devices, over_select=over_select,
+                                            seed=seed, late=late, max_staleness=max_staleness)
         now = self.clock()
         policy: dict[str, object] = {"quorum": quorum, "over_select": over_select, "seed": seed, "late": late,
                                      "max_staleness": max_staleness}
@@ -340,6 +334,23 @@ class AggregatorCore:
         log.info("round %d open: %d sampled, quorum %d, deadline in %.0fs, %d late updates carried in",
                  r, len(sampled), info.quorum, deadline_s, len(info.carried))
         return info
+
+    def sample_round(self, r: int, candidates: list[str] | None, *, rate: float | None, devices: int | None,
+                     over_select: float, seed: int, late: str, max_staleness: int) -> tuple[int, list[str]]:
+        """(target count, sampled devices) of round `r`: idle, reachable enrolled devices (or exactly
+        `candidates`), sampled as the simulator samples. Every kind of round opens with this."""
+        pool = candidates if candidates is not None else self.store.device_ids()
+        if not pool:
+            raise StoreError("no enrolled devices: start workers (they say hello) before a round")
+        if candidates is None:
+            # Under "carry" a parked update joins this round, so its device sits this one out.
+            parked = self.store.pending_devices() if late == "carry" else set()
+            pool = sorted(set(pool) - self.store.busy(pool, r, max_staleness) - parked - self.store.unreachable())
+            if not pool:
+                raise StoreError(f"every enrolled device is busy with an earlier task or unreachable (round {r})")
+        target = sample_count(len(pool), rate=rate, devices=devices)
+        return target, sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices,
+                                                         over_select=over_select), seed=seed, round_id=r)
 
     def _carry_parked(self, round_id: int, max_staleness: int, now: float) -> None:
         """Move every parked late update into the new round, each in one atomic step (a crash never

@@ -69,9 +69,14 @@ class StrategyCore:
                               policy={"strategy": self.strategy.name})
         return tasks
 
-    def ingest(self, body: bytes, now: float) -> Admission:
+    def ingest(self, body: bytes, now: float, decoded: StrategyMessage | None = None) -> Admission:
+        """`decoded`: `body` as the caller already decoded it with this core's limits (the service's
+        sender checks need it first), so the update is not decoded twice on the ingest path."""
         try:
-            msg = decode_strategy(body, max_bytes=self.max_update_bytes, expect_type="supdate")
+            msg = decoded if decoded is not None else \
+                decode_strategy(body, max_bytes=self.max_update_bytes, expect_type="supdate")
+            if msg.type != "supdate":
+                raise CodecError("wrong_type", f"expected supdate, got {msg.type}")
         except CodecError as exc:
             return Admission("rejected", reason=exc.reason, detail=str(exc)[:200])
         base = Admission("rejected", device=msg.device, round_id=msg.round)

@@ -28,8 +28,7 @@ from aggregator.core_batch import ACK, Decision
 from aggregator.core_strategy import StrategyCore
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from shared.errors import CodecError
-from shared.log_safety import printable
-from shared.rounds import quorum_count, sample_count, sample_devices
+from shared.rounds import quorum_count
 from shared.strategy_codec import MAX_BYTES, StrategyMessage, decode_strategy
 from shared.strategy_setup import StrategySetup
 from shared.transport import Transport
@@ -59,9 +58,7 @@ class StrategyRoundsCore(AggregatorCore):
                 return self._supdate(msg, body)
             raise CodecError("wrong_type", f"boards may send shello or supdate, not {msg.type}")
         except CodecError as err:
-            self.store.incr(f"rejected:{err.reason}")
-            self.rejections.note(err.reason, f"{printable(routing_key)}: {printable(str(err))}")
-            return Decision("reject", err.reason)
+            return self._refused(routing_key, err)
 
     def _shello(self, msg: StrategyMessage) -> Decision:
         if msg.strategy != self.setup.name:
@@ -81,7 +78,7 @@ class StrategyRoundsCore(AggregatorCore):
         if self.store.structure(msg.device) is None:
             raise CodecError("not_enrolled", f"{msg.device} sent an update before its hello")
         self._fault("consumed")
-        adm = self.strategy.ingest(body, self.clock())
+        adm = self.strategy.ingest(body, self.clock(), decoded=msg)
         self._fault("stored")
         if adm.status == "rejected":
             raise CodecError(adm.reason, adm.detail)
@@ -114,16 +111,8 @@ class StrategyRoundsCore(AggregatorCore):
             raise StoreError(f"strategy rounds take --late drop and no --min-wait (got late {late}, "
                              f"min_wait {min_wait:g}): a late weight update was trained from an older model")
         r = (self.store.current_round() or 0) + 1
-        pool = candidates if candidates is not None else self.store.device_ids()
-        if not pool:
-            raise StoreError("no enrolled devices: start workers (they say hello) before a round")
-        if candidates is None:
-            pool = sorted(set(pool) - self.store.busy(pool, r, max_staleness) - self.store.unreachable())
-            if not pool:
-                raise StoreError(f"every enrolled device is busy with an earlier task or unreachable (round {r})")
-        target = sample_count(len(pool), rate=rate, devices=devices)
-        sampled = sample_devices(pool, sample_count(len(pool), rate=rate, devices=devices, over_select=over_select),
-                                 seed=seed, round_id=r)
+        target, sampled = self.sample_round(r, candidates, rate=rate, devices=devices, over_select=over_select,
+                                            seed=seed, late=late, max_staleness=max_staleness)
         now = self.clock()
         tasks = self.strategy.open_round(r, sampled, now=now, deadline=now + deadline_s,
                                          quorum=quorum_count(target, quorum))

@@ -19,37 +19,27 @@ worker/outbox.py says how each file is written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from shared import codec
-from shared.amqp import AmqpSettings, Consumer, Delivery, Outcome, Publisher, device_queue
+from shared.amqp import AmqpSettings, Delivery, Outcome, Publisher
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.errors import CodecError, FedMaskError, LayoutMismatch
 from shared.models import ModelSpec
+from worker.board_loop import PROFILES as PROFILES  # re-exported: profiles are shared by every board
+from worker.board_loop import BoardLoop
 from worker.outbox import Outbox, fsync_file, write_atomic
 
 log = logging.getLogger("fedmask.worker")
 
-
-@dataclass(frozen=True)
-class Profile:
-    """Emulates a board on one machine: thread count and a slowdown applied to training time."""
-
-    threads: int
-    slowdown: float
-
-
-PROFILES = {"jetson": Profile(threads=1, slowdown=1.0), "pi4": Profile(threads=1, slowdown=5.0)}
 
 # Fault injection for tests/faults/test_worker_outbox.py: FEDMASK_WORKER_FAULT=<point>[:<n>] makes the
 # worker SIGKILL itself the n-th time (default 1) it reaches <point> of a task (the module docstring).
@@ -75,7 +65,7 @@ class WrongVariant(FedMaskError):
     checks cannot see this (the variants share a model), so the worker stops instead of training on."""
 
 
-class Worker:
+class Worker(BoardLoop):
     def __init__(self, device_id: str, spec: ModelSpec, cfg: FedMaskConfig, train_xy: tuple[np.ndarray, np.ndarray],
                  *, amqp: AmqpSettings, state_dir: Path, seed: int, profile: str = "jetson",
                  variant: str = "preset", val_xy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
@@ -129,30 +119,9 @@ class Worker:
                              resent=True)
                 log.info("%s re-sent its round %d update from the outbox", self.device_id, pending.round_id)
 
-    def _record(self, **fields: object) -> None:
-        with self.stats_path.open("a") as f:
-            f.write(json.dumps({"t": round(time.time(), 3), **fields}) + "\n")
-
     @property
     def amqp_user(self) -> str:
         return self.amqp.username
-
-    def run(self) -> None:
-        """Until SIGTERM/SIGINT (or stop_event): the delivery in hand is settled, the rest stay queued.
-        A handler is needed: as PID 1 in a container, a process without one ignores SIGTERM."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda _s, _f: self.stop_event.set())
-        torch.set_num_threads(self.profile.threads)
-        self.enrol()
-        consumer = Consumer(self.amqp, device_queue(self.device_id), self.on_delivery, prefetch=1)
-        try:
-            consumer.run(self.stop_event)
-        finally:
-            if self._publisher is not None:
-                self._publisher.close()
-        if self.failure is not None:
-            raise self.failure
 
     def on_delivery(self, d: Delivery) -> Outcome:
         try:

@@ -14,35 +14,33 @@ would send updates the aggregator refuses forever.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from shared.amqp import AmqpSettings, Consumer, Delivery, Outcome, Publisher, device_queue
+from shared.amqp import AmqpSettings, Delivery, Outcome, Publisher
 from shared.errors import CodecError, ConfigError
 from shared.strategy_codec import StrategyMessage, decode_strategy, encode_strategy
 from shared.strategy_setup import StrategySetup, config_fields
+from worker.board_loop import PROFILES, BoardLoop
 from worker.outbox import Outbox, fsync_file, write_atomic
-from worker.runtime import PROFILES, WrongVariant
+from worker.runtime import WrongVariant
 from worker.strategy_runtime import StrategyWorker
 
 log = logging.getLogger("fedmask.worker")
 
 
-class StrategyBoard:
+class StrategyBoard(BoardLoop):
     def __init__(self, device_id: str, setup: StrategySetup, train_xy: tuple[np.ndarray, np.ndarray], *,
                  amqp: AmqpSettings, state_dir: Path, seed: int, profile: str = "jetson") -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
         self.profile = PROFILES[profile]
-        self.setup, self.amqp, self.device_id = setup, amqp, device_id
+        self.setup, self.amqp, self._device_id = setup, amqp, device_id
         cfg = setup.cfg.with_(train=setup.cfg.train.with_(threads=self.profile.threads))
         # The settings digest is of the aggregator's settings: thread count changes speed, not results.
         self.worker = StrategyWorker(device_id, dict(config_fields(setup.name, cfg)), setup.spec, train_xy, seed)
@@ -55,6 +53,10 @@ class StrategyBoard:
         self.failure: WrongVariant | None = None
         self.rounds_done = 0
         self._publisher: Publisher | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self._device_id
 
     def hello(self) -> bytes:
         return encode_strategy(StrategyMessage(type="shello", strategy=self.setup.name, device=self.device_id,
@@ -79,21 +81,6 @@ class StrategyBoard:
                 self.outbox.confirmed(pending.round_id)
                 self._record(type="update", round=pending.round_id, bytes_up=len(pending.body), resent=True)
                 log.info("%s re-sent its round %d update from the outbox", self.device_id, pending.round_id)
-
-    def run(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda _s, _f: self.stop_event.set())
-        torch.set_num_threads(self.profile.threads)
-        self.enrol()
-        consumer = Consumer(self.amqp, device_queue(self.device_id), self.on_delivery, prefetch=1)
-        try:
-            consumer.run(self.stop_event)
-        finally:
-            if self._publisher is not None:
-                self._publisher.close()
-        if self.failure is not None:
-            raise self.failure
 
     def on_delivery(self, d: Delivery) -> Outcome:
         try:
@@ -145,7 +132,3 @@ class StrategyBoard:
         self._record(type="update", round=task.round, bytes_up=len(update), train_s=round(spent, 3),
                      board_s=round(time.perf_counter() - start, 3), **({} if loss is None else {"loss": loss}))
         log.info("%s trained round %d in %.2fs (%s)", self.device_id, task.round, spent, self.setup.name)
-
-    def _record(self, **fields: object) -> None:
-        with self.stats_path.open("a") as f:
-            f.write(json.dumps({"t": round(time.time(), 3), **fields}) + "\n")
