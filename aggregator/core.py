@@ -434,7 +434,7 @@ class AggregatorCore:
         # After the publishes, in one round trip: a crash before this is resumed by publishing again.
         self.store.set_masks(stored, round_id)
         self._fault("published_all")
-        self.store.mark_closed(round_id, self.clock())
-        self.store.incr("rounds:closed")
+        if self.store.mark_closed(round_id, self.clock()):  # a resumed close racing the first counts once
+            self.store.incr("rounds:closed")
         log.info("round %d closed: %d participants merged (%s)", round_id, len(messages), self.rule.name)
         return messages

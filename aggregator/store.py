@@ -344,11 +344,13 @@ class RoundStore(DeviceLifecycle, CloseLease, PendingUpdates, BatchIngest):
                     out[d] = body
         return out
 
-    def mark_closed(self, round_id: int, now: float) -> None:
-        """closing -> closed; calling it again on a closed round changes nothing."""
+    def mark_closed(self, round_id: int, now: float) -> bool:
+        """closing -> closed; True for the call that closed it (calling it again changes nothing: False),
+        so two closers racing after an outage count the round once."""
         res = _s(self._run("mark_closed", [self.keys.in_round(round_id, "round")], [_num(now, "now")]))
         if res not in ("closed", "already"):
             raise StoreError(f"cannot mark round {round_id} closed: it is {res.replace('_', ' ')}")
+        return res == "closed"
 
     def rounds_in_state(self, state: str) -> list[int]:
         """Round ids (ascending) in `state`, found through the <p>rounds zset."""
