@@ -64,6 +64,8 @@ class StrategyRoundsCore(AggregatorCore):
         if msg.strategy != self.setup.name:
             raise CodecError("wrong_strategy", f"{msg.device} runs {msg.strategy}; this aggregator runs "
                              f"{self.setup.name} (start the worker with --strategy {self.setup.name})")
+        if msg.parts:  # only an enrolling strategy's hello has a payload, and none runs here yet
+            raise CodecError("forbidden_field", f"{msg.device}'s shello carries parts; {self.setup.name} takes none")
         if msg.model != self.fingerprint:
             raise CodecError("wrong_model", f"{msg.device}'s settings digest {msg.model} != {self.fingerprint} "
                              "(task, width, seed or tuned settings differ from the aggregator's)")

@@ -297,3 +297,19 @@ def downlink_messages(rule: MergeRule, ctx: MergeContext, rnd: RoundState, recor
         return {d: agreement_message(d, theta, records[d], **kw) for d in devices}  # type: ignore[arg-type]
     return {d: mask_message(d, merged, records[d], **kw)  # type: ignore[arg-type]
             for d, merged in merge_round(rule, ctx, rnd, records).items()}
+
+
+def agreement_broadcast(rule: MergeRule, ctx: MergeContext, rnd: RoundState, records: dict[str, DeviceRecord], *,
+                        fingerprint: str, layout: str) -> dict[str, codec.Message]:
+    """The closed round's agreement for every recorded device that was not in it (FedPM's final
+    broadcast: with share 1 every device then holds the one global model FedPM evaluates)."""
+    if getattr(rule, "downlink", "bits") != "q4":
+        raise ValueError(f"broadcast_final needs the agreement rule, not {rule.name!r}")
+    if not rnd.received:
+        return {}
+    got = sorted(rnd.received)
+    theta = rule.theta(np.stack([records[d].structure for d in got]),  # type: ignore[attr-defined]
+                       np.stack([rnd.received[d] for d in got]), ctx)
+    return {d: agreement_message(d, theta, records[d], round_id=rnd.round_id, fingerprint=fingerprint,
+                                 layout=layout, nbits=ctx.nbits)
+            for d in sorted(set(records) - set(got))}

@@ -6,7 +6,8 @@ Fields
   type      str    "stask" (down: a round's task, with the model when the device lacks it)
                    | "supdate" (up: a device's trained update) | "smodel" (down: a model after a round)
                    | "shello" (up: a board announces itself; `model` is its settings' digest,
-                   shared/strategy_setup.py, and it carries no parts)
+                   shared/strategy_setup.py, or FedMask's model fingerprint; parts only for a
+                   strategy that enrols with a payload: FedMask's structure)
   strategy  str    the strategy's registry name, 1..32 chars of [a-z0-9-]
   device    str    1..64 chars of [A-Za-z0-9_.-]
   round     int    0 .. 2**63-1
@@ -137,8 +138,6 @@ def _validate(obj: Mapping[Any, Any], expect_type: str | None) -> StrategyMessag
     raw_parts = obj["parts"]
     if type(raw_parts) not in (list, tuple):
         raise CodecError("bad_type", "parts: expected array")
-    if mtype == "shello" and raw_parts:
-        raise CodecError("forbidden_field", "parts in shello")
     parts = tuple(part_from_wire(p) for p in raw_parts)
     if len({p.name for p in parts}) != len(parts):
         raise CodecError("bad_value", "part names repeat")

@@ -24,6 +24,9 @@ METHODS = ("fedmask", *BASELINES)
 @click.option("--variant", type=click.Choice(VARIANTS), default=None,
               help="run a named variant with its tuned config (shared/tuned/); replaces --method and the "
                    "training flags")
+@click.option("--via-strategy", is_flag=True,
+              help="with a FedMask --variant: run it through the fedmask strategy (shared/strategies/) "
+                   "instead of FedMask's own path: the same masks, bytes of strategy messages")
 @click.option("--merge", type=click.Choice(sorted(RULES)), default=None, help="merge rule (default: the task preset's)")
 @click.option("--arch", type=click.Choice(["mlp", "cnn", "char_lstm"]), default=None)
 @click.option("--width", type=int, default=None, help="hidden width (default: the task preset's)")
@@ -49,7 +52,8 @@ METHODS = ("fedmask", *BASELINES)
               help="write each FedMask device's state here (input to `fedmask export`)")
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def simulate(task: str, method: str, variant: str | None, merge: str | None, arch: str | None, width: int | None,
+def simulate(task: str, method: str, variant: str | None, via_strategy: bool, merge: str | None, arch: str | None,
+             width: int | None,
              devices: int | None, rounds: int | None, sample_rate: float | None, local_epochs: int | None,
              final_local_epochs: int | None, partition: str, alpha: float, holdout: str | None, lam: float | None,
              coding: str, seed: int,
@@ -60,13 +64,15 @@ def simulate(task: str, method: str, variant: str | None, merge: str | None, arc
     p = setup.preset
     rounds = rounds or p.rounds
     bar = Bar(f"{variant or method} {task}", rounds, enabled=not quiet)
+    if via_strategy and variant is None:
+        raise click.UsageError("--via-strategy runs a named FedMask variant: give --variant too")
     try:
         if variant is not None:
             from ops.engine.variants import run_tuned_variant
 
             result = run_tuned_variant(task, variant, setup.data, setup.spec, p, partition, alpha, holdout,
                                        rounds=rounds, sample_rate=sample_rate, seed=seed, eval_every=eval_every,
-                                       progress=bar, save_devices=save_devices,
+                                       progress=bar, save_devices=save_devices, via_strategy=via_strategy,
                                        say=lambda line: click.echo(line, err=True))
         else:
             result = run_method(

@@ -33,14 +33,14 @@ def tuned_configs(task: str, names: Sequence[str], partition_key: str | None,
 def run_tuned_variant(task: str, variant: str, data: FederatedDataset, spec: ModelSpec, p: TaskPreset,
                       partition: str, alpha: float, holdout: str | None, *, rounds: int, sample_rate: float | None,
                       seed: int, eval_every: int, progress: Progress | None, save_devices: Path | None,
-                      say: Callable[[str], None]) -> SimResult:
+                      say: Callable[[str], None], via_strategy: bool = False) -> SimResult:
     """One run of a variant with the presets `fedmask tune` chose for this split (`fedmask simulate
     --variant`); `say` reports which presets file was used."""
     key = data_split(task, p, partition, alpha, holdout)["key"]
     cfg, _ = tuned_configs(task, [variant], key, say)[variant]
     return run_variant(cfg, data, spec, rounds=rounds, sample_rate=p.sample_rate if sample_rate is None
                        else sample_rate, seed=seed, eval_every=eval_every, progress=progress,
-                       save_devices=save_devices)
+                       save_devices=save_devices, via_strategy=via_strategy)
 
 
 def run_variants(task: str, configs: dict[str, tuple[VariantConfig, str]],

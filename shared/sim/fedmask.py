@@ -20,7 +20,7 @@ from shared.models import ModelSpec, build_model
 from shared.rounds import (
     DeviceRecord,
     RoundState,
-    agreement_message,
+    agreement_broadcast,
     delta_downlink,
     downlink_messages,
     receive_hello,
@@ -171,16 +171,7 @@ def _broadcast_agreement(rule: MergeRule, ctx: MergeContext, rnd: RoundState, re
                          devices: dict[str, DeviceRuntime], bus: InMemoryTransport, *, fingerprint: str,
                          layout: str) -> None:
     """The closed round's agreement, over the real codec, to every device that did not receive it."""
-    if getattr(rule, "downlink", "bits") != "q4":
-        raise ValueError(f"broadcast_final needs the agreement rule, not {rule.name!r}")
-    if not rnd.received:
-        return
-    got = sorted(rnd.received)
-    theta = rule.theta(np.stack([records[d].structure for d in got]),  # type: ignore[attr-defined]
-                       np.stack([rnd.received[d] for d in got]), ctx)
-    for d in sorted(set(devices) - set(got)):
-        msg = agreement_message(d, theta, records[d], round_id=rnd.round_id, fingerprint=fingerprint,
-                                layout=layout, nbits=ctx.nbits)
+    for d, msg in agreement_broadcast(rule, ctx, rnd, records, fingerprint=fingerprint, layout=layout).items():
         records[d].version = rnd.round_id
         bus.publish_downlink(d, codec.encode(msg))
         for body in bus.take_downlink(d):

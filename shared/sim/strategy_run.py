@@ -10,20 +10,23 @@ device's test (and validation) split, not counted as traffic, as shared/sim/base
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
-from shared.data import FederatedDataset
+from shared.data import DeviceData, FederatedDataset
 from shared.models import ModelSpec
 from shared.rounds import sample_count, sample_devices
 from shared.sim.result import Progress, SimResult, mean_accuracy
 from shared.strategies import get_strategy
-from shared.strategies.base import DeviceHalf, ServerHalf, StrategyConfig
+from shared.strategies.base import DeviceHalf, ServerHalf, Strategy, StrategyConfig
 from shared.strategy_codec import decode_strategy, encode_strategy
 
 
 def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: ModelSpec, *, rounds: int,
-                 sample_rate: float, seed: int, eval_every: int = 0, progress: Progress | None = None) -> SimResult:
+                 sample_rate: float, seed: int, eval_every: int = 0, progress: Progress | None = None,
+                 save_dir: Path | None = None) -> SimResult:
+    """save_dir: each device's state file (strategies that keep one: FedMask's, input to `fedmask export`)."""
     start = time.perf_counter()
     strategy = get_strategy(name)
     server = strategy.server(spec, cfg, seed=seed, rounds=rounds)
@@ -32,17 +35,25 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
     evaluator = strategy.device("evaluator", spec, cfg, (np.zeros((0,)), np.zeros((0,))), seed)
     evaluator.prepare()
     params = evaluator.model.nbits  # every trained weight (the dense model's masked tensors)
-    up = down = updates = downloads = 0
+    up = down = updates = downloads = hello_bytes = 0
     flops = dense_flops = train_seconds = 0.0
     history = []
+    if strategy.device.enrols:  # every device announces itself before round 1 (FedMask: prune, structure)
+        for dd in data.devices:
+            member = devices[dd.device_id] = _device(strategy, dd, spec, cfg, seed)
+            hello = member.hello()
+            assert hello is not None  # an enrolling device has a hello
+            body = encode_strategy(hello)
+            hello_bytes += len(body)
+            server.enrol(decode_strategy(body, expect_type="shello"))
+            train_seconds += member.last_stats.seconds if member.last_stats is not None else 0.0
     for r in range(1, rounds + 1):
         sampled = sample_devices(list(by_id), sample_count(len(by_id), rate=sample_rate), seed=seed, round_id=r)
         received = {}
         for d in sampled:
             dev = devices.get(d)
             if dev is None:
-                dev = devices[d] = strategy.device(d, spec, cfg, (by_id[d].train.x, by_id[d].train.y), seed)
-                dev.prepare()
+                dev = devices[d] = _device(strategy, by_id[d], spec, cfg, seed)
             body = encode_strategy(server.task(r, d))
             task = decode_strategy(body, expect_type="stask")
             down, downloads = down + len(body), downloads + bool(task.parts)
@@ -63,10 +74,16 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
         history.append(point)
         if progress:
             progress(r, rounds, point)
+    for dev in devices.values():
+        dev.finish()
     test_acc = _scores(server, evaluator, devices, data, "test")
     val_acc = _scores(server, evaluator, devices, data, "val")
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for d, dev in devices.items():
+            dev.save(save_dir / f"{d}.npz")
     extra: dict[str, object] = {
-        "strategy": name, "updates": updates, "downloads": downloads,
+        "strategy": name, "updates": updates, "downloads": downloads, "hello_bytes": hello_bytes,
         "downlink_bits_per_param": 8 * down / (params * downloads) if downloads else 0.0,
         "train_flops": flops, "dense_train_flops": dense_flops,
         "flops_ratio": flops / dense_flops if dense_flops else float("nan"),
@@ -80,7 +97,7 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
     return SimResult(
         method=name, task=data.task, devices=len(by_id), rounds=rounds,
         personalized_accuracy=mean_accuracy(test_acc), per_device_accuracy=test_acc,
-        uplink_bytes=up, downlink_bytes=down,
+        uplink_bytes=up + hello_bytes, downlink_bytes=down,
         uplink_bits_per_param=8 * up / (params * updates) if updates else float("nan"),
         train_seconds=train_seconds, wall_seconds=time.perf_counter() - start, params=params,
         validation_accuracy=mean_accuracy(val_acc), history=history, extra=extra)
@@ -102,6 +119,12 @@ def _scores(server: ServerHalf, evaluator: DeviceHalf, devices: dict[str, Device
             who.apply(decode_strategy(encode_strategy(server.model_message(dd.device_id)), expect_type="smodel"))
         out[dd.device_id] = who.evaluate(s.x, s.y)[1]
     return out
+
+
+def _device(strategy: Strategy, dd: DeviceData, spec: ModelSpec, cfg: StrategyConfig, seed: int) -> DeviceHalf:
+    dev = strategy.device(dd.device_id, spec, cfg, (dd.train.x, dd.train.y), seed, val_xy=(dd.val.x, dd.val.y))
+    dev.prepare()
+    return dev
 
 
 def _fresh(devices: dict[str, DeviceHalf], device_id: str, like: DeviceHalf, x: np.ndarray,

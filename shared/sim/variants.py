@@ -112,6 +112,12 @@ class VariantConfig:
             raise ValueError(f"config is for another variant than {base.variant!r}")
         return base.with_(**raw.pop("train", {}), **raw)
 
+    def fedmask_strategy_config(self) -> StrategyConfig:
+        """A FedMask-family variant as the fedmask strategy's config (shared/strategies/fedmask.py)."""
+        return StrategyConfig(train=self.train, local_epochs=self.local_epochs, fedmask=self.fedmask_config(),
+                              merge=self.merge or "paper", final_local_epochs=self.final_local_epochs,
+                              broadcast_final=self.broadcast_final)
+
     def fedmask_config(self) -> FedMaskConfig:
         return FedMaskConfig(train=self.train, local_epochs=self.local_epochs, prune_last_k=self.prune_last_k,
                              prune_rho=self.prune_rho, upload=self.upload, share=self.share,
@@ -163,11 +169,25 @@ def default_config(variant: str, p: TaskPreset) -> VariantConfig:
 
 def run_variant(cfg: VariantConfig, data: FederatedDataset, spec: ModelSpec, *, rounds: int, sample_rate: float,
                 seed: int, eval_every: int = 0, progress: Progress | None = None,
-                save_devices: Path | None = None, adversary: Adversary | None = None) -> SimResult:
+                save_devices: Path | None = None, adversary: Adversary | None = None,
+                via_strategy: bool = False) -> SimResult:
     """Run one variant; the result's `method` is the variant's name, and extra["downloads"] and
     extra["downlink_bits_per_param"] say what the downlink cost per model or mask received:
     8 * downlink_bytes / (params * downloads), downloads = one per participant per round (the
-    merged mask, or the global model) plus any final downloads (fedavg-ft, the fedpm broadcast)."""
+    merged mask, or the global model) plus any final downloads (fedavg-ft, the fedpm broadcast).
+
+    via_strategy (FedMask family): run through the fedmask strategy (shared/strategies/fedmask.py)
+    instead of run_fedmask: the same masks and accuracies, bytes counted from strategy messages."""
+    if via_strategy:
+        if cfg.variant not in MASK_VARIANTS:
+            raise ValueError(f"{cfg.variant} is not a FedMask variant: via_strategy is for {MASK_VARIANTS}")
+        if adversary is not None:
+            raise ValueError("the Byzantine hook is in FedMask's own update path, not in the fedmask strategy")
+        r = run_strategy("fedmask", cfg.fedmask_strategy_config(), data, spec.with_(personal_head=cfg.personal_head),
+                         rounds=rounds, sample_rate=sample_rate, seed=seed, eval_every=eval_every,
+                         progress=progress, save_dir=save_devices)
+        return replace(r, method=cfg.variant, merge=cfg.merge or "paper",
+                       extra={**r.extra, "via": "strategy", "config": cfg.to_json()})
     if cfg.strategy:
         if adversary is not None or save_devices is not None:
             raise ValueError(f"{cfg.variant} runs through the strategy interface: no Byzantine hook, no saved devices")

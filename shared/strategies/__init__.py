@@ -10,11 +10,14 @@ from shared.strategies.base import DeviceHalf, ServerHalf, Strategy, StrategyCon
 from shared.strategies.bnn_fedavg import BNNFedAvgDevice, BNNFedAvgServer
 from shared.strategies.fedavg import FedAvgDevice, FedAvgServer
 from shared.strategies.feddst import FedDSTDevice, FedDSTServer
+from shared.strategies.fedmask import FedMaskDevice, FedMaskServer
 from shared.strategies.lg_fedavg import LGFedAvgDevice, LGFedAvgServer
 from shared.strategies.per_fedavg import PerFedAvgDevice, PerFedAvgServer
 from shared.strategies.zerofl import ZeroFLDevice, ZeroFLServer
 
 STRATEGIES: dict[str, Strategy] = {
+    "fedmask": Strategy("fedmask", FedMaskDevice, FedMaskServer,
+                        "binary masks over frozen random weights, merged where structures overlap (Li et al. 2021)"),
     "fedavg": Strategy("fedavg", FedAvgDevice, FedAvgServer, "dense weights averaged (McMahan et al. 2017)"),
     "feddst": Strategy("feddst", FedDSTDevice, FedDSTServer, "sparse weights, dynamic masks (Bibikar et al. 2022)"),
     "zerofl": Strategy("zerofl", ZeroFLDevice, ZeroFLServer, "SWAT training, top-K uploads (Qiu et al. 2022)"),

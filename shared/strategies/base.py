@@ -2,16 +2,22 @@
 
 A strategy is a pair of halves that only ever talk through encoded messages (shared/strategy_codec.py):
 
-  device half   prepare()                      once, before the first task (build the model, prune, ...)
+  device half   prepare()                      once, before the first task (build the model, ...)
+                hello() -> shello | None       an enrolling strategy's announcement (FedMask: prune once,
+                                               send the structure); the others send none
                 train(task) -> update          an "stask" in (it carries the model when the device lacks
                                                the version it names), an "supdate" out
                 apply(msg)                     adopt an "smodel" downlink
-  server half   task(round, device) -> stask   what a sampled device gets (with the model if its copy
+                finish()                       after the last round (FedMask: local adaptation)
+  server half   enrol(shello)                  record a device's announcement (default: no payload)
+                task(round, device) -> stask   what a sampled device gets (with the model if its copy
                                                is stale: the server tracks the version it last sent)
                 fold(round, updates) -> {device: smodel}
                                                fold a round's updates into the state and return each
                                                participant's downlink; a strategy whose state is one
-                                               global model returns {} (the next task carries it)
+                                               global model returns {} (the next task carries it);
+                                               it may also address devices outside the round
+                                               (FedPM's final broadcast)
                 model_message(device) -> smodel the current state for `device` (evaluation)
 
 Nothing here touches a broker: the simulator (shared/sim/strategy_run.py) and, later, the pipeline
@@ -26,12 +32,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.device import FedMaskConfig
 from shared.errors import CodecError
 from shared.models import MaskedNet, ModelSpec, build_model
 from shared.payloads import Part
@@ -59,6 +67,13 @@ class StrategyConfig:
     inner_lr: float = 0.01         # Per-FedAvg: alpha, the inner (and evaluation-time adaptation) step
     outer_lr: float = 0.001        # Per-FedAvg: beta, the outer (meta) step
     bnn_scale: bool = True         # BNN-FedAvg: per-layer scale mean|w| (XNOR-Net's) on the +-1 weights
+    # FedMask (shared/strategies/fedmask.py): the device's own config (None: FedMaskConfig's defaults with
+    # `train` and `local_epochs` above), the merge rule, the local adaptation before evaluation, and the
+    # agreement rule's last-round broadcast to every device (FedPM's one global model).
+    fedmask: FedMaskConfig | None = None
+    merge: str = "paper"
+    final_local_epochs: int = 0
+    broadcast_final: bool = False
 
     def with_(self, **changes: object) -> StrategyConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -66,11 +81,17 @@ class StrategyConfig:
 
 class DeviceHalf(ABC):
     name: ClassVar[str]
+    # Whether the device announces itself with a payload before its first task (FedMask: its pruned
+    # structure, in an "shello" from hello()); the runner then enrols every device before round 1.
+    enrols: ClassVar[bool] = False
 
     def __init__(self, device_id: str, spec: ModelSpec, cfg: StrategyConfig,
-                 train_xy: tuple[np.ndarray, np.ndarray], seed: int) -> None:
+                 train_xy: tuple[np.ndarray, np.ndarray], seed: int,
+                 val_xy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.device_id, self.spec, self.cfg, self.seed = device_id, spec, cfg, seed
         self.x, self.y = train_xy
+        # The device's own validation split, for a strategy that chooses on it (fedmask-adapt's share).
+        self.val_xy = val_xy
         self.version: str | None = None
         self.last_stats: TrainStats | None = None
         self._model: MaskedNet | None = None
@@ -85,11 +106,21 @@ class DeviceHalf(ABC):
         if self._model is None:
             self._model = build_model(dense(self.spec))
 
+    def hello(self) -> StrategyMessage | None:
+        """The "shello" an enrolling strategy sends once after prepare(); None for the others."""
+        return None
+
     @abstractmethod
     def train(self, task: StrategyMessage) -> StrategyMessage: ...
 
     @abstractmethod
     def apply(self, msg: StrategyMessage) -> None: ...
+
+    def finish(self) -> None:  # noqa: B027 - an optional hook: most strategies have nothing to do here
+        """After the last round, before evaluation (FedMask: its local adaptation epochs)."""
+
+    def save(self, path: Path) -> None:
+        raise NotImplementedError(f"{self.name} keeps no device state file")
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return evaluate(self.model, x, y)
@@ -131,6 +162,11 @@ class ServerHalf(ABC):
         self.held[device] = self.version
         return StrategyMessage(type="stask", strategy=self.name, device=device, round=round_id, model=self.version,
                                parts=tuple(self._parts()) if stale else (), params=self.task_params())
+
+    def enrol(self, hello: StrategyMessage) -> None:
+        """Take a device's "shello" (an enrolling strategy records its payload, e.g. a structure)."""
+        if hello.parts:
+            raise CodecError("forbidden_field", f"{self.name} takes no payload in a hello")
 
     @abstractmethod
     def fold(self, round_id: int, updates: Mapping[str, StrategyMessage]) -> dict[str, StrategyMessage]: ...

@@ -11,6 +11,7 @@ import pytest
 from aggregator.core_strategy_rounds import StrategyRoundsCore
 from aggregator.store import RoundStore
 from shared.data import FederatedDataset, load_task
+from shared.payloads import bits_part
 from shared.strategy_codec import StrategyMessage, decode_strategy, encode_strategy
 from shared.strategy_setup import config_fields, strategy_setup
 from shared.transport import InMemoryTransport
@@ -55,6 +56,8 @@ def test_every_untrusted_message_is_refused_with_a_reason(store: RoundStore, fle
     assert _send(core, _hello(core, a), kind="supdate") == "routing_mismatch"
     assert _send(core, _hello(core, a, strategy="feddst")) == "wrong_strategy"
     assert _send(core, _hello(core, a, model="ab" * 16)) == "wrong_model"  # other settings than the server's
+    # A payload in a hello is an enrolling strategy's (FedMask's structure); lg-fedavg takes none.
+    assert _send(core, _hello(core, a, parts=(bits_part("structure", [True] * 9),))) == "forbidden_field"
     assert core.handle(f"device.{a}.shello", a, b"\xc1not msgpack").reason == "undecodable"
     assert store.device_ids() == []
     for d in (a, b):
@@ -74,7 +77,8 @@ def test_every_untrusted_message_is_refused_with_a_reason(store: RoundStore, fle
     assert list(store.updates(1)) == [a]
     rejected = {k: int(v) for k, v in store.counters().items() if k.startswith("rejected:")}
     assert rejected == {f"rejected:{r}": 1 for r in ("spoofed_device", "routing_mismatch", "wrong_strategy",
-                                                      "wrong_model", "undecodable", "not_enrolled", "wrong_type")}
+                                                      "wrong_model", "forbidden_field", "undecodable", "not_enrolled",
+                                                      "wrong_type")}
     with pytest.raises(Exception, match="late drop"):
         core.start_round(rate=1.0, late="carry")
 
