@@ -94,8 +94,8 @@ class StrategyCore:
         status, elected = self.store.ingest_update(msg.round, msg.device, body, now)
         return Admission(status, device=msg.device, round_id=msg.round, elected=elected)
 
-    def close(self, round_id: int, now: float,
-              publish: Callable[[dict[str, bytes]], None] | None = None) -> dict[str, bytes]:
+    def close(self, round_id: int, now: float, publish: Callable[[dict[str, bytes]], None] | None = None,
+              on_closed: Callable[[], None] | None = None) -> dict[str, bytes]:
         """Fold the round's stored updates (the caller won the close election); returns the encoded
         downlinks by device. Updates were checked at ingest; a stored one that no longer decodes
         means Redis was written by someone else, which stops the close.
@@ -104,10 +104,13 @@ class StrategyCore:
         the downlinks (confirmed), save the folded state with `closed_round` in one MULTI, mark the
         round closed. A close resumed before the save folds the same state again (the fold is
         deterministic: the same downlinks, which devices apply idempotently); one resumed after it
-        finds `closed_round` and only marks the round closed: a round is never folded twice."""
+        finds `closed_round` and only marks the round closed: a round is never folded twice.
+        `on_closed` runs only in the call whose mark closed the round (a resumed close racing the
+        first one does not count it twice: the rounds:closed counter)."""
         half = self.server()
         if half.closed_round >= round_id:
-            self.store.mark_closed(round_id, now)
+            if self.store.mark_closed(round_id, now) and on_closed is not None:
+                on_closed()
             return {}
         updates: dict[str, StrategyMessage] = {}
         for device, body in self.store.updates(round_id).items():
@@ -120,7 +123,8 @@ class StrategyCore:
             publish(downlinks)
         half.closed_round = round_id
         self.state.save(half)
-        self.store.mark_closed(round_id, now)
+        if self.store.mark_closed(round_id, now) and on_closed is not None:
+            on_closed()
         return downlinks
 
     def model_message(self, device: str) -> bytes:

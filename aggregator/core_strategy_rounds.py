@@ -136,8 +136,8 @@ class StrategyRoundsCore(AggregatorCore):
                 self._send(device, body)
             self._fault("published_all")
 
-        downlinks = self.strategy.close(round_id, self.clock(), publish=publish)
-        self.store.incr("rounds:closed")
+        downlinks = self.strategy.close(round_id, self.clock(), publish=publish,
+                                        on_closed=lambda: self.store.incr("rounds:closed"))
         log.info("round %d closed (%s): %d downlinks", round_id, self.setup.name, len(downlinks))
         return dict(downlinks)
 

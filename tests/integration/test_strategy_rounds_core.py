@@ -104,11 +104,13 @@ def test_a_close_cut_short_folds_the_round_exactly_once(store: RoundStore, fleet
     with pytest.raises(RuntimeError):
         core.strategy.close(1, time.time(), publish=crash)
     assert core.strategy.version() == version  # nothing committed
-    first = core.strategy.close(1, time.time())  # the resumed close
+    closed: list[int] = []
+    first = core.strategy.close(1, time.time(), on_closed=lambda: closed.append(1))  # the resumed close
     assert first == {} and core.strategy.version() != version  # lg-fedavg's next tasks carry the new head
     after = core.strategy.version()
-    assert core.strategy.close(1, time.time()) == {}  # a second resume only marks the round closed
-    assert core.strategy.version() == after
+    # A second resume only marks the round closed (already closed: it is not counted again).
+    assert core.strategy.close(1, time.time(), on_closed=lambda: closed.append(2)) == {}
+    assert core.strategy.version() == after and closed == [1]
     info = store.info(1)
     assert info is not None and info.state == "closed"
     # The late update of a closed round is refused and counted, not folded into the next round.
