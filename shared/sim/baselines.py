@@ -56,6 +56,9 @@ def run_baseline(method: str, data: FederatedDataset, spec: ModelSpec, cfg: Trai
         return _standalone(data, model, init, cfg, rounds, epochs, seed, start)
 
     params = init.size
+    # FedAvg-FT fine-tunes final_local_epochs (the tuned knob); 0 means local_epochs, the preset's choice.
+    # (Until 2026-12-03 it always took local_epochs, so the tuning grid's fine-tune axis had no effect.)
+    ft_epochs = final_local_epochs or local_epochs
     global_w = init.copy()
     up = down = 0
     train_seconds = 0.0
@@ -96,7 +99,7 @@ def run_baseline(method: str, data: FederatedDataset, spec: ModelSpec, cfg: Trai
     for d, dev in by_id.items():
         set_vector(model, global_w)
         if method == "fedavg-ft":  # every device fine-tunes the global model on its own data
-            st = local_train(model, dev.train.x, dev.train.y, local_epochs, cfg, seed=derive_seed(seed, "ft", d))
+            st = local_train(model, dev.train.x, dev.train.y, ft_epochs, cfg, seed=derive_seed(seed, "ft", d))
             train_seconds += st.seconds
             down += HEADER_BYTES + 4 * params  # each device downloads the final global model
         test_acc[d] = evaluate(model, dev.test.x, dev.test.y)[1]

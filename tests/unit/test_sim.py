@@ -84,6 +84,15 @@ def test_baselines_run_and_count_bytes(digits: FederatedDataset, method: str) ->
         assert r.uplink_bytes == r.downlink_bytes - (4 * r.params + 200) * final_downloads
 
 
+def test_fedavg_ft_fine_tunes_the_epochs_it_is_given(digits: FederatedDataset) -> None:
+    """final_local_epochs is FedAvg-FT's tuned knob (0: local_epochs); it once had no effect."""
+    def run(final: int) -> dict[str, float]:
+        return run_baseline("fedavg-ft", digits, _spec(digits), preset("digits").dense_train, rounds=2,
+                            sample_rate=0.5, local_epochs=2, seed=0, final_local_epochs=final).per_device_accuracy
+    assert run(0) == run(2)
+    assert run(1) != run(2)
+
+
 def test_cli_simulate_json(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     res = CliRunner().invoke(main, ["simulate", "--task", "digits", "--devices", "6", "--rounds", "2", "--width", "16",
