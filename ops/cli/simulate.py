@@ -25,8 +25,9 @@ METHODS = ("fedmask", *BASELINES)
               help="run a named variant with its tuned config (shared/tuned/); replaces --method and the "
                    "training flags")
 @click.option("--via-strategy", is_flag=True,
-              help="with a FedMask --variant: run it through the fedmask strategy (shared/strategies/) "
-                   "instead of FedMask's own path: the same masks, bytes of strategy messages")
+              help="with --variant (the FedMask family, fedavg, fedavg-ft): run it through the strategy "
+                   "interface (shared/strategies/) instead of its own path: the same results, bytes of "
+                   "strategy messages")
 @click.option("--merge", type=click.Choice(sorted(RULES)), default=None, help="merge rule (default: the task preset's)")
 @click.option("--arch", type=click.Choice(["mlp", "cnn", "char_lstm"]), default=None)
 @click.option("--width", type=int, default=None, help="hidden width (default: the task preset's)")

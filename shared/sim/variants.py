@@ -32,6 +32,8 @@ MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "
 # Run through the strategy interface (shared/strategies/, shared/sim/strategy_run.py).
 STRATEGY_VARIANTS = ("feddst", "zerofl", "lg-fedavg", "per-fedavg", "bnn-fedavg")
 VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS, *STRATEGY_VARIANTS)
+# Variants with their own path that can also run through a strategy (run_variant's via_strategy).
+VIA_STRATEGY = (*MASK_VARIANTS, "fedavg", "fedavg-ft")
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 # The shares a fedmask-adapt* device tries on its own validation split: none of the fleet's agreement to all of it.
 ADAPT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -176,17 +178,21 @@ def run_variant(cfg: VariantConfig, data: FederatedDataset, spec: ModelSpec, *, 
     8 * downlink_bytes / (params * downloads), downloads = one per participant per round (the
     merged mask, or the global model) plus any final downloads (fedavg-ft, the fedpm broadcast).
 
-    via_strategy (FedMask family): run through the fedmask strategy (shared/strategies/fedmask.py)
-    instead of run_fedmask: the same masks and accuracies, bytes counted from strategy messages."""
+    via_strategy (the FedMask family, fedavg, fedavg-ft): run through the strategy interface
+    (shared/strategies/: fedmask, fedavg, fedavg-ft) instead of the variant's own path: the same
+    masks and accuracies, bytes counted from strategy messages."""
     if via_strategy:
-        if cfg.variant not in MASK_VARIANTS:
-            raise ValueError(f"{cfg.variant} is not a FedMask variant: via_strategy is for {MASK_VARIANTS}")
+        if cfg.variant not in VIA_STRATEGY:
+            raise ValueError(f"{cfg.variant} has no strategy of its own: via_strategy is for {VIA_STRATEGY}")
         if adversary is not None:
-            raise ValueError("the Byzantine hook is in FedMask's own update path, not in the fedmask strategy")
-        r = run_strategy("fedmask", cfg.fedmask_strategy_config(), data, spec.with_(personal_head=cfg.personal_head),
+            raise ValueError("the Byzantine hook is in FedMask's own update path, not in the strategies")
+        mask = cfg.variant in MASK_VARIANTS
+        scfg = cfg.fedmask_strategy_config() if mask else cfg.strategy_config().with_(
+            final_local_epochs=cfg.final_local_epochs)
+        r = run_strategy("fedmask" if mask else cfg.variant, scfg, data, spec.with_(personal_head=cfg.personal_head),
                          rounds=rounds, sample_rate=sample_rate, seed=seed, eval_every=eval_every,
                          progress=progress, save_dir=save_devices)
-        return replace(r, method=cfg.variant, merge=cfg.merge or "paper",
+        return replace(r, method=cfg.variant, merge=(cfg.merge or "paper") if mask else None,
                        extra={**r.extra, "via": "strategy", "config": cfg.to_json()})
     if cfg.strategy:
         if adversary is not None or save_devices is not None:

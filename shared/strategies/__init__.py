@@ -9,6 +9,7 @@ from __future__ import annotations
 from shared.strategies.base import DeviceHalf, ServerHalf, Strategy, StrategyConfig
 from shared.strategies.bnn_fedavg import BNNFedAvgDevice, BNNFedAvgServer
 from shared.strategies.fedavg import FedAvgDevice, FedAvgServer
+from shared.strategies.fedavg_ft import FedAvgFTDevice, FedAvgFTServer
 from shared.strategies.feddst import FedDSTDevice, FedDSTServer
 from shared.strategies.fedmask import FedMaskDevice, FedMaskServer
 from shared.strategies.lg_fedavg import LGFedAvgDevice, LGFedAvgServer
@@ -19,6 +20,8 @@ STRATEGIES: dict[str, Strategy] = {
     "fedmask": Strategy("fedmask", FedMaskDevice, FedMaskServer,
                         "binary masks over frozen random weights, merged where structures overlap (Li et al. 2021)"),
     "fedavg": Strategy("fedavg", FedAvgDevice, FedAvgServer, "dense weights averaged (McMahan et al. 2017)"),
+    "fedavg-ft": Strategy("fedavg-ft", FedAvgFTDevice, FedAvgFTServer,
+                          "FedAvg, then every device fine-tunes the final model on its own data"),
     "feddst": Strategy("feddst", FedDSTDevice, FedDSTServer, "sparse weights, dynamic masks (Bibikar et al. 2022)"),
     "zerofl": Strategy("zerofl", ZeroFLDevice, ZeroFLServer, "SWAT training, top-K uploads (Qiu et al. 2022)"),
     "lg-fedavg": Strategy("lg-fedavg", LGFedAvgDevice, LGFedAvgServer, "local body, global head (Liang et al. 2020)"),

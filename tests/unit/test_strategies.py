@@ -153,6 +153,34 @@ def test_fedavg_through_the_interface_is_the_baseline_bit_for_bit(digits: Federa
     assert mine.extra["flops_ratio"] == 1.0  # dense training is counted as dense
 
 
+@pytest.mark.parametrize("final", [0, 1])
+def test_fedavg_ft_through_the_interface_is_the_baseline_bit_for_bit(digits: FederatedDataset, final: int) -> None:
+    train = preset("digits").dense_train
+    base = run_baseline("fedavg-ft", digits, _spec(digits), train, rounds=3, sample_rate=0.5, local_epochs=2, seed=3,
+                        final_local_epochs=final)
+    mine = run_strategy("fedavg-ft", StrategyConfig(train=train, local_epochs=2, final_local_epochs=final), digits,
+                        _spec(digits), rounds=3, sample_rate=0.5, seed=3)
+    assert mine.per_device_accuracy == base.per_device_accuracy
+    assert mine.validation_accuracy == base.validation_accuracy
+    # Every task carries the model (each round changes it), and every device downloads the final model once
+    # more (the baseline's count); each says hello once.
+    assert mine.extra["downloads"] == mine.extra["updates"] + len(digits.devices)
+    assert mine.extra["hello_bytes"] > 0
+
+
+def test_fedavg_ft_refuses_a_device_built_from_other_weights(digits: FederatedDataset) -> None:
+    strategy = get_strategy("fedavg-ft")
+    server = strategy.server(_spec(digits), StrategyConfig(), seed=0, rounds=1)
+    dev = strategy.device("d", _spec(digits).with_(seed=1), StrategyConfig(), (digits.devices[0].train.x,
+                                                                              digits.devices[0].train.y), 0)
+    dev.prepare()
+    hello = dev.hello()
+    assert hello is not None
+    with pytest.raises(CodecError) as err:
+        server.enrol(hello)
+    assert err.value.reason == "wrong_model"
+
+
 def test_a_run_is_deterministic(digits: FederatedDataset) -> None:
     cfg = StrategyConfig(local_epochs=1, sparsity=0.9)
     a = run_strategy("zerofl", cfg, digits, _spec(digits), rounds=2, sample_rate=0.5, seed=2)
