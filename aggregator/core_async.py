@@ -21,7 +21,7 @@ import numpy as np
 
 from aggregator.core import AggregatorCore
 from aggregator.core_batch import ACK, Decision
-from aggregator.store_async import AsyncStore
+from aggregator.store_async import REPLAY_KEEP, AsyncStore, update_id
 from shared import codec
 from shared.async_buffer import STALENESS, Flush, Held, merge_buffered, staleness_weight
 from shared.errors import CodecError, ConfigError
@@ -31,20 +31,16 @@ log = logging.getLogger("fedmask.aggregator")
 TASK_DEADLINE_S = 24 * 3600.0  # async tasks have no round deadline; a day keeps the worker's check inert
 
 
-def update_id(device: str, task: int) -> str:
-    return f"{device}:{task}"
-
-
 class AsyncCore(AggregatorCore):
     def __init__(self, *args: Any, buffer_k: int = 3, max_staleness: int = 10, staleness: str = "constant",
-                 **kw: Any) -> None:
+                 replay_keep: int = REPLAY_KEEP, **kw: Any) -> None:
         super().__init__(*args, **kw)
         if buffer_k < 1 or max_staleness < 0 or staleness not in STALENESS:
             raise ConfigError(f"async mode needs --buffer >= 1, --max-staleness >= 0 and --staleness in "
                               f"{', '.join(STALENESS)}; got {buffer_k}, {max_staleness}, {staleness!r}")
         staleness_weight(staleness, 0)
         self.k, self.max_staleness, self.staleness = buffer_k, max_staleness, staleness
-        self.stream = AsyncStore(self.store)
+        self.stream = AsyncStore(self.store, replay_keep=replay_keep)
 
     def settings(self) -> dict[str, str]:
         """What fm:config records for `round status` / `watch`."""
@@ -63,7 +59,7 @@ class AsyncCore(AggregatorCore):
         if msg.version is None:
             raise CodecError("bad_version", f"{msg.device}'s update names no base version")
         self._fault("consumed")
-        status, pending = self.stream.put(msg.device, update_id(msg.device, msg.round), body, msg.version)
+        status, pending = self.stream.put(msg.device, msg.round, body, msg.version)
         self._fault("stored")
         if status == "future_base":
             raise CodecError("future_base", f"{msg.device}'s update names v {msg.version}, newer than the stream's")

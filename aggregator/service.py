@@ -66,6 +66,7 @@ class ServiceSettings:
     buffer: int = 3
     max_staleness: int = 10
     staleness: str = "constant"
+    replay_keep: int = 1000  # the async replay log's bound in updates (aggregator/store_async.py)
     # `--strategy S` (aggregator/core_strategy_rounds.py): a weight-training strategy instead of FedMask.
     strategy: str = ""
     planned_rounds: int | None = None  # the strategy's planned run length (FedDST's annealing); None: preset
@@ -267,7 +268,7 @@ def async_core(store: RoundStore, publisher: PublisherPool, spec: object, s: Ser
     class MeteredAsyncCore(AsyncCore, MeteredCore):
         pass
     return MeteredAsyncCore(store, publisher, spec, buffer_k=s.buffer, max_staleness=s.max_staleness,
-                            staleness=s.staleness, **core_kw)
+                            staleness=s.staleness, replay_keep=s.replay_keep, **core_kw)
 
 
 def mode_config(s: ServiceSettings) -> dict[str, str]:

@@ -3,14 +3,18 @@
 Key layout (under the RoundStore's prefix <p>; hash tag {async} keeps them in one cluster slot):
   <p>{async}:state     hash    version (merged-mask counter), pending (stored since the last flush),
                                stored, replaced, duplicate, merged, flushes (counters)
-  <p>{async}:seen      set     update ids (<device>:<task>) ever stored: a redelivery is a no-op
-                               (votes are not idempotent, so the id is checked, not the payload)
+  <p>{async}:done      hash    device -> the highest task number stored: a redelivery (task <= it) is
+                               a no-op (votes are not idempotent, so the id is checked, not the payload)
   <p>{async}:latest    hash    device -> its latest raw encoded update
   <p>{async}:base      hash    device -> the merged-mask version that update trained from
   <p>{async}:buffer    list    devices with a buffered update, in arrival order
-  <p>{async}:order     list    update ids in the order they were stored (the replay's input)
-  <p>{async}:log       hash    update id -> raw update (kept for the replay; grows with the stream)
-  <p>{async}:flushes   list    json per committed flush: version, devices, voters
+  <p>{async}:order     list    the last `replay_keep` update ids, in the order they were stored
+  <p>{async}:log       hash    update id -> raw update, for those ids (the replay's input)
+  <p>{async}:flushes   list    json per committed flush (the last `flush_keep`): version, devices, voters
+Every key is bounded, so a stream can run for months: by the fleet (done, latest, base, buffer) or by a
+setting (order and log: `--replay-keep` updates, default REPLAY_KEEP; flushes: FLUSH_KEEP records). A
+replay from the stream's start (tests/integration/test_pipeline_async.py) needs the whole order, so
+it holds only while the stream has stored at most replay_keep updates.
 Storing is one script (async_store.lua), so an update is persisted, buffered and counted in one step
 before its ack; a flush is committed by another (async_flush.lua) after its masks were published.
 """
@@ -20,9 +24,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import cast
+from typing import Final, cast
 
 from aggregator.store import RoundStore
+
+# The replay log's bound in updates: at 1M parameters an update is ~100 kB, so ~100 MB of Redis.
+REPLAY_KEEP: Final = 1000
+FLUSH_KEEP: Final = 100_000  # flush records (a few hundred bytes each)
 
 _SCRIPTS = {name: files("aggregator").joinpath(f"lua/{name}.lua").read_text("utf-8")
             for name in ("async_store", "async_flush")}
@@ -37,25 +45,33 @@ class AsyncState:
     counts: dict[str, int]
 
 
+def update_id(device: str, task: int) -> str:
+    return f"{device}:{task}"
+
+
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
 class AsyncStore:
-    def __init__(self, store: RoundStore) -> None:
+    def __init__(self, store: RoundStore, *, replay_keep: int = REPLAY_KEEP, flush_keep: int = FLUSH_KEEP) -> None:
+        if replay_keep < 0 or flush_keep < 1:
+            raise ValueError(f"replay_keep must be >= 0 and flush_keep >= 1, got {replay_keep}, {flush_keep}")
         self.store = store
         self.client = store.client
+        self.replay_keep, self.flush_keep = replay_keep, flush_keep
         p = store.prefix + "{async}:"
-        self.k = {n: p + n for n in ("state", "seen", "latest", "base", "buffer", "order", "log", "flushes")}
+        self.k = {n: p + n for n in ("state", "done", "latest", "base", "buffer", "order", "log", "flushes")}
         self._scripts = {n: self.client.register_script(src) for n, src in _SCRIPTS.items()}
 
-    def put(self, device: str, update_id: str, body: bytes, base: int) -> tuple[str, int]:
-        """Store one update: (stored | replaced | duplicate | future_base, pending count)."""
+    def put(self, device: str, task: int, body: bytes, base: int) -> tuple[str, int]:
+        """Store `device`'s update for task number `task`: (stored | replaced | duplicate | future_base,
+        pending count). Its id in the replay log is update_id(device, task)."""
         k = self.k
         with self.store._guard("async_store"):
             status, pending = self._scripts["async_store"](
-                keys=[k["seen"], k["latest"], k["base"], k["buffer"], k["state"], k["order"], k["log"]],
-                args=[device, update_id, body, base])
+                keys=[k["done"], k["latest"], k["base"], k["buffer"], k["state"], k["order"], k["log"]],
+                args=[device, update_id(device, task), body, base, task, self.replay_keep])
         return _s(status), int(pending)
 
     def incr(self, name: str) -> None:
@@ -81,11 +97,11 @@ class AsyncStore:
         k = self.k
         with self.store._guard("async_flush"):
             done = self._scripts["async_flush"](keys=[k["state"], k["buffer"], k["flushes"]],
-                                                args=[version, len(devices), record])
+                                                args=[version, len(devices), record, self.flush_keep])
         return bool(done)
 
     def order(self) -> list[tuple[str, bytes]]:
-        """(update id, raw update) in stored order: the replay's input."""
+        """(update id, raw update) in stored order, the last replay_keep of them: the replay's input."""
         with self.store._guard("async_order"):
             ids = [_s(i) for i in self.client.lrange(self.k["order"], 0, -1)]
             bodies = cast(list["bytes | None"], self.client.hmget(self.k["log"], ids)) if ids else []

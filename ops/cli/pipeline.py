@@ -128,13 +128,16 @@ def aggregator() -> None:
               help="async: other boards' latest updates vote while at most this many versions old")
 @click.option("--staleness", type=click.Choice(["constant", "sqrt"]), default="constant", show_default=True,
               help="async: vote weight by staleness tau: 1, or 1/sqrt(1+tau)")
+@click.option("--replay-keep", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="async: the last N stored updates Redis keeps for a replay (0: none); older ones are "
+                   "dropped, so a months-long stream stays bounded")
 @strategy_opt
 @click.option("--planned-rounds", type=click.IntRange(min=1), default=None,
               help="--strategy: the run's length, over which FedDST anneals its readjustment [default: the preset's]")
 def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge: str | None, width: int | None,
                    seed: int, close_lease: float, closer_id: str, ack_durability: str, metrics_port: int,
                    metrics_host: str, mode: str, buffer_k: int, max_staleness: int, staleness: str,
-                   strategy: str | None, planned_rounds: int | None) -> None:
+                   replay_keep: int, strategy: str | None, planned_rounds: int | None) -> None:
     """Consume uplink, persist to Redis, close rounds, publish merged masks (SIGTERM drains). Run several
     against the same queue and Redis to share the load: exactly one closes each round (each serves its
     own metrics endpoint: give each its own --metrics-port)."""
@@ -148,7 +151,8 @@ def aggregator_run(amqp_url: str, redis_url: str, task: str, variant: str, merge
                                                 closer_id=closer_id, ack_durability=ack_durability,
                                                 metrics_port=metrics_port, metrics_host=metrics_host,
                                                 mode=mode, buffer=buffer_k, max_staleness=max_staleness,
-                                                staleness=staleness, strategy=strategy or "",
+                                                staleness=staleness, replay_keep=replay_keep,
+                                                strategy=strategy or "",
                                                 planned_rounds=planned_rounds))
     except (ValueError, ConfigError) as exc:  # a variant/merge combination variant_setup refuses
         raise click.ClickException(str(exc)) from exc

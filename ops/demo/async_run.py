@@ -78,13 +78,15 @@ def watch_stream(fleet: Fleet, stream: AsyncStore, s: DemoSettings, scraper: Scr
     merged: set[str] = set()
     while True:
         fleet.check_alive()
-        flushes = stream.flushes()
-        for f in flushes[seen:]:
+        # By version, not by position: Redis keeps only the last FLUSH_KEEP records (store_async.py).
+        for f in stream.flushes():
+            if int(f["version"]) <= seen:  # type: ignore[call-overload]
+                continue
             devs = [str(d) for d in f["devices"]]  # type: ignore[attr-defined]
             merged.update(devs)
             say(f"flush v{f['version']} at {time.time() - start:5.1f}s: {len(devs)} buffered merged "
                 f"({', '.join(devs)}), {f['voters']} voters; {len(merged)}/{len(boards)} boards merged so far")
-        seen = len(flushes)
+            seen = int(f["version"])  # type: ignore[call-overload]
         now = time.time()
         if now - last_scrape >= SCRAPE_EVERY_S:
             scraper.scrape()

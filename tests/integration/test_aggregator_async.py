@@ -127,3 +127,31 @@ def test_async_refuses_rounds_and_a_future_base(store: RoundStore, data: Federat
     decision = core.handle(f"device.{d.device_id}.update", d.device_id, codec.encode(forged))
     assert (decision.action, decision.reason) == ("reject", "future_base")
     assert AsyncStore(store).state().counts.get("stored", 0) == 0
+
+
+def test_the_stream_state_stays_bounded(store: RoundStore, data: FederatedDataset) -> None:
+    """A months-long stream: the replay log keeps its last replay_keep updates and the flush records
+    their last flush_keep, and a redelivery of an update trimmed from the log is still a duplicate."""
+    bus = InMemoryTransport()
+    core = AsyncCore(store, bus, model_spec(TASK, width=WIDTH, seed=SEED), merge="head", buffer_k=K, replay_keep=5)
+    core.stream.flush_keep = 2
+    devs, sent, _, _ = _run_fleet(core, bus, data, steps=6)
+    stream, st = core.stream, core.stream.state()
+    stored = st.counts["stored"]
+    assert stored == sum(sent.values()) > 5 and st.version > 2
+    order = stream.order()
+    assert len(order) == 5 and store.client.hlen(stream.k["log"]) == 5  # the last 5, bodies with them
+    assert [int(f["version"]) for f in stream.flushes()] == [st.version - 1, st.version]  # type: ignore[call-overload]
+    assert store.client.hlen(stream.k["done"]) == len(devs)  # one field per board, not one per update
+    first = next(d for d in devs if sent[d])  # its task-1 update left the log long ago
+    assert f"{first}:1" not in dict(order)
+    dev = DeviceRuntime(first, model_spec(TASK, width=WIDTH, seed=SEED),
+                        FedMaskConfig(train=preset(TASK).mask_train, local_epochs=1),
+                        next((d.train.x, d.train.y) for d in data.devices if d.device_id == first), SEED)
+    dev.hello()  # the same device's state rebuilt (same seeds: the same structure)
+    again = dev.handle_task(codec.make_task(device=first, round=1, model=core.fingerprint, layout=core.layout,
+                                            bits=b"", nbits=0, version=0, deadline=0.0))
+    assert core.handle(f"device.{first}.update", first, codec.encode(again)).action == "ack"
+    assert stream.state().counts["stored"] == stored  # a duplicate: stored once, long ago
+    with pytest.raises(ValueError):
+        AsyncStore(store, replay_keep=-1)
