@@ -101,6 +101,11 @@ class StrategyStateStore:
             pipe.set(self.state_key, state)
             pipe.execute()
 
+    def raw(self) -> bytes | None:
+        """The state's JSON as stored (None: no state yet); StrategyCore keys its cached half by it."""
+        with self.store._guard("strategy_state"):
+            return cast("bytes | None", self.client.get(self.state_key))
+
     def exists(self) -> bool:
         with self.store._guard("strategy_exists"):
             return bool(self.client.exists(self.state_key))

@@ -145,8 +145,10 @@ def test_stored_state_is_never_unpickled_and_belongs_to_its_strategy(fleet: Fede
     buf = io.BytesIO()  # a pickled payload in .npy form: what an attacker with Redis access could plant
     np.lib.format.write_array(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     store.client.set(key, buf.getvalue())
+    # A replica or a restarted aggregator reads it (this core keeps the half it built while the state's
+    # JSON is unchanged, so it never reads the planted tensor at all).
     with pytest.raises(StoreError, match="does not decode"):
-        core.server()
+        StrategyCore(store, "fedavg", cfg, spec, seed=SEED, rounds=2).server()
 
 
 def test_a_board_refuses_a_message_for_another_device_or_strategy(fleet: FederatedDataset,
@@ -163,3 +165,17 @@ def test_a_board_refuses_a_message_for_another_device_or_strategy(fleet: Federat
         StrategyWorker(d0, {"strategy": "fedavg", "strategy_config": '{"rounds_x": 1}'}, spec,
                        (fleet.devices[0].train.x, fleet.devices[0].train.y), SEED)
     assert board.handle(tasks[d0]) is not None
+
+
+def test_a_cached_half_follows_another_replicas_writes(fleet: FederatedDataset, store: RoundStore) -> None:
+    """StrategyCore keeps the half it built while Redis holds the same state JSON: a copy each call
+    (changing one leaves the next untouched), and another replica's save is seen at the next call."""
+    spec, cfg = _spec(fleet), StrategyConfig(local_epochs=1)
+    a = StrategyCore(store, "fedavg", cfg, spec, seed=SEED, rounds=2)
+    b = StrategyCore(store, "fedavg", cfg, spec, seed=SEED, rounds=2)
+    first = a.server()
+    first.held["someone"] = "changed in memory only"
+    assert "someone" not in a.server().held
+    d0 = fleet.devices[0].device_id
+    b.open_round(1, [d0], now=time.time(), deadline=time.time() + 600, quorum=1)  # saves held[d0]
+    assert a.server().held == {d0: b.server().version}
