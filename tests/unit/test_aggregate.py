@@ -255,3 +255,6 @@ def test_small_bench_is_identical() -> None:
     assert result["identical"] is True
     assert isinstance(result["speedup"], float) and result["speedup"] > 0
     assert result["devices"] == 4 and result["params"] == 100_000
+    for key in ("kernel_seconds", "numpy_kernel_seconds", "read_pass_seconds", "read_write_pass_seconds"):
+        assert isinstance(result[key], float) and result[key] > 0
+    assert result["kernel_over_read_pass"] == result["kernel_seconds"] / result["read_pass_seconds"]
