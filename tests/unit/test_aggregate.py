@@ -91,7 +91,7 @@ def test_unaligned_inputs(compiled: bool) -> None:
 
 
 def test_numba_kernel_is_the_default() -> None:
-    # numba is a declared dependency: without it merges fall back to the numpy kernel, about 3x slower
+    # numba is a declared dependency: without it merges fall back to the numpy kernel, 2-3x slower
     # at 20 devices x 15M parameters (docs/results.md, "Against memory bandwidth").
     assert merge_jit.AVAILABLE
 
