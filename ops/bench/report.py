@@ -39,12 +39,16 @@ def format_aggregate(r: dict[str, Any]) -> str:
         f"naive reference : {r['naive_seconds'] * 1e3:9.1f} ms  (np.unpackbits, default int64 sums)",
         f"tuned naive     : {r['tuned_naive_seconds'] * 1e3:9.1f} ms  (np.unpackbits, uint16 sums)",
         f"packed kernel   : {r['kernel_seconds'] * 1e3:9.1f} ms  "
-        f"({r['kernel_params_per_second'] / 1e6:,.0f} M params/s, {r['kernel_mb_per_second']:,.0f} MB/s in)",
+        f"({r['kernel_params_per_second'] / 1e6:,.0f} M params/s, {r['kernel_mb_per_second']:,.0f} MB/s in; numba)",
+        f"numpy kernel    : {r['numpy_kernel_seconds'] * 1e3:9.1f} ms  (the fallback without numba; "
+        f"{r['numpy_kernel_over_read_pass']:.2f}x the read pass)",
         f"speedup         : {r['speedup']:.1f}x vs the naive reference, "
         f"{r['speedup_vs_tuned_naive']:.1f}x vs the tuned one; output bit-identical: {r['identical']}",
         f"one read pass   : {r['read_pass_seconds'] * 1e3:9.1f} ms  ({r['read_pass_mb_per_second']:,.0f} MB/s over the "
         f"same inputs); kernel / read pass = {r['kernel_over_read_pass']:.2f} (target <= "
         f"{r['kernel_over_read_target']:g}: {_verdict(r['kernel_over_read_pass'] <= r['kernel_over_read_target'])})",
+        f"read + write    : {r['read_write_pass_seconds'] * 1e3:9.1f} ms  (read both inputs, write a fresh output "
+        f"of the same size: {r['read_write_over_read_pass']:.2f}x the read pass, the floor of any merge)",
     ])
 
 

@@ -8,8 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ops.bench.merge_kernel import run_aggregate_bench
-from shared import bits
+from shared import bits, merge_jit
 from shared.aggregate import merge_masks, merge_masks_reference, vote_counts
+
+# Both kernels: the numba one (the default: numba is a dependency) and the numpy fallback.
+KERNELS = [True, False]
 
 
 def packed(rows: list[list[int]]) -> np.ndarray:
@@ -42,11 +45,14 @@ def merge_inputs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, np.ndarr
 
 
 @settings(max_examples=300, deadline=None)
-@given(merge_inputs())
-def test_kernel_matches_reference(case: tuple[np.ndarray, np.ndarray, int, np.ndarray | None, int, int]) -> None:
+@given(merge_inputs(), st.sampled_from(KERNELS))
+def test_kernel_matches_reference(
+    case: tuple[np.ndarray, np.ndarray, int, np.ndarray | None, int, int], compiled: bool
+) -> None:
     s, m, nbits, region, min_voters, block_bytes = case
     expected = merge_masks_reference(s, m, nbits, vote_region=region, min_voters=min_voters)
-    got = merge_masks(s, m, nbits, vote_region=region, min_voters=min_voters, block_bytes=block_bytes)
+    got = merge_masks(s, m, nbits, vote_region=region, min_voters=min_voters, block_bytes=block_bytes,
+                      compiled=compiled)
     assert got.dtype == np.uint8 and got.shape == s.shape
     assert np.array_equal(got, expected)
     # Never a 1 outside a device's structure, and the padding bits stay 0.
@@ -56,8 +62,9 @@ def test_kernel_matches_reference(case: tuple[np.ndarray, np.ndarray, int, np.nd
     assert np.array_equal(narrow, expected)  # the benchmark's "tuned naive" row
 
 
+@pytest.mark.parametrize("compiled", KERNELS)
 @pytest.mark.parametrize("n", [2, 3, 20, 64, 300])
-def test_kernel_matches_reference_many_devices(n: int) -> None:
+def test_kernel_matches_reference_many_devices(n: int, compiled: bool) -> None:
     rng = np.random.default_rng(n)
     nbits = 64 * 37 + 5
     s = rng.random((n, nbits)) < 0.7
@@ -65,10 +72,12 @@ def test_kernel_matches_reference_many_devices(n: int) -> None:
     s_p, m_p = np.packbits(s, axis=1), np.packbits(m, axis=1)
     for min_voters in (1, 2, n // 2 + 1, n, n + 1):
         expected = merge_masks_reference(s_p, m_p, nbits, min_voters=min_voters)
-        assert np.array_equal(merge_masks(s_p, m_p, nbits, min_voters=min_voters, block_bytes=128), expected)
+        got = merge_masks(s_p, m_p, nbits, min_voters=min_voters, block_bytes=128, compiled=compiled)
+        assert np.array_equal(got, expected)
 
 
-def test_unaligned_inputs() -> None:
+@pytest.mark.parametrize("compiled", KERNELS)
+def test_unaligned_inputs(compiled: bool) -> None:
     rng = np.random.default_rng(7)
     n, nbits = 5, 64 * 3_000 + 3  # many blocks at block_bytes=512, with a ragged tail
     big_s = np.packbits(rng.random((n, nbits + 8)) < 0.6, axis=1)
@@ -77,7 +86,14 @@ def test_unaligned_inputs() -> None:
     region = np.packbits(rng.random(nbits) < 0.8)
     expected = merge_masks_reference(s, m, nbits, vote_region=region)
     for block_bytes in (512, 1 << 16):
-        assert np.array_equal(merge_masks(s, m, nbits, vote_region=region, block_bytes=block_bytes), expected)
+        got = merge_masks(s, m, nbits, vote_region=region, block_bytes=block_bytes, compiled=compiled)
+        assert np.array_equal(got, expected)
+
+
+def test_numba_kernel_is_the_default() -> None:
+    # numba is a declared dependency: without it merges fall back to the numpy kernel, 2-3x slower
+    # at 20 devices x 15M parameters (docs/results.md, "Against memory bandwidth").
+    assert merge_jit.AVAILABLE
 
 
 # ---------------------------------------------------------------- the rule, by hand
@@ -145,7 +161,21 @@ def test_mask_outside_structure_names_the_row() -> None:
         with pytest.raises(ValueError, match=r"masks\[1\]"):
             fn(s, m, 2)
     with pytest.raises(ValueError, match=r"masks\[1\]"):
+        merge_masks(s, m, 2, compiled=False)
+    with pytest.raises(ValueError, match=r"masks\[1\]"):
         merge_masks(s, m, 2, min_voters=5)  # the no-vote shortcut validates too
+
+
+@pytest.mark.parametrize("compiled", KERNELS)
+def test_first_bad_row_is_named_whichever_block_shows_it(compiled: bool) -> None:
+    # Row 3 goes wrong in an early block, row 1 only in the last one (16-byte blocks): row 1 is named.
+    n, nbits = 5, 64 * 40
+    s = np.packbits(np.ones((n, nbits), dtype=np.bool_), axis=1)
+    s[3, 20], s[1, -1] = 0, 0
+    m = s.copy()
+    m[3, 20], m[1, -1] = 1, 1
+    with pytest.raises(ValueError, match=r"masks\[1\]"):
+        merge_masks(s, m, nbits, block_bytes=16, compiled=compiled)
 
 
 @pytest.mark.parametrize(
@@ -225,3 +255,6 @@ def test_small_bench_is_identical() -> None:
     assert result["identical"] is True
     assert isinstance(result["speedup"], float) and result["speedup"] > 0
     assert result["devices"] == 4 and result["params"] == 100_000
+    for key in ("kernel_seconds", "numpy_kernel_seconds", "read_pass_seconds", "read_write_pass_seconds"):
+        assert isinstance(result[key], float) and result[key] > 0
+    assert result["kernel_over_read_pass"] == result["kernel_seconds"] / result["read_pass_seconds"]
