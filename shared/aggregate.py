@@ -413,7 +413,8 @@ def merge_masks(
     default 8 kB for the compiled kernel (a block's rows then stay in this machine's 512 kB L2 until
     the output is written: 2-12% faster than 64 kB in interleaved runs) and 64 kB for the numpy one.
     `compiled`: the numba kernel (shared.merge_jit, one pass over the inputs) or this module's numpy
-    kernel; by default the numba one when numba is installed.
+    kernel; by default the numba one when numba is installed and the merge is large enough to pay
+    for its one-time compile (merge_jit.pays).
     """
     _check_inputs(structures, masks, nbits, vote_region, min_voters)
     n, nbytes = structures.shape
@@ -430,7 +431,7 @@ def merge_masks(
         return out
     threshold = min_voters if min_voters > 2 else 0
     total = -(-nbytes // _ALIGN)
-    use_jit = merge_jit.AVAILABLE if compiled is None else compiled
+    use_jit = merge_jit.pays(n * nbytes) if compiled is None else compiled
     if block_bytes is None:
         block_bytes = 1 << 13 if use_jit else 1 << 16
     bw = max(1, min(block_bytes * min(n, _TUNED_DEVICES) // (n * _ALIGN), total))

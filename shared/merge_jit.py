@@ -27,6 +27,11 @@ import numpy.typing as npt
 # merge, not here: importing it takes about 0.6 s, which every process importing shared would pay.
 AVAILABLE = importlib.util.find_spec("numba") is not None
 
+# Below this many packed bytes per input (devices x bytes per mask) the numpy kernel takes a few ms,
+# less than loading the compiled kernel from numba's cache (about 1 s per process; 5 s on first compile),
+# so small fleets and the test suite never import numba. 4 MB: 20 devices x 1.6M parameters.
+MIN_BYTES = 4 << 20
+
 W64 = npt.NDArray[np.uint64]
 _ALIGN = 8
 _FULL = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -150,6 +155,11 @@ def _compiled() -> Callable[..., int]:
         module[name] = jit(module[name])
     kernel: Callable[..., int] = jit(_merge_words)
     return kernel
+
+
+def pays(packed_bytes: int) -> bool:
+    """Whether a merge over `packed_bytes` of packed masks per input uses the compiled kernel by default."""
+    return AVAILABLE and packed_bytes >= MIN_BYTES
 
 
 def warm() -> None:

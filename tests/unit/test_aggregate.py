@@ -90,10 +90,11 @@ def test_unaligned_inputs(compiled: bool) -> None:
         assert np.array_equal(got, expected)
 
 
-def test_numba_kernel_is_the_default() -> None:
-    # numba is a declared dependency: without it merges fall back to the numpy kernel, 2-3x slower
-    # at 20 devices x 15M parameters (docs/results.md, "Against memory bandwidth").
+def test_numba_kernel_is_the_default_for_large_merges() -> None:
+    # numba is the `fast` extra, which make setup installs: without it merges fall back to the numpy
+    # kernel, 2-3x slower at 20 devices x 15M parameters (docs/results.md, "Against memory bandwidth").
     assert merge_jit.AVAILABLE
+    assert merge_jit.pays(20 * 15_000_000 // 8) and not merge_jit.pays(20 * 1_000_000 // 8)
 
 
 # ---------------------------------------------------------------- the rule, by hand
