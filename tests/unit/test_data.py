@@ -368,20 +368,15 @@ def test_shakespeare_shorter_context_keeps_the_starts(tmp_path: Path) -> None:
 
     text = "To be, or not to be: that is the question.\n" * 20
     x, y = next_char_samples(encode(text), 8, context=20)
-    assert x.shape == (len(y), 20)
+    assert x.shape == (len(y), 20) and len(y) == (len(text) - 20 + 7) // 8
     for i in range(len(y)):
-        np.testing.assert_array_equal(x[i], encode(text[8 * i : 8 * i + 20]))
-        assert y[i] == encode(text[8 * i + 20])[0]
-    short = load_task("shakespeare", num_devices=3, max_samples_per_device=40, cache_dir=tmp_path, context=20)
-    assert short.input_shape == (20,) and all(d.train.x.shape == (40, 20) for d in short.devices)
+        np.testing.assert_array_equal(np.append(x[i], y[i]), encode(text[8 * i : 8 * i + 21]))
     # The preset's data and the services' model (built from TASK_SHAPES, without data) agree.
-    p = preset("shakespeare")
-    ds = load_task("shakespeare", num_devices=2, cache_dir=tmp_path, **p.data_options)  # type: ignore[arg-type]
-    assert model_spec("shakespeare").input_shape == ds.input_shape
-    with pytest.raises(ConfigError):
-        load_task("shakespeare", num_devices=2, cache_dir=tmp_path, context=0)
-    with pytest.raises(ConfigError):
-        load_task("digits", num_devices=2, cache_dir=tmp_path, context=20)
+    ds = load_task("shakespeare", num_devices=2, cache_dir=tmp_path, **preset("shakespeare").data_options)  # type: ignore[arg-type]
+    assert ds.input_shape == (20,) == model_spec("shakespeare").input_shape == ds.devices[0].train.x.shape[1:]
+    for bad in ({"task": "shakespeare", "context": 0}, {"task": "digits", "context": 20}):
+        with pytest.raises(ConfigError):
+            load_task(num_devices=2, cache_dir=tmp_path, **bad)  # type: ignore[arg-type]
 
 
 # --- errors -------------------------------------------------------------------------------------
