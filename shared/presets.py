@@ -47,9 +47,10 @@ PRESETS: dict[str, TaskPreset] = {
     "mnist": TaskPreset("mlp", 256, 100, 50, 0.2, 5, _MASK, _DENSE, merge="head", final_local_epochs=5),
     "digits": TaskPreset("mlp", 128, 20, 10, 0.5, 5, _MASK, _DENSE),
     # Machine budget (docs/results.md, "Shakespeare"): the char LSTM steps through every window in a
-    # Python loop, so a run costs ~ devices x windows x context. LEAF's 20 devices x 600 windows x 80
-    # chars took ~10 min a run on this 2-core machine, and at 10 x 300 x 80 nothing beat predicting
-    # the space within the rounds an hour allows; 10 x 300 x 20 chars runs 4x the steps per second.
+    # Python loop, so a run costs ~ devices x windows x context. The former 20 devices x 600 windows x
+    # LEAF's 80 chars took ~10 min a run on this 2-core machine (too slow to tune and seed every method
+    # in an hour), and at 10 x 300 x 80 nothing beat always predicting the space; 10 x 300 x 20 chars
+    # runs ~5x the steps per second, so 30 rounds fit (1-2.5 min a run).
     "shakespeare": TaskPreset("char_lstm", 64, 10, 30, 0.5, 1, _MASK.with_(batch_size=32),
                               _DENSE.with_(batch_size=32),
                               data_options={"max_samples_per_device": 300, "context": SHAKESPEARE_CONTEXT}),
