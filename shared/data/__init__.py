@@ -90,6 +90,7 @@ def load_task(
     max_samples_per_device: int | None = None,
     cache_dir: Path | None = None,
     holdout: str = "recording",
+    context: int | None = None,
 ) -> FederatedDataset:
     """Build (or reload from cache) the federated split of `task`; deterministic given the arguments.
 
@@ -99,8 +100,9 @@ def load_task(
     shrinks its val/test splits by the same factor.
     `holdout` applies to "activity" only: "recording" tests each class on an unseen recording
     (in this data, always the other arm), "time" cuts every recording 60/20/20 in time.
+    `context` applies to "shakespeare" only: characters per sample (None: LEAF's 80).
     """
-    params = _Params.validated(task, num_devices, seed, partition, alpha, max_samples_per_device, holdout)
+    params = _Params.validated(task, num_devices, seed, partition, alpha, max_samples_per_device, holdout, context)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     arrays = load_or_build(cache_path(root, task, params.cache_key()), lambda: _pack(_build(params)))
     return _unpack(arrays)
@@ -115,11 +117,12 @@ class _Params:
     alpha: float
     cap: int | None
     holdout: str = "recording"
+    context: int | None = None
 
     @classmethod
     def validated(
         cls, task: str, num_devices: int | None, seed: int, partition: str, alpha: float, cap: int | None,
-        holdout: str = "recording",
+        holdout: str = "recording", context: int | None = None,
     ) -> _Params:
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -135,7 +138,9 @@ class _Params:
             raise ConfigError(f"seed must be non-negative, got {seed}")
         if holdout not in HOLDOUTS:
             raise ConfigError(f"unknown holdout {holdout!r}; expected one of {', '.join(HOLDOUTS)}")
-        return cls(task, num_devices, int(seed), partition, float(alpha), cap, holdout)
+        if context is not None and (task != "shakespeare" or context < 1):
+            raise ConfigError(f"context is shakespeare's characters per sample (at least 1), got {context} for {task}")
+        return cls(task, num_devices, int(seed), partition, float(alpha), cap, holdout, context)
 
     def cache_key(self) -> dict[str, object]:
         """Only the arguments that change the output, so equivalent calls share one cache file."""
@@ -146,6 +151,8 @@ class _Params:
                 key["alpha"] = self.alpha
         if self.task == "activity" and self.holdout != "recording":
             key["holdout"] = self.holdout
+        if self.context is not None:
+            key["context"] = self.context
         return key
 
 
@@ -158,7 +165,9 @@ def _build(p: _Params) -> FederatedDataset:
     if p.task == "shakespeare":
         from shared.data import shakespeare
 
-        return shakespeare.build(num_devices=p.num_devices, cap=p.cap, rng=rng)
+        if p.context is None:
+            return shakespeare.build(num_devices=p.num_devices, cap=p.cap, rng=rng)
+        return shakespeare.build(num_devices=p.num_devices, cap=p.cap, rng=rng, context=p.context)
     from shared.data import mnist
 
     return mnist.build(

@@ -10,6 +10,8 @@ dropped.
 Each role's speeches are joined with newlines and split *contiguously* 70/15/15 into
 train/val/test, so no sample straddles a split; samples are 80-char windows -> next char, with
 stride 8 in train and 16 in val/test (evaluation needs fewer of the heavily overlapping windows).
+`context` shortens the windows (same starts, so the same samples' next characters): the char LSTM
+steps through them in a Python loop, so a run's cost grows with it (shared/presets.py).
 """
 
 from __future__ import annotations
@@ -108,11 +110,11 @@ def encode(text: str) -> np.ndarray:
     return np.where(codes < 256, table[np.minimum(codes, 255)], OOV_ID)
 
 
-def next_char_samples(ids: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """x[i] = ids[s : s + SEQ_LEN], y[i] = ids[s + SEQ_LEN] for s = 0, stride, ...; all within `ids`."""
-    starts = np.arange(0, len(ids) - SEQ_LEN, stride)
-    x = ids[starts[:, None] + np.arange(SEQ_LEN)] if len(starts) else np.zeros((0, SEQ_LEN), np.int64)
-    return x.astype(np.int64), ids[starts + SEQ_LEN].astype(np.int64)
+def next_char_samples(ids: np.ndarray, stride: int, context: int = SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
+    """x[i] = ids[s : s + context], y[i] = ids[s + context] for s = 0, stride, ...; all within `ids`."""
+    starts = np.arange(0, len(ids) - context, stride)
+    x = ids[starts[:, None] + np.arange(context)] if len(starts) else np.zeros((0, context), np.int64)
+    return x.astype(np.int64), ids[starts + context].astype(np.int64)
 
 
 def split_bounds(n_chars: int) -> list[tuple[int, int]]:
@@ -130,27 +132,28 @@ def select_roles(roles: tuple[Role, ...], num_devices: int, rng: np.random.Gener
     return sorted(by_size[:num_devices])
 
 
-def build(*, num_devices: int | None, cap: int | None, rng: np.random.Generator) -> FederatedDataset:
+def build(*, num_devices: int | None, cap: int | None, rng: np.random.Generator,
+          context: int = SEQ_LEN) -> FederatedDataset:
     roles = catalogue()
     n_dev = DEFAULT_DEVICES if num_devices is None else num_devices
     if n_dev > len(roles):
         raise ConfigError(
             f"shakespeare has {len(roles)} roles with >= {MIN_CHARS} chars; got num_devices={n_dev}"
         )
-    devices = [_device(i, roles[i], cap, rng) for i in select_roles(roles, n_dev, rng)]
+    devices = [_device(i, roles[i], cap, rng, context) for i in select_roles(roles, n_dev, rng)]
     return FederatedDataset(
         task="shakespeare",
         devices=devices,
         num_classes=VOCAB_SIZE,
-        input_shape=(SEQ_LEN,),
+        input_shape=(context,),
         vocab_size=VOCAB_SIZE,
     )
 
 
-def _device(index: int, role: Role, cap: int | None, rng: np.random.Generator) -> DeviceData:
+def _device(index: int, role: Role, cap: int | None, rng: np.random.Generator, context: int) -> DeviceData:
     ids = encode(role.text)
     strides = (TRAIN_STRIDE, EVAL_STRIDE, EVAL_STRIDE)
-    raw = [next_char_samples(ids[a:b], s) for (a, b), s in zip(split_bounds(len(ids)), strides, strict=True)]
+    raw = [next_char_samples(ids[a:b], s, context) for (a, b), s in zip(split_bounds(len(ids)), strides, strict=True)]
     sizes = capped_sizes(len(raw[0][1]), len(raw[1][1]), len(raw[2][1]), cap)
     splits = []
     for (x, y), size in zip(raw, sizes, strict=True):

@@ -360,6 +360,25 @@ def test_shakespeare_cap_and_too_many(tmp_path: Path) -> None:
         load_task("shakespeare", num_devices=10_000, cache_dir=tmp_path)
 
 
+def test_shakespeare_shorter_context_keeps_the_starts(tmp_path: Path) -> None:
+    """A shorter context keeps the windows' starts: x is the first `context` chars, y the one after them."""
+    needs("shksprdata")
+    from shared.data.shakespeare import encode, next_char_samples
+    from shared.presets import model_spec, preset
+
+    text = "To be, or not to be: that is the question.\n" * 20
+    x, y = next_char_samples(encode(text), 8, context=20)
+    assert x.shape == (len(y), 20) and len(y) == (len(text) - 20 + 7) // 8
+    for i in range(len(y)):
+        np.testing.assert_array_equal(np.append(x[i], y[i]), encode(text[8 * i : 8 * i + 21]))
+    # The preset's data and the services' model (built from TASK_SHAPES, without data) agree.
+    ds = load_task("shakespeare", num_devices=2, cache_dir=tmp_path, **preset("shakespeare").data_options)  # type: ignore[arg-type]
+    assert ds.input_shape == (20,) == model_spec("shakespeare").input_shape == ds.devices[0].train.x.shape[1:]
+    for bad in ({"task": "shakespeare", "context": 0}, {"task": "digits", "context": 20}):
+        with pytest.raises(ConfigError):
+            load_task(num_devices=2, cache_dir=tmp_path, **bad)  # type: ignore[arg-type]
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
