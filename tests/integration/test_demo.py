@@ -56,6 +56,10 @@ def test_small_demo_runs_end_to_end(amqp_service_url: str, redis_service_url: st
     assert "mean validation accuracy per round" in res.stdout
 
 
+# Further cases of the demo family (about 70 s each): make test runs the main demo above, and the
+# strategy and async paths through the broker in test_strategy_broker.py and test_pipeline_async.py;
+# these run under FEDMASK_EXHAUSTIVE=1 (make test-all, make faults).
+@pytest.mark.exhaustive
 def test_small_demo_with_a_strategy(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> None:
     """`fedmask demo --strategy feddst`: the same fleet trains FedDST's sparse weights; late updates
     are dropped (said in one line), and each board is scored with the server's model, as the simulator does."""
@@ -77,6 +81,8 @@ def test_small_demo_with_a_strategy(amqp_service_url: str, redis_service_url: st
     assert "strategy feddst: mean personalized accuracy" in res.stdout
 
 
+# A further case of the demo family, as the one above.
+@pytest.mark.exhaustive
 def test_small_demo_in_async_mode(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> None:
     """`fedmask demo --mode async`: no rounds are opened; the aggregator tasks each board itself and
     flushes every K=2 stored updates; the demo stops after 3 flushes with every board merged, and the
