@@ -106,10 +106,6 @@ class StrategyStateStore:
         with self.store._guard("strategy_state"):
             return cast("bytes | None", self.client.get(self.state_key))
 
-    def exists(self) -> bool:
-        with self.store._guard("strategy_exists"):
-            return bool(self.client.exists(self.state_key))
-
     def load(self, server: ServerHalf) -> None:
         """Set the freshly built half's fields from Redis; StoreError if the stored state belongs to
         another strategy or a tensor is missing or malformed."""

@@ -162,13 +162,6 @@ def pays(packed_bytes: int) -> bool:
     return AVAILABLE and packed_bytes >= MIN_BYTES
 
 
-def warm() -> None:
-    """Compile (or load from numba's cache) the kernel now, so that a service's first round close
-    does not pay for it; nothing to do without numba."""
-    if AVAILABLE:
-        _compiled()
-
-
 def _words(data: np.ndarray, words: int) -> W64:
     """A (rows, nbytes) uint8 array as (rows, words) uint64: a view when aligned, else a zero-padded copy."""
     rows, nbytes = data.shape
