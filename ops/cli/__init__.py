@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from ops.cli.bench import bench
+from ops.cli.bench_capacity import capacity as _capacity  # noqa: F401  (registers bench capacity)
 from ops.cli.demo import demo
 from ops.cli.devices_admin import remove as _remove  # noqa: F401  (registers devices remove/rotate)
 from ops.cli.experiment import experiment
