@@ -3,30 +3,23 @@
 user) and Redis, three rounds driven by `fedmask round run`. The outcome must equal the simulator's
 (`run_strategy` on the same three devices, all sampled every round) bit for bit: every device's
 final model, the per-device test accuracies, and the uplink and downlink bytes, counted here from
-what the workers logged of the encoded messages they sent and received."""
+what the workers logged of the encoded messages they sent and received (tests/integration/
+strategy_reference.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from aggregator.core_strategy import StrategyCore
-from aggregator.store import RoundStore
-from shared.data import FederatedDataset
-from shared.sim.strategy_run import _scores, run_strategy
-from shared.strategies import get_strategy
-from shared.strategy_codec import StrategyMessage, decode_strategy, encode_strategy
-from shared.strategy_setup import PIPELINE_STRATEGIES, config_fields, strategy_setup
-from tests.integration.pipeline_fleet import SEED, TASK, WIDTH, cli, start_pipeline, subset, wait
-from worker.strategy_runtime import StrategyWorker
+from shared.strategy_setup import PIPELINE_STRATEGIES
+from tests.integration.pipeline_fleet import start_pipeline
+from tests.integration.strategy_reference import BOARDS, ROUNDS, assert_pipeline_equals_simulator
 
 pytestmark = pytest.mark.services
-ROUNDS, BOARDS, FIRST = 3, 3, 12  # FIRST: device ids no other pipeline test enrols (broker users are global)
+FIRST = 12  # device ids no other pipeline test enrols (broker users are global)
 
 
 @pytest.fixture(params=[pytest.param(s, marks=[] if s in ("fedavg", "feddst") else pytest.mark.exhaustive)
@@ -39,73 +32,5 @@ def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_servic
         yield {**p, "strategy": request.param}
 
 
-def _records(state_dir: Path, device: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (state_dir / f"{device}.stats.jsonl").read_text().splitlines()]
-
-
 def test_strategy_pipeline_equals_the_simulator(pipeline: dict[str, Any], redis_service_url: str) -> None:
-    store: RoundStore = pipeline["store"]
-    ids: list[str] = pipeline["ids"]
-    name: str = pipeline["strategy"]
-    state = pipeline["tmp"] / "state"
-    wait(lambda: sorted(store.device_ids()) == sorted(ids), 180, "every worker's hello")
-    assert store.config()["strategy"] == name
-    urls = ["--amqp-url", pipeline["admin_url"], "--redis-url", redis_service_url]
-    run = cli("round", "run", "--rounds", str(ROUNDS), "--quorum", "1.0", "--deadline", "240", "--json", *urls)
-    assert run.returncode == 0, run.stderr
-    summaries = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [(x["round"], x["state"], x["received"]) for x in summaries] == [(r, "closed", BOARDS)
-                                                                           for r in range(1, ROUNDS + 1)]
-    setup = strategy_setup(TASK, name, width=WIDTH, seed=SEED, rounds=ROUNDS)
-    data: FederatedDataset = subset(pipeline["data"], ids)
-    by_id = {d.device_id: d for d in data.devices}
-
-    # The same run in memory, step by step: the reference for the boards' weights and downlink counts.
-    reference = get_strategy(name).server(setup.spec, setup.cfg, seed=SEED, rounds=ROUNDS)
-    halves, models_sent = {}, dict.fromkeys(ids, 0)
-    for d in ids:
-        halves[d] = get_strategy(name).device(d, setup.spec, setup.cfg, (by_id[d].train.x, by_id[d].train.y), SEED)
-        halves[d].prepare()
-    for r in range(1, ROUNDS + 1):
-        received = {d: _wire(halves[d].train(_wire(reference.task(r, d)))) for d in ids}
-        for d, msg in reference.fold(r, received).items():  # {} for a strategy whose tasks carry the model
-            halves[d].apply(_wire(msg))
-            models_sent[d] += 1
-
-    def settled() -> bool:  # every board has sent its updates and applied and saved every model sent
-        return all(sum(r["type"] == "model" for r in _records(state, d)) == models_sent[d]
-                   and sum(r["type"] == "update" for r in _records(state, d)) == ROUNDS for d in ids)
-    wait(settled, 60, "workers to apply and save the last downlink")
-
-    sim = run_strategy(name, setup.cfg, data, setup.spec, rounds=ROUNDS, sample_rate=1.0, seed=SEED)
-    up = sum(r["bytes_up"] for d in ids for r in _records(state, d) if r["type"] == "update")
-    down = sum(r["bytes_down"] for d in ids for r in _records(state, d) if r["type"] in ("task", "model"))
-    assert (up, down) == (sim.uplink_bytes, sim.downlink_bytes)
-
-    boards = {}
-    for d in ids:  # each board's saved state, as a restarted worker would load it
-        w = StrategyWorker(d, dict(config_fields(name, setup.cfg)), setup.spec,
-                           (by_id[d].train.x, by_id[d].train.y), SEED)
-        w.load(state / f"{d}.npz")
-        boards[d] = w.half
-    server = StrategyCore(store, name, setup.cfg, setup.spec, seed=SEED, rounds=ROUNDS).server()
-    assert server.closed_round == ROUNDS
-    # Models first: evaluation (_scores) loads the server's current message into each board.
-    assert server.version == reference.version
-    for d in ids:
-        mine, theirs = boards[d].model.state_dict(), halves[d].model.state_dict()
-        assert mine.keys() == theirs.keys()
-        for key in mine:
-            assert np.array_equal(mine[key].numpy(), theirs[key].numpy()), f"{name} {d}: {key} differs"
-
-    evaluator = get_strategy(name).device("evaluator", setup.spec, setup.cfg, (np.zeros((0,)), np.zeros((0,))), SEED)
-    evaluator.prepare()
-    assert _scores(server, evaluator, boards, data, "test") == sim.per_device_accuracy
-
-    shown = cli("round", "status", "--redis-url", redis_service_url)
-    assert shown.returncode == 0 and f"strategy {name}" in shown.stdout, shown.stdout + shown.stderr
-
-
-def _wire(msg: StrategyMessage) -> StrategyMessage:
-    """What the other side receives: the message encoded and decoded, as between processes."""
-    return decode_strategy(encode_strategy(msg))
+    assert_pipeline_equals_simulator(pipeline, redis_service_url)
