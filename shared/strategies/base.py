@@ -204,6 +204,14 @@ def tensors(model: MaskedNet) -> list[tuple[str, torch.Tensor]]:
     return [(t.name, t.weight) for t in model.masked()]
 
 
+def trained_tensors(model: MaskedNet) -> list[tuple[str, torch.Tensor]]:
+    """Every trained parameter of a dense model, in model.parameters() order (the dense baselines'
+    vector, shared/sim/baselines.get_vector): the masked tensors by their names, then any other (the
+    char LSTM's real-valued gate weights and biases, which tensors() leaves out) by its module path."""
+    names = {id(t.weight): t.name for t in model.masked()}
+    return [(names.get(id(p), path), p) for path, p in model.named_parameters() if p.requires_grad]
+
+
 def set_tensor(param: torch.Tensor, flat: np.ndarray) -> None:
     with torch.no_grad():
         param.copy_(torch.from_numpy(np.asarray(flat).reshape(param.shape)))
