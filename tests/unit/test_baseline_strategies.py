@@ -1,7 +1,8 @@
 """The dense baselines as strategies (issue 12): standalone and topk through the interface equal
 shared/sim/baselines.py device for device (the models evaluated, not only their accuracies), FedAvg's
 and Top-k's halves carry every trained tensor (a char LSTM's real-valued gates too), Top-k's bytes are
-its encoded sparse parts, malformed updates are refused with a reason, and standalone sends nothing."""
+its encoded sparse parts, malformed updates are refused with a reason, and standalone, which sends
+nothing, has no pipeline and says why."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from shared.strategies import StrategyConfig, get_strategy
 from shared.strategies.standalone import standalone_epochs
 from shared.strategies.topk import sparsify, topk_count
 from shared.strategy_codec import StrategyMessage, decode_strategy, encode_strategy
+from shared.strategy_setup import strategy_setup
 from shared.train import TrainConfig
 
 ROUNDS, RATE, EPOCHS, SEED = 3, 0.5, 2, 3
@@ -270,3 +272,14 @@ def test_standalone_sends_nothing_and_its_server_refuses_any_message(digits: Fed
     with pytest.raises(RuntimeError, match="no rounds"):
         server.task(1, d.device_id)
 
+
+def test_standalone_has_no_pipeline_and_says_why_before_connecting() -> None:
+    with pytest.raises(ValueError, match="nothing to aggregate"):
+        strategy_setup("digits", "standalone")
+    assert strategy_setup("digits", "topk").cfg.topk_fraction == 0.1  # topk has one
+    nowhere = ["--amqp-url", "amqp://u:p@127.0.0.1:1/x"]
+    for args in (["aggregator", "run", "--task", "digits", "--redis-url", "redis://127.0.0.1:1/0"],
+                 ["worker", "--device-id", "digits-000", "--task", "digits"],
+                 ["demo", "--redis-url", "redis://127.0.0.1:1/0"]):
+        res = CliRunner().invoke(main, [*args, *nowhere, "--strategy", "standalone"])
+        assert res.exit_code != 0 and "nothing to aggregate" in res.output, (args, res.output)
