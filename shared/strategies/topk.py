@@ -35,8 +35,8 @@ NAME = "topk"
 
 
 def topk_count(fraction: float, params: int) -> int:
-    """Entries per update: at least one."""
-    return max(1, int(fraction * params))
+    """Entries per update: at least one, at most every weight (a fraction past 1 sends them all)."""
+    return max(1, min(params, int(fraction * params)))
 
 
 def sparsify(delta: np.ndarray, residual: np.ndarray, k: int,

@@ -158,6 +158,7 @@ def test_sparsify_keeps_the_largest_and_feeds_back_the_rest_exactly() -> None:
     assert np.count_nonzero(rest[keep]) > 0  # the rounding is there to feed back
     _, half, rest16 = sparsify(delta, residual, 50, "f16")
     assert np.array_equal(half, half.astype(np.float16).astype(np.float32)) and not np.array_equal(rest16, rest)
+    assert (topk_count(0.0, 10), topk_count(0.1, 1000), topk_count(2.0, 10)) == (1, 100, 10)
 
 
 def _exchange(data: FederatedDataset, cfg: StrategyConfig) -> tuple[Any, StrategyMessage, int]:
