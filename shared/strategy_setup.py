@@ -21,9 +21,14 @@ from shared.presets import model_spec, preset, tuned_config
 from shared.sim.variants import STRATEGY_VARIANTS
 from shared.strategies.base import StrategyConfig
 
-# fedavg is a dense baseline variant in the simulator's tables and a strategy here (FedAvgDevice is
-# equal to the baseline device, device for device: tests/unit/test_strategies.py).
-PIPELINE_STRATEGIES = ("fedavg", *STRATEGY_VARIANTS)
+# fedavg and topk are dense baseline variants in the simulator's tables and strategies here (each equal
+# to its baseline, device for device: tests/unit/test_strategies.py, tests/unit/test_baseline_strategies.py).
+PIPELINE_STRATEGIES = ("fedavg", "topk", *STRATEGY_VARIANTS)
+# Strategies with no pipeline, and why (`fedmask aggregator run --strategy S` and `fedmask worker` say it).
+NO_PIPELINE = {
+    "standalone": "standalone devices train on their own data only and send nothing, so there is nothing to "
+                  "aggregate; `fedmask simulate --variant standalone` runs it",
+}
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,17 @@ class StrategySetup:
 def strategy_setup(task: str, name: str, *, width: int | None = None, seed: int = 0,
                    rounds: int | None = None) -> StrategySetup:
     """The model and settings of strategy `name` on `task`; ValueError naming the choices otherwise."""
-    if name not in PIPELINE_STRATEGIES:
-        raise ValueError(f"strategy {name!r} has no pipeline; choose one of {', '.join(PIPELINE_STRATEGIES)}")
+    check_pipeline(name)
     tuned = tuned_config(task, name)
     return StrategySetup(name, model_spec(task, width=width, seed=seed), tuned.config.strategy_config(),
                          tuned.origin, rounds if rounds is not None else preset(task).rounds)
+
+
+def check_pipeline(name: str) -> None:
+    """ValueError, with the reason when there is one (NO_PIPELINE), unless `name` runs in the pipeline."""
+    if name not in PIPELINE_STRATEGIES:
+        why = f": {NO_PIPELINE[name]}" if name in NO_PIPELINE else ""
+        raise ValueError(f"strategy {name!r} has no pipeline{why}; choose one of {', '.join(PIPELINE_STRATEGIES)}")
 
 
 def config_fields(name: str, cfg: StrategyConfig) -> Mapping[str, str]:

@@ -61,6 +61,13 @@ def demo(workers: int, pi4: int, rounds: int, quorum: float, late: str, max_stal
 
     if mode == "async" and strategy is not None:
         raise click.UsageError("--mode async trains FedMask masks only: drop --strategy (strategies run in rounds)")
+    if strategy is not None:  # before any process starts (standalone has no pipeline: the reason)
+        from shared.strategy_setup import check_pipeline
+
+        try:
+            check_pipeline(strategy)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
     s = DemoSettings(workers=workers, pi4=pi4, rounds=rounds, quorum=quorum, late=late, max_staleness=max_staleness,
                      deadline_s=deadline, seed=seed, amqp_url=amqp_url, redis_url=redis_url, api_url=api_url, out=out,
                      strategy=strategy, mode=mode, buffer=buffer_k, staleness=staleness, flushes=flushes,

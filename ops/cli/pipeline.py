@@ -21,8 +21,10 @@ TASKS = click.Choice(["activity", "mnist", "digits", "shakespeare"])
 # shared.variant_setup.PIPELINE_VARIANTS, spelled out so that `--help` does not import torch.
 VARIANTS = click.Choice(["preset", "fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "fedmask-adapt-local",
                          "fedpm"])
-# shared.strategy_setup.PIPELINE_STRATEGIES, spelled out for the same reason.
-STRATEGIES = click.Choice(["fedavg", "feddst", "zerofl", "lg-fedavg", "per-fedavg", "bnn-fedavg"])
+# shared.strategy_setup.PIPELINE_STRATEGIES, spelled out for the same reason, and its NO_PIPELINE, so that
+# asking for one of those is refused with the reason (before any connection), not just as an unknown choice.
+STRATEGIES = click.Choice(["fedavg", "topk", "feddst", "zerofl", "lg-fedavg", "per-fedavg", "bnn-fedavg",
+                           "standalone"])
 strategy_opt = click.option("--strategy", type=STRATEGIES, default=None,
                             help="a weight-training strategy instead of FedMask (docs/design.md, \"Strategies\"); "
                                  "aggregator and workers must agree")

@@ -25,7 +25,7 @@ METHODS = ("fedmask", *BASELINES)
               help="run a named variant with its tuned config (shared/tuned/); replaces --method and the "
                    "training flags")
 @click.option("--via-strategy", is_flag=True,
-              help="with --variant (the FedMask family, fedavg, fedavg-ft): run it through the strategy "
+              help="with --variant (the FedMask family and the dense baselines): run it through the strategy "
                    "interface (shared/strategies/) instead of its own path: the same results, bytes of "
                    "strategy messages")
 @click.option("--merge", type=click.Choice(sorted(RULES)), default=None, help="merge rule (default: the task preset's)")
@@ -66,7 +66,7 @@ def simulate(task: str, method: str, variant: str | None, via_strategy: bool, me
     rounds = rounds or p.rounds
     bar = Bar(f"{variant or method} {task}", rounds, enabled=not quiet)
     if via_strategy and variant is None:
-        raise click.UsageError("--via-strategy runs a named FedMask variant: give --variant too")
+        raise click.UsageError("--via-strategy runs a named variant: give --variant too")
     try:
         if variant is not None:
             from ops.engine.variants import run_tuned_variant

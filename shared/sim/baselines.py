@@ -3,6 +3,9 @@
 Bytes are counted as the payload a real system would send: 4 bytes per float32 parameter for
 dense models; 8 bytes per kept element (float32 value + int32 index) for Top-k uplinks; plus
 the same per-message header the codec adds to a FedMask message, so comparisons are fair.
+
+Each is a strategy too (shared/strategies/: fedavg, fedavg-ft, standalone, topk), equal to the path
+here device for device; Top-k's sparsification and Standalone's budget are those modules' functions.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from shared.device import derive_seed
 from shared.models import MaskedNet, ModelSpec, build_model
 from shared.rounds import sample_count, sample_devices
 from shared.sim.result import Progress, SimResult, mean_accuracy
+from shared.strategies.standalone import standalone_epochs
+from shared.strategies.topk import sparsify, topk_count
 from shared.train import TrainConfig, evaluate, local_train
 
 HEADER_BYTES = 200  # about what codec adds around the payload (ids, hashes, crc, stats)
@@ -52,7 +57,7 @@ def run_baseline(method: str, data: FederatedDataset, spec: ModelSpec, cfg: Trai
     init = get_vector(model)
     by_id = {d.device_id: d for d in data.devices}
     if method == "standalone":
-        epochs = 1 + round(local_epochs * rounds * sample_rate) + final_local_epochs
+        epochs = standalone_epochs(local_epochs, rounds, sample_rate, final_local_epochs)
         return _standalone(data, model, init, cfg, rounds, epochs, seed, start)
 
     params = init.size
@@ -63,23 +68,26 @@ def run_baseline(method: str, data: FederatedDataset, spec: ModelSpec, cfg: Trai
     up = down = 0
     train_seconds = 0.0
     history = []
-    residual: dict[str, np.ndarray] = {}  # Top-k error feedback: what each device has not sent yet
+    # Top-k error feedback: what each device has not sent yet (float64), and how many entries it sends.
+    residual: dict[str, np.ndarray] = {}
+    k = topk_count(topk_fraction, params)
     for r in range(1, rounds + 1):
         sampled = sample_devices(list(by_id), sample_count(len(by_id), rate=sample_rate), seed=seed, round_id=r)
         deltas, weights = [], []
         for d in sampled:
             set_vector(model, global_w)
+            sent_model = get_vector(model)  # the float32 copy of the global model a device receives
             st = local_train(model, by_id[d].train.x, by_id[d].train.y, local_epochs, cfg,
                              seed=derive_seed(seed, "round", r, d))
             train_seconds += st.seconds
             delta = get_vector(model) - global_w
             if method == "topk":
-                k = max(1, int(topk_fraction * params))
-                full = delta + residual.get(d, 0.0)
-                keep = np.argpartition(np.abs(full), -k)[-k:]
-                delta = np.zeros_like(full)
-                delta[keep] = full[keep]
-                residual[d] = full - delta
+                # Against the model the device was sent, values rounded to float32 as the wire carries
+                # them (until 2026-12-04: float64 against the float64 global model, which a device never holds).
+                trained = get_vector(model).astype(np.float64) - sent_model
+                keep, values, residual[d] = sparsify(trained, residual.get(d, np.zeros(params)), k)
+                delta = np.zeros(params, np.float32)
+                delta[keep] = values
                 up += HEADER_BYTES + 8 * k
             else:
                 up += HEADER_BYTES + 4 * params

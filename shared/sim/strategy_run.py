@@ -5,6 +5,8 @@ Per round: the sampled devices (without replacement, shared/rounds.sample_device
 (with the model when their copy is stale), train and upload; the server folds the updates and its
 downlinks (if any) are delivered. Evaluation of a global-model strategy: its final model on every
 device's test (and validation) split, not counted as traffic, as shared/sim/baselines.py does.
+A strategy whose devices never talk to a server (standalone: DeviceHalf.federated False) runs no
+rounds: every device is built and trains in finish().
 """
 
 from __future__ import annotations
@@ -38,16 +40,19 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
     up = down = updates = downloads = hello_bytes = 0
     flops = dense_flops = train_seconds = 0.0
     history = []
-    if strategy.device.enrols:  # every device announces itself before round 1 (FedMask: prune, structure)
+    federated = strategy.device.federated  # False (standalone): no rounds, every device trains in finish()
+    if strategy.device.enrols or not federated:  # every device before round 1 (FedMask: prune, structure)
         for dd in data.devices:
             member = devices[dd.device_id] = _device(strategy, dd, spec, cfg, seed)
             hello = member.hello()
-            assert hello is not None  # an enrolling device has a hello
+            if hello is None:  # an enrolling device has a hello; a standalone one sends nothing
+                assert not strategy.device.enrols
+                continue
             body = encode_strategy(hello)
             hello_bytes += len(body)
             server.enrol(decode_strategy(body, expect_type="shello"))
             train_seconds += member.last_stats.seconds if member.last_stats is not None else 0.0
-    for r in range(1, rounds + 1):
+    for r in range(1, (rounds if federated else 0) + 1):
         sampled = sample_devices(list(by_id), sample_count(len(by_id), rate=sample_rate), seed=seed, round_id=r)
         received = {}
         for d in sampled:
@@ -75,7 +80,10 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
         if progress:
             progress(r, rounds, point)
     for dev in devices.values():
+        before = dev.last_stats
         dev.finish()
+        if dev.last_stats is not before and dev.last_stats is not None:  # it trained (a fine-tune, standalone)
+            train_seconds += dev.last_stats.seconds
     test_acc = _scores(server, evaluator, devices, data, "test")
     val_acc = _scores(server, evaluator, devices, data, "val")
     if save_dir is not None:
@@ -94,11 +102,13 @@ def run_strategy(name: str, cfg: StrategyConfig, data: FederatedDataset, spec: M
     if hasattr(server, "readjust_rounds"):  # FedDST: when masks were readjusted, how far the global one moved
         extra["readjust_rounds"] = list(server.readjust_rounds)
         extra["mask_moves"] = list(getattr(server, "mask_moves", []))
+    # Bits per update; a strategy that sends nothing by design (standalone) spends 0, as the baseline counts it.
+    up_bits = 8 * up / (params * updates) if updates else (float("nan") if federated else 0.0)
     return SimResult(
         method=name, task=data.task, devices=len(by_id), rounds=rounds,
         personalized_accuracy=mean_accuracy(test_acc), per_device_accuracy=test_acc,
         uplink_bytes=up + hello_bytes, downlink_bytes=down,
-        uplink_bits_per_param=8 * up / (params * updates) if updates else float("nan"),
+        uplink_bits_per_param=up_bits,
         train_seconds=train_seconds, wall_seconds=time.perf_counter() - start, params=params,
         validation_accuracy=mean_accuracy(val_acc), history=history, extra=extra)
 

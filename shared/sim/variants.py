@@ -22,6 +22,7 @@ from shared.sim.fedmask import run_fedmask
 from shared.sim.result import Progress, SimResult
 from shared.sim.strategy_run import run_strategy
 from shared.strategies.base import StrategyConfig
+from shared.strategies.standalone import standalone_epochs
 from shared.train import TrainConfig
 
 if TYPE_CHECKING:  # presets reads tuned configs through this module: no runtime import back
@@ -32,8 +33,9 @@ MASK_VARIANTS = ("fedmask", "fedmask-local", "fedmask-agree", "fedmask-adapt", "
 # Run through the strategy interface (shared/strategies/, shared/sim/strategy_run.py).
 STRATEGY_VARIANTS = ("feddst", "zerofl", "lg-fedavg", "per-fedavg", "bnn-fedavg")
 VARIANTS = (*DENSE_VARIANTS, *MASK_VARIANTS, *STRATEGY_VARIANTS)
-# Variants with their own path that can also run through a strategy (run_variant's via_strategy).
-VIA_STRATEGY = (*MASK_VARIANTS, "fedavg", "fedavg-ft")
+# Variants with their own path that can also run through a strategy (run_variant's via_strategy): all of
+# them (the strategy variants have no other path).
+VIA_STRATEGY = (*MASK_VARIANTS, *DENSE_VARIANTS)
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 # The shares a fedmask-adapt* device tries on its own validation split: none of the fleet's agreement to all of it.
 ADAPT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -85,11 +87,14 @@ class VariantConfig:
         return self.variant in STRATEGY_VARIANTS
 
     def strategy_config(self) -> StrategyConfig:
+        """A dense or strategy variant as its strategy's config (standalone's budget, which depends on the
+        run's rounds and sample rate, is run_variant's)."""
         return StrategyConfig(train=self.train, local_epochs=self.local_epochs, sparsity=self.sparsity,
                               alpha=self.alpha, readjust_every=self.readjust_every, density_rule=self.density_rule,
                               mask_ratio=self.mask_ratio, unsent=self.unsent, sparsify_first=self.sparsify_first,
                               head_layers=self.head_layers, inner_lr=self.inner_lr, outer_lr=self.outer_lr,
-                              bnn_scale=self.bnn_scale)
+                              bnn_scale=self.bnn_scale, topk_fraction=self.topk_fraction,
+                              final_local_epochs=self.final_local_epochs)
 
     def with_(self, **changes: Any) -> VariantConfig:
         """Change knobs by name; TrainConfig's fields (lr, batch_size, ...) go to `train`."""
@@ -178,22 +183,26 @@ def run_variant(cfg: VariantConfig, data: FederatedDataset, spec: ModelSpec, *, 
     8 * downlink_bytes / (params * downloads), downloads = one per participant per round (the
     merged mask, or the global model) plus any final downloads (fedavg-ft, the fedpm broadcast).
 
-    via_strategy (the FedMask family, fedavg, fedavg-ft): run through the strategy interface
-    (shared/strategies/: fedmask, fedavg, fedavg-ft) instead of the variant's own path: the same
-    masks and accuracies, bytes counted from strategy messages."""
-    if via_strategy:
+    via_strategy (the FedMask family and the dense baselines): run through the strategy interface
+    (shared/strategies/: fedmask, fedavg, fedavg-ft, standalone, topk) instead of the variant's own
+    path: the same masks and accuracies, bytes counted from strategy messages (a strategy variant
+    runs through it either way)."""
+    if via_strategy and not cfg.strategy:
         if cfg.variant not in VIA_STRATEGY:
             raise ValueError(f"{cfg.variant} has no strategy of its own: via_strategy is for {VIA_STRATEGY}")
         if adversary is not None:
             raise ValueError("the Byzantine hook is in FedMask's own update path, not in the strategies")
         mask = cfg.variant in MASK_VARIANTS
-        scfg = cfg.fedmask_strategy_config() if mask else cfg.strategy_config().with_(
-            final_local_epochs=cfg.final_local_epochs)
+        scfg = cfg.fedmask_strategy_config() if mask else cfg.strategy_config()
+        if cfg.variant == "standalone":
+            scfg = scfg.with_(standalone_epochs=standalone_epochs(cfg.local_epochs, rounds, sample_rate,
+                                                                  cfg.final_local_epochs))
         r = run_strategy("fedmask" if mask else cfg.variant, scfg, data, spec.with_(personal_head=cfg.personal_head),
                          rounds=rounds, sample_rate=sample_rate, seed=seed, eval_every=eval_every,
                          progress=progress, save_dir=save_devices)
+        own = {"local_epochs_total": scfg.standalone_epochs} if cfg.variant == "standalone" else {}  # as the baseline's
         return replace(r, method=cfg.variant, merge=(cfg.merge or "paper") if mask else None,
-                       extra={**r.extra, "via": "strategy", "config": cfg.to_json()})
+                       extra={**r.extra, **own, "via": "strategy", "config": cfg.to_json()})
     if cfg.strategy:
         if adversary is not None or save_devices is not None:
             raise ValueError(f"{cfg.variant} runs through the strategy interface: no Byzantine hook, no saved devices")

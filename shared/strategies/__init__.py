@@ -14,6 +14,8 @@ from shared.strategies.feddst import FedDSTDevice, FedDSTServer
 from shared.strategies.fedmask import FedMaskDevice, FedMaskServer
 from shared.strategies.lg_fedavg import LGFedAvgDevice, LGFedAvgServer
 from shared.strategies.per_fedavg import PerFedAvgDevice, PerFedAvgServer
+from shared.strategies.standalone import StandaloneDevice, StandaloneServer
+from shared.strategies.topk import TopKDevice, TopKServer
 from shared.strategies.zerofl import ZeroFLDevice, ZeroFLServer
 
 STRATEGIES: dict[str, Strategy] = {
@@ -22,6 +24,10 @@ STRATEGIES: dict[str, Strategy] = {
     "fedavg": Strategy("fedavg", FedAvgDevice, FedAvgServer, "dense weights averaged (McMahan et al. 2017)"),
     "fedavg-ft": Strategy("fedavg-ft", FedAvgFTDevice, FedAvgFTServer,
                           "FedAvg, then every device fine-tunes the final model on its own data"),
+    "standalone": Strategy("standalone", StandaloneDevice, StandaloneServer,
+                           "local training only, a FedMask device's budget; nothing is sent"),
+    "topk": Strategy("topk", TopKDevice, TopKServer,
+                     "FedAvg with the top-k update entries sent, error feedback (Stich et al. 2018)"),
     "feddst": Strategy("feddst", FedDSTDevice, FedDSTServer, "sparse weights, dynamic masks (Bibikar et al. 2022)"),
     "zerofl": Strategy("zerofl", ZeroFLDevice, ZeroFLServer, "SWAT training, top-K uploads (Qiu et al. 2022)"),
     "lg-fedavg": Strategy("lg-fedavg", LGFedAvgDevice, LGFedAvgServer, "local body, global head (Liang et al. 2020)"),

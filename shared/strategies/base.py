@@ -67,6 +67,10 @@ class StrategyConfig:
     inner_lr: float = 0.01         # Per-FedAvg: alpha, the inner (and evaluation-time adaptation) step
     outer_lr: float = 0.001        # Per-FedAvg: beta, the outer (meta) step
     bnn_scale: bool = True         # BNN-FedAvg: per-layer scale mean|w| (XNOR-Net's) on the +-1 weights
+    topk_fraction: float = 0.1     # Top-k: the share of the weights each update carries (error feedback keeps the rest)
+    # Standalone: each device's local epochs in all (run_variant gives a FedMask device's average budget,
+    # shared/strategies/standalone.standalone_epochs); 0: local_epochs.
+    standalone_epochs: int = 0
     # FedMask (shared/strategies/fedmask.py): the device's own config (None: FedMaskConfig's defaults with
     # `train` and `local_epochs` above), the merge rule, the local adaptation before evaluation, and the
     # agreement rule's last-round broadcast to every device (FedPM's one global model).
@@ -84,6 +88,9 @@ class DeviceHalf(ABC):
     # Whether the device announces itself with a payload before its first task (FedMask: its pruned
     # structure, in an "shello" from hello()); the runner then enrols every device before round 1.
     enrols: ClassVar[bool] = False
+    # False: the device never talks to a server (standalone): the runner runs no rounds, builds every
+    # device and lets finish() do all of its training.
+    federated: ClassVar[bool] = True
 
     def __init__(self, device_id: str, spec: ModelSpec, cfg: StrategyConfig,
                  train_xy: tuple[np.ndarray, np.ndarray], seed: int,
@@ -202,6 +209,14 @@ def version_of(round_id: int, arrays: list[np.ndarray]) -> str:
 def tensors(model: MaskedNet) -> list[tuple[str, torch.Tensor]]:
     """(name, weight parameter) of every trained tensor, in layout order."""
     return [(t.name, t.weight) for t in model.masked()]
+
+
+def trained_tensors(model: MaskedNet) -> list[tuple[str, torch.Tensor]]:
+    """Every trained parameter of a dense model, in model.parameters() order (the dense baselines'
+    vector, shared/sim/baselines.get_vector): the masked tensors by their names, then any other (the
+    char LSTM's real-valued gate weights and biases, which tensors() leaves out) by its module path."""
+    names = {id(t.weight): t.name for t in model.masked()}
+    return [(names.get(id(p), path), p) for path, p in model.named_parameters() if p.requires_grad]
 
 
 def set_tensor(param: torch.Tensor, flat: np.ndarray) -> None:

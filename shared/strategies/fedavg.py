@@ -1,7 +1,8 @@
 """FedAvg as a strategy: devices train the dense weights from the global model and upload them
-(float32, every tensor); the server adds the sample-weighted mean of (uploaded - global) to the global
-weights. The arithmetic is shared/sim/baselines.py's, in the same order, so a run through this
-interface gives the baseline's accuracies exactly (tests/unit/test_strategies.py checks it)."""
+(float32, every trained tensor: base.trained_tensors, the char LSTM's real-valued gates and biases
+too); the server adds the sample-weighted mean of (uploaded - global) to the global weights. The
+arithmetic is shared/sim/baselines.py's, in the same order, so a run through this interface gives
+the baseline's accuracies exactly (tests/unit/test_strategies.py checks it)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from shared.strategies.base import (
     dense_train_flops,
     get_tensor,
     linear_sizes,
-    load_dense,
-    tensors,
+    set_tensor,
+    trained_tensors,
     version_of,
 )
 from shared.strategy_codec import StrategyMessage
@@ -37,15 +38,16 @@ class FedAvgDevice(DeviceHalf):
         st = local_train(self.model, self.x, self.y, self.cfg.local_epochs, self.cfg.train,
                          seed=derive_seed(self.seed, "round", task.round, self.device_id))
         self.last_stats = st
-        parts = [dense_part(n, get_tensor(p), self.cfg.value_dtype) for n, p in tensors(self.model)]
-        flops = _flops(self.model, st.samples * self.cfg.local_epochs)
+        parts = [dense_part(n, get_tensor(p), self.cfg.value_dtype) for n, p in trained_tensors(self.model)]
+        flops = train_flops(self.model, st.samples * self.cfg.local_epochs)
         return self.update(task, parts, st, flops, flops)
 
     def apply(self, msg: StrategyMessage) -> None:
         self._load(msg)
 
     def _load(self, msg: StrategyMessage) -> None:
-        load_dense(self.model, msg)
+        for name, param in trained_tensors(self.model):
+            set_tensor(param, _dense(msg, name, param.numel()))
         self.version = msg.model
 
 
@@ -55,9 +57,10 @@ class FedAvgServer(ServerHalf):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         model = build_model(dense(self.spec))
-        self.names = [n for n, _ in tensors(model)]
-        self.sizes = [p.numel() for _, p in tensors(model)]
-        self.w = np.concatenate([get_tensor(p) for _, p in tensors(model)])  # float64 after round 1, as baselines
+        params = trained_tensors(model)
+        self.names = [n for n, _ in params]
+        self.sizes = [p.numel() for _, p in params]
+        self.w = np.concatenate([get_tensor(p) for _, p in params])  # float64 after round 1, as baselines
         self.version = version_of(0, [self.w])
 
     def _parts(self) -> list[Part]:
@@ -87,7 +90,8 @@ def _dense(msg: StrategyMessage, name: str, n: int) -> np.ndarray:
     return part.array()
 
 
-def _flops(model: object, samples: int) -> float:
+def train_flops(model: object, samples: int) -> float:
+    """Dense training's FLOPs for `samples` (base.dense_train_flops); 0 for an arch it does not count."""
     try:
         return dense_train_flops(linear_sizes(model), samples)  # type: ignore[arg-type]
     except ValueError:

@@ -16,7 +16,7 @@ import numpy as np
 
 from shared.device import derive_seed
 from shared.errors import CodecError
-from shared.strategies.base import get_tensor, tensors, version_of
+from shared.strategies.base import get_tensor, trained_tensors, version_of
 from shared.strategies.fedavg import FedAvgDevice, FedAvgServer
 from shared.strategy_codec import StrategyMessage
 from shared.train import local_train
@@ -29,7 +29,7 @@ class FedAvgFTDevice(FedAvgDevice):
     enrols = True
 
     def hello(self) -> StrategyMessage:
-        initial = version_of(0, [np.concatenate([get_tensor(p) for _, p in tensors(self.model)])])
+        initial = version_of(0, [np.concatenate([get_tensor(p) for _, p in trained_tensors(self.model)])])
         return StrategyMessage(type="shello", strategy=NAME, device=self.device_id, round=0, model=initial)
 
     def apply(self, msg: StrategyMessage) -> None:

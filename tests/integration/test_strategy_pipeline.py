@@ -51,7 +51,7 @@ def _devices(name: str, data: FederatedDataset, spec: ModelSpec, cfg: StrategyCo
     return out
 
 
-@pytest.mark.parametrize("name", ["fedavg", "feddst", "zerofl", "lg-fedavg"])
+@pytest.mark.parametrize("name", ["fedavg", "topk", "feddst", "zerofl", "lg-fedavg"])
 def test_three_rounds_through_redis_equal_the_simulator(name: str, fleet: FederatedDataset,
                                                         store: RoundStore, tmp_path: Path) -> None:
     spec, cfg = _spec(fleet), _cfg(name)

@@ -16,8 +16,9 @@ from shared.errors import CodecError
 from shared.models import ModelSpec
 from shared.payloads import Part, bits_part
 from shared.presets import preset
+from shared.sim.byzantine import Adversary
 from shared.sim.strategy_run import run_strategy
-from shared.sim.variants import MASK_VARIANTS, default_config, run_variant
+from shared.sim.variants import MASK_VARIANTS, STRATEGY_VARIANTS, VARIANTS, VIA_STRATEGY, default_config, run_variant
 from shared.strategies import StrategyConfig, get_strategy
 from shared.strategies.fedmask import FedMaskDevice, FedMaskServer
 from shared.strategy_codec import StrategyMessage, decode_strategy, encode_strategy
@@ -71,9 +72,11 @@ def test_every_fedmask_variant_runs_the_same_through_the_strategy(variant: str, 
 
 
 def test_run_variant_refuses_what_the_strategy_does_not_carry() -> None:
-    with pytest.raises(ValueError, match="no strategy of its own"):
-        run_variant(default_config("topk", preset("digits")), load_task("digits", num_devices=2, seed=0),
-                    ModelSpec("mlp", (64,), 10, width=8), rounds=1, sample_rate=1.0, seed=0, via_strategy=True)
+    assert set(VIA_STRATEGY) | set(STRATEGY_VARIANTS) == set(VARIANTS)  # every variant has a strategy
+    with pytest.raises(ValueError, match="Byzantine hook"):
+        run_variant(default_config("fedmask", preset("digits")), load_task("digits", num_devices=2, seed=0),
+                    ModelSpec("mlp", (64,), 10, width=8), rounds=1, sample_rate=1.0, seed=0, via_strategy=True,
+                    adversary=Adversary(frozenset({"digits-000"}), "invert"))
     with pytest.raises(ValueError, match="delta coding"):
         FedMaskServer(ModelSpec("mlp", (64,), 10, width=8),
                       StrategyConfig(fedmask=FedMaskConfig(coding="delta")), seed=0, rounds=1)
