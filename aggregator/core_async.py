@@ -50,9 +50,9 @@ class AsyncCore(AggregatorCore):
     def describe_stream(self) -> str:
         """What a flush buffers and sends, for the service's start-up log."""
         weight = "each vote weighted 1/sqrt(1+tau)" if self.staleness == "sqrt" else "every vote weighted 1"
-        sends = ("the agreement theta over their samples as 4-bit levels (q4)" if self.rule_downlink == "q4"
-                 else f"its merged mask ({self.rule.name} rule, bits inside its structure)")
-        return (f"async stream: a flush every {self.k} stored updates; each buffered board gets {sends}, voted by "
+        sends = ("the agreement theta, as 4-bit levels inside its structure (q4)," if self.rule_downlink == "q4"
+                 else f"its merged mask ({self.rule.name} rule, bits inside its structure),")
+        return (f"async stream: a flush every {self.k} stored updates; each buffered board gets {sends} voted by "
                 f"the buffered updates and the other boards' latest at most {self.max_staleness} versions old, "
                 f"{weight}")
 
