@@ -28,7 +28,7 @@ from aggregator.core import AggregatorCore
 from aggregator.core_batch import ACK, Decision
 from aggregator.store_async import REPLAY_KEEP, AsyncStore, update_id
 from shared import codec
-from shared.async_buffer import STALENESS, Flush, Held, merge_buffered, staleness_weight
+from shared.async_buffer import STALENESS, Flush, Held, check_weighting, merge_buffered
 from shared.errors import CodecError, ConfigError
 from shared.rounds import DeviceRecord, agreement_message, check_update, mask_message, unpack_update
 
@@ -43,7 +43,10 @@ class AsyncCore(AggregatorCore):
         if buffer_k < 1 or max_staleness < 0 or staleness not in STALENESS:
             raise ConfigError(f"async mode needs --buffer >= 1, --max-staleness >= 0 and --staleness in "
                               f"{', '.join(STALENESS)}; got {buffer_k}, {max_staleness}, {staleness!r}")
-        staleness_weight(staleness, 0)
+        try:
+            check_weighting(self.rule, staleness)  # at start, not at the stream's first flush
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         self.k, self.max_staleness, self.staleness = buffer_k, max_staleness, staleness
         self.stream = AsyncStore(self.store, replay_keep=replay_keep)
 

@@ -43,6 +43,7 @@ from shared.bits import pack, unpack
 from shared.merge_rules import AgreementRule, MergeContext, MergeRule
 
 STALENESS = ("constant", "sqrt")
+WEIGHTED_RULES = ("paper", "head", "body", "agreement")  # the rules a staleness weight applies to
 StoreStatus = Literal["stored", "replaced", "duplicate"]
 
 
@@ -54,6 +55,15 @@ def staleness_weight(kind: str, tau: int) -> float:
     if kind == "sqrt":
         return 1.0 / math.sqrt(1.0 + tau)
     raise ValueError(f"unknown staleness function {kind!r}; choose one of {', '.join(STALENESS)}")
+
+
+def check_weighting(rule: MergeRule, staleness: str) -> None:
+    """Refuse, before any update arrives, a rule the staleness weight cannot be applied to: a weighted
+    vote exists for the majority rules and the agreement rule; any rule runs unchanged under "constant"."""
+    staleness_weight(staleness, 0)
+    if staleness != "constant" and rule.name not in WEIGHTED_RULES:
+        raise ValueError(f"staleness {staleness!r} weighs the votes of {', '.join(WEIGHTED_RULES)}, not of "
+                         f"{rule.name!r}; use staleness constant")
 
 
 def _vote_region(rule: MergeRule, ctx: MergeContext) -> np.ndarray:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.async_buffer import AsyncBuffer
+from shared.async_buffer import AsyncBuffer, check_weighting
 from shared.merge_rules import AgreementRule, MergeContext, get_rule
 from shared.rounds import DeviceRecord, RoundState, merge_round, quorum_count, sample_count, sample_devices
 from shared.sim.clock import Event, EventQueue
@@ -136,6 +136,8 @@ class _Sim:
         self.parked: dict[str, tuple[int, str]] = {}
         # async
         self.buffer = AsyncBuffer(cfg.k, cfg.max_staleness, cfg.staleness)
+        if cfg.mode == "async":
+            check_weighting(self.rule, cfg.staleness)
         self.uid_of: dict[str, str] = {}
         self.update_bits: dict[str, np.ndarray] = {}
 

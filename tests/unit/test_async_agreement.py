@@ -9,7 +9,7 @@ import pytest
 
 from shared import codec
 from shared.agreement import dequantize, quantize, unpack_levels
-from shared.async_buffer import AsyncBuffer, Held, merge_buffered, staleness_weight, weighted_theta
+from shared.async_buffer import AsyncBuffer, Held, check_weighting, merge_buffered, staleness_weight, weighted_theta
 from shared.bits import pack
 from shared.merge_rules import AgreementRule, MergeContext, get_rule
 from shared.rounds import DeviceRecord, agreement_message
@@ -132,3 +132,14 @@ def test_each_buffered_board_gets_theta_inside_its_structure_as_q4() -> None:
         assert np.array_equal(levels, quantize(out.theta[where]))
         assert np.abs(dequantize(levels) - out.theta[where]).max() <= 0.5 / 15 + 1e-6
 
+
+
+def test_a_rule_without_a_weighted_vote_is_refused_before_the_first_update() -> None:
+    for name in ("paper", "head", "body", "agreement"):
+        check_weighting(get_rule(name), "sqrt")
+    for name in ("consensus", "robust", "affinity", "local"):
+        check_weighting(get_rule(name), "constant")  # any rule, unchanged
+        with pytest.raises(ValueError, match="use staleness constant"):
+            check_weighting(get_rule(name), "sqrt")
+    with pytest.raises(ValueError, match="unknown staleness"):
+        check_weighting(RULE, "linear")
