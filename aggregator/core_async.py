@@ -7,6 +7,11 @@ next task at once, and every K stored updates flushes: each buffered board gets 
 at once. The merge itself is shared.async_buffer.merge_buffered over the state Redis holds, the same
 function the simulator's AsyncBuffer calls, so a replay of the stored order matches bit for bit.
 
+Under the agreement rule (`--variant fedmask-agree`, fedmask-adapt, fedmask-adapt-local, fedpm) a flush
+sends each buffered board theta over the same voters as 4-bit levels (enc "q4", shared.rounds.
+agreement_message), Redis keeping that payload as published, as a round's close does; the board blends
+it into its scores and names its version in its next update. Delta coding stays with the bit rules.
+
 Hellos, sender checks and downlinks reuse AggregatorCore (a subclass: only the update path and the
 absence of rounds differ). One aggregator owns the stream: a flush is published before it is committed
 (async_flush.lua), so a crash in between publishes the same flush again (devices drop repeats by version).
@@ -23,9 +28,9 @@ from aggregator.core import AggregatorCore
 from aggregator.core_batch import ACK, Decision
 from aggregator.store_async import REPLAY_KEEP, AsyncStore, update_id
 from shared import codec
-from shared.async_buffer import STALENESS, Flush, Held, merge_buffered, staleness_weight
+from shared.async_buffer import STALENESS, Flush, Held, check_weighting, merge_buffered
 from shared.errors import CodecError, ConfigError
-from shared.rounds import DeviceRecord, check_update, mask_message, unpack_update
+from shared.rounds import DeviceRecord, agreement_message, check_update, mask_message, unpack_update
 
 log = logging.getLogger("fedmask.aggregator")
 TASK_DEADLINE_S = 24 * 3600.0  # async tasks have no round deadline; a day keeps the worker's check inert
@@ -38,9 +43,21 @@ class AsyncCore(AggregatorCore):
         if buffer_k < 1 or max_staleness < 0 or staleness not in STALENESS:
             raise ConfigError(f"async mode needs --buffer >= 1, --max-staleness >= 0 and --staleness in "
                               f"{', '.join(STALENESS)}; got {buffer_k}, {max_staleness}, {staleness!r}")
-        staleness_weight(staleness, 0)
+        try:
+            check_weighting(self.rule, staleness)  # at start, not at the stream's first flush
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         self.k, self.max_staleness, self.staleness = buffer_k, max_staleness, staleness
         self.stream = AsyncStore(self.store, replay_keep=replay_keep)
+
+    def describe_stream(self) -> str:
+        """What a flush buffers and sends, for the service's start-up log."""
+        weight = "each vote weighted 1/sqrt(1+tau)" if self.staleness == "sqrt" else "every vote weighted 1"
+        sends = ("the agreement theta, as 4-bit levels inside its structure (q4)," if self.rule_downlink == "q4"
+                 else f"its merged mask ({self.rule.name} rule, bits inside its structure),")
+        return (f"async stream: a flush every {self.k} stored updates; each buffered board gets {sends} voted by "
+                f"the buffered updates and the other boards' latest at most {self.max_staleness} versions old, "
+                f"{weight}")
 
     def settings(self) -> dict[str, str]:
         """What fm:config records for `round status` / `watch`."""
@@ -95,16 +112,26 @@ class AsyncCore(AggregatorCore):
         out = merge_buffered(self.rule, self.ctx, st.version, latest, st.buffer, structures,
                              self.max_staleness, self.staleness)
         self._fault("merging")
-        for device, merged in out.masks.items():
-            msg = mask_message(device, merged, records[device], round_id=out.version, fingerprint=self.fingerprint,
-                               layout=self.layout, nbits=self.nbits)
+        kept = {}
+        for device, msg in self.flush_messages(out, records).items():
             self._send(device, codec.encode(msg))
-        self.store.set_masks({d: m.tobytes() for d, m in out.masks.items()}, out.version)  # idempotent
+            kept[device] = (msg.bits or b"") if out.theta is not None else out.masks[device].tobytes()
+        self.store.set_masks(kept, out.version)  # idempotent
         self._fault("published_all")
         if self.stream.commit_flush(st.version, st.buffer, out.voters):
-            log.info("async flush v%d: %d buffered merged, %d voters, %d too stale", out.version, len(out.masks),
+            log.info("async flush v%d: %d buffered merged, %d voters, %d too stale", out.version, len(out.boards),
                      out.voters, out.stale_excluded)
         return out
+
+    def flush_messages(self, out: Flush, records: dict[str, DeviceRecord]) -> dict[str, codec.Message]:
+        """Each buffered board's downlink: its merged bits, or under the agreement rule theta inside its
+        structure as q4 levels (what Redis keeps then: the payload as published, as after a round)."""
+        v, fp, lay, n, theta = out.version, self.fingerprint, self.layout, self.nbits, out.theta
+        if theta is not None:
+            return {d: agreement_message(d, theta, records[d], round_id=v, fingerprint=fp, layout=lay, nbits=n)
+                    for d in out.boards}
+        return {d: mask_message(d, out.masks[d], records[d], round_id=v, fingerprint=fp, layout=lay, nbits=n)
+                for d in out.boards}
 
     def held_state(self, bodies: dict[str, bytes], bases: dict[str, int]
                    ) -> tuple[dict[str, Held], dict[str, np.ndarray], dict[str, DeviceRecord]]:

@@ -128,7 +128,9 @@ class AggregatorService:
                 "config_origin": self.setup.origin, **mode_config(s)}
 
     def describe(self) -> str:
-        return (self.strategy_setup or self.setup).describe()  # type: ignore[union-attr]
+        what: str = (self.strategy_setup or self.setup).describe()  # type: ignore[union-attr]
+        stream = getattr(self.core, "describe_stream", None)  # async mode: what a flush buffers and sends
+        return f"{what}; {stream()}" if stream is not None else what
 
     def on_delivery(self, d: Delivery) -> Outcome:
         """While Redis (or the downlink) is unreachable, retry the delivery in place with backoff rather

@@ -13,6 +13,17 @@ each vote weighted by s(tau): 1 ("constant": the vote is the pipeline's merge ru
 same function the synchronous rounds call) or 1/sqrt(1 + tau) ("sqrt", FedBuff's polynomial weight).
 tau counts merges since the mask the update trained from (FedBuff's v - v_start).
 
+Under the agreement rule (shared/agreement.py: uploads are Bernoulli samples or thresholded masks, the
+downlink is theta as 4-bit levels) the same voters give one theta per element,
+
+  theta = (sum_i w_i * ones_i + 1) / (sum_i w_i * holders_i + 2),   w_i = s(tau_i),
+
+ones_i / holders_i being 1 where voter i's sample / structure holds the element: with "constant" this is
+exactly AgreementRule.theta over those voters (FedPM's Beta(1, 1) posterior mean); with "sqrt" a stale
+sample counts less against the prior as well as against fresh ones. Every buffered board receives that
+theta inside its own structure (shared.rounds.agreement_message: enc "q4"), so a Flush carries `theta`
+and no bit masks.
+
 A board appears in the buffer once: an update stored while its previous one is still buffered
 replaces it (counted `replaced`); the board then gets one merged mask for both. Every stored update
 therefore ends merged (or replaced by a newer one of the same board), never lost nor counted twice;
@@ -29,9 +40,10 @@ from typing import Literal
 import numpy as np
 
 from shared.bits import pack, unpack
-from shared.merge_rules import MergeContext, MergeRule
+from shared.merge_rules import AgreementRule, MergeContext, MergeRule
 
 STALENESS = ("constant", "sqrt")
+WEIGHTED_RULES = ("paper", "head", "body", "agreement")  # the rules a staleness weight applies to
 StoreStatus = Literal["stored", "replaced", "duplicate"]
 
 
@@ -43,6 +55,15 @@ def staleness_weight(kind: str, tau: int) -> float:
     if kind == "sqrt":
         return 1.0 / math.sqrt(1.0 + tau)
     raise ValueError(f"unknown staleness function {kind!r}; choose one of {', '.join(STALENESS)}")
+
+
+def check_weighting(rule: MergeRule, staleness: str) -> None:
+    """Refuse, before any update arrives, a rule the staleness weight cannot be applied to: a weighted
+    vote exists for the majority rules and the agreement rule; any rule runs unchanged under "constant"."""
+    staleness_weight(staleness, 0)
+    if staleness != "constant" and rule.name not in WEIGHTED_RULES:
+        raise ValueError(f"staleness {staleness!r} weighs the votes of {', '.join(WEIGHTED_RULES)}, not of "
+                         f"{rule.name!r}; use staleness constant")
 
 
 def _vote_region(rule: MergeRule, ctx: MergeContext) -> np.ndarray:
@@ -79,6 +100,25 @@ def unpack_rows(packed: np.ndarray, nbits: int) -> np.ndarray:
     return np.unpackbits(packed, axis=1, count=nbits).astype(bool)
 
 
+def weighted_theta(structures: np.ndarray, samples: np.ndarray, weights: np.ndarray, nbits: int) -> np.ndarray:
+    """The agreement theta per element (float32, all nbits) with voter i's ones and holders counted
+    w_i times. All weights 1: exactly shared.agreement.posterior_mean (AgreementRule.theta) bit for bit,
+    since integer sums are exact in float64 and one division rounded to float64 then float32 is the
+    float32 division (tests/unit/test_async_agreement.py). Rows are summed in the given order, so the
+    service and a replay that list the voters alike get the same floats."""
+    if structures.shape != samples.shape or structures.ndim != 2 or len(weights) != len(structures):
+        raise ValueError(f"structures {structures.shape}, samples {samples.shape} and {len(weights)} weights differ")
+    if np.any(samples & ~structures):
+        raise ValueError("a sample has a 1 outside its structure")
+    holders = np.zeros(nbits, dtype=np.float64)
+    ones = np.zeros(nbits, dtype=np.float64)
+    for s_row, m_row, w in zip(structures, samples, weights.astype(np.float64), strict=True):
+        holders += w * np.unpackbits(s_row, count=nbits)  # one row at a time: memory stays O(nbits)
+        ones += w * np.unpackbits(m_row, count=nbits)
+    theta: np.ndarray = ((ones + 1.0) / (holders + 2.0)).astype(np.float32)
+    return theta
+
+
 @dataclass
 class Held:
     mask: np.ndarray  # packed full mask of the board's latest update
@@ -89,10 +129,18 @@ class Held:
 @dataclass
 class Flush:
     version: int  # the version of the merged masks sent
-    masks: dict[str, np.ndarray]  # buffered board -> its packed full merged mask
+    masks: dict[str, np.ndarray]  # bit rules: buffered board -> its packed full merged mask (agreement: empty)
     voters: int  # updates that voted (buffered + fresh enough others)
     stale_excluded: int  # other boards' latest updates left out as too stale
-    taus: dict[str, int]  # buffered board -> staleness of its update
+    taus: dict[str, int]  # buffered board -> staleness of its update, in buffer order
+    # The agreement rule: theta per element (float32, all nbits); every buffered board gets it inside its
+    # own structure as q4 levels (shared.rounds.agreement_message). None under a bit rule.
+    theta: np.ndarray | None = None
+
+    @property
+    def boards(self) -> list[str]:
+        """The buffered boards this flush sends a downlink to, whichever the rule."""
+        return list(self.taus)
 
 
 @dataclass
@@ -140,7 +188,7 @@ class AsyncBuffer:
         self.version += 1
         self.buffer, self.pending = [], 0
         self.counts["flushes"] += 1
-        self.counts["merged"] += len(out.masks)
+        self.counts["merged"] += len(out.boards)
         return out
 
 
@@ -150,16 +198,20 @@ def merge_buffered(rule: MergeRule, ctx: MergeContext, version: int, latest: dic
     (aggregator/core_async.py, state read from Redis) both call it, so both merge bit for bit alike."""
     others = sorted(d for d in latest if d not in set(buffered))
     fresh = [d for d in others if version - latest[d].base <= max_staleness]
-    voters = buffered + fresh
+    voters, stale = buffered + fresh, len(others) - len(fresh)
     taus = {d: version - latest[d].base for d in voters}
     if not buffered:
-        return Flush(version + 1, {}, 0, len(others) - len(fresh), {})
+        return Flush(version + 1, {}, 0, stale, {})
     s = np.stack([structures[d] for d in voters])
     m = np.stack([latest[d].mask for d in voters])
+    mine = {d: taus[d] for d in buffered}
+    w = np.array([staleness_weight(staleness, taus[d]) for d in voters])
+    if isinstance(rule, AgreementRule):  # the downlink is theta, not bits (module docstring)
+        # "constant": the pipeline's rule, unchanged (its float32 arithmetic, not weighted_theta's)
+        theta = rule.theta(s, m, ctx) if staleness == "constant" else weighted_theta(s, m, w, ctx.nbits)
+        return Flush(version + 1, {}, len(voters), stale, mine, theta=theta)
     if staleness == "constant":
         merged = rule.merge(s, m, ctx)[: len(buffered)]  # the pipeline's rule, unchanged
     else:
-        w = np.array([staleness_weight(staleness, taus[d]) for d in voters])
         merged = weighted_merge(rule, ctx, s, m, w, len(buffered))
-    return Flush(version + 1, dict(zip(buffered, merged, strict=True)), len(voters),
-                 len(others) - len(fresh), {d: taus[d] for d in buffered})
+    return Flush(version + 1, dict(zip(buffered, merged, strict=True)), len(voters), stale, mine)

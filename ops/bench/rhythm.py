@@ -44,18 +44,38 @@ class RhythmBench:
     modes: tuple[str, ...] = ("sync", "quorum", "async", "async-sqrt")
     target: float = 0.95
     learner: str = "vector"  # vector | torch (torch: digits through DeviceRuntime, small fleets only)
+    # torch only: a pipeline variant's model, device config and rule (shared/variant_setup.py), e.g.
+    # fedmask-agree (the agreement rule: theta down as q4); "" = the digits preset under `rule`.
+    variant: str = ""
+
+    def __post_init__(self) -> None:
+        if self.variant and self.learner != "torch":
+            raise ValueError(f"--variant {self.variant} runs on the torch learner only (--learner torch): the vector "
+                             "learner's boards upload thresholded masks and adopt bits")
+
+    @property
+    def merge_rule(self) -> str:
+        if not self.variant:
+            return self.rule
+        from shared.variant_setup import variant_setup
+
+        return variant_setup("digits", self.variant).merge
 
 
-def _learner(kind: str, n: int, seed: int) -> Learner:
-    if kind == "vector":
+def _learner(b: RhythmBench, n: int, seed: int) -> Learner:
+    if b.learner == "vector":
         return VectorFedMask(n, VectorConfig(seed=seed))
     from shared.data import load_task
     from shared.device import FedMaskConfig
     from shared.presets import model_spec, preset
     from shared.sim.torch_learner import TorchFedMask
+    from shared.variant_setup import variant_setup
 
-    p = preset("digits")
     data = load_task("digits", num_devices=n, seed=seed)
+    if b.variant:
+        setup = variant_setup("digits", b.variant, seed=seed)
+        return TorchFedMask(data, setup.spec, setup.fedmask, seed)
+    p = preset("digits")
     return TorchFedMask(data, model_spec("digits", seed=seed), FedMaskConfig(train=p.mask_train,
                                                                               local_epochs=p.local_epochs), seed)
 
@@ -77,12 +97,13 @@ def value_at(curve: list[dict[str, float]], key: str, t: float) -> float:
 
 
 def _mode_cfg(mode: str, b: RhythmBench, n: int, seed: int, **kw: Any) -> RhythmConfig:
+    rule = b.merge_rule
     if mode == "sync":
-        return RhythmConfig(mode="sync", rule=b.rule, seed=seed, **kw)
+        return RhythmConfig(mode="sync", rule=rule, seed=seed, **kw)
     if mode == "quorum":
-        return RhythmConfig(mode="quorum", rule=b.rule, quorum=b.quorum, max_staleness=b.max_staleness,
+        return RhythmConfig(mode="quorum", rule=rule, quorum=b.quorum, max_staleness=b.max_staleness,
                             seed=seed, **kw)
-    return RhythmConfig(mode="async", rule=b.rule, k=max(1, round(b.k_fraction * n)), max_staleness=b.async_staleness,
+    return RhythmConfig(mode="async", rule=rule, k=max(1, round(b.k_fraction * n)), max_staleness=b.async_staleness,
                         staleness="sqrt" if mode == "async-sqrt" else "constant", seed=seed, **kw)
 
 
@@ -95,7 +116,7 @@ def _row(mode: str, res: RhythmResult, timing: FleetTiming, n: int) -> dict[str,
 
 
 def run_fleet(b: RhythmBench, n: int, share: float, slowdown: float, seed: int, say: Say) -> dict[str, Any]:
-    learner = _learner(b.learner, n, seed)
+    learner = _learner(b, n, seed)
     timing = FleetTiming.mixed(learner.device_ids(), share, slowdown, seed=seed)
     sync = run_rhythm(learner, timing, _mode_cfg("sync", b, n, seed, merges=b.rounds, eval_after_merge=True))
     final = sync.curve[-1]["accuracy"]
@@ -108,7 +129,7 @@ def run_fleet(b: RhythmBench, n: int, share: float, slowdown: float, seed: int, 
     for mode in b.modes:
         if mode == "sync":
             continue
-        learner = _learner(b.learner, n, seed)
+        learner = _learner(b, n, seed)
         cfg = _mode_cfg(mode, b, n, seed, merges=10**9, horizon_s=horizon, eval_times=_eval_grid(horizon))
         res = run_rhythm(learner, timing, cfg)
         rows[mode] = _row(mode, res, timing, n)

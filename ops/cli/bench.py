@@ -14,6 +14,7 @@ import click
 from ops.bench.merge_kernel import run_aggregate_bench
 from ops.bench.report import format_aggregate
 from ops.cli.common import write_json
+from ops.cli.pipeline import VARIANTS
 from ops.cli.progress import Progress
 
 
@@ -268,6 +269,9 @@ def _strict_json(x: Any) -> Any:
               help="other modes run to this many times sync-all's time to target")
 @click.option("--learner", type=click.Choice(["vector", "torch"]), default="vector", show_default=True,
               help="vector: batched numpy FedMask on digits (any size); torch: DeviceRuntime on digits (<= 100)")
+@click.option("--variant", type=click.Choice([v for v in VARIANTS.choices if v != "preset"]), default=None,
+              help="--learner torch: that pipeline variant's model, device config and rule (fedmask-agree: the "
+                   "agreement rule, theta down as q4) [default: the digits preset, rule paper]")
 @click.option("--scale", type=int, default=None,
               help="instead: run each of --modes alone for --rounds merges at this many boards and print the "
                    "simulator's wall and CPU time")
@@ -275,8 +279,8 @@ def _strict_json(x: Any) -> Any:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/rhythm"), show_default=True,
               help="directory for rhythm.json and rhythm.png")
 def rhythm(sizes: str, slow_shares: str, slowdowns: str, seeds: str, rounds: int, modes: str, k_fraction: float,
-           async_staleness: int, horizon_factor: float, learner: str, scale: int | None, as_json: bool,
-           out: Path) -> None:
+           async_staleness: int, horizon_factor: float, learner: str, variant: str | None, scale: int | None,
+           as_json: bool, out: Path) -> None:
     """Sync-all vs quorum with carry vs buffered async on a simulated clock (issue 13): accuracy against
     simulated time, time to 95% of sync-all's final accuracy, updates and masks per board by profile."""
     from ops.bench.rhythm import RhythmBench, format_table, plot, run_rhythm_bench, scale_check
@@ -291,10 +295,14 @@ def rhythm(sizes: str, slow_shares: str, slowdowns: str, seeds: str, rounds: int
                        f"final accuracy {r['final_accuracy']:.3f}")
         return
 
-    b = RhythmBench(sizes=tuple(int(x) for x in _floats(sizes)), slow_shares=_floats(slow_shares),
-                    slowdowns=_floats(slowdowns), seeds=tuple(int(x) for x in _floats(seeds)), rounds=rounds,
-                    modes=tuple(m for m in modes.split(",") if m), k_fraction=k_fraction,
-                    async_staleness=async_staleness, horizon_factor=horizon_factor, learner=learner)
+    try:
+        b = RhythmBench(sizes=tuple(int(x) for x in _floats(sizes)), slow_shares=_floats(slow_shares),
+                        slowdowns=_floats(slowdowns), seeds=tuple(int(x) for x in _floats(seeds)), rounds=rounds,
+                        modes=tuple(m for m in modes.split(",") if m), k_fraction=k_fraction,
+                        async_staleness=async_staleness, horizon_factor=horizon_factor, learner=learner,
+                        variant=variant or "")
+    except ValueError as exc:  # --variant without --learner torch
+        raise click.ClickException(str(exc)) from exc
     total = len(b.sizes) * len(b.slow_shares) * len(b.slowdowns) * len(b.seeds)
     bar = Progress(total, "fleets", "fleet", stream=sys.stderr)
     say = bar.write if bar.animated else (lambda s: click.echo(s, err=True))

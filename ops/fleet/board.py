@@ -27,6 +27,12 @@ def board_worker(device_id: str, *, profile: str, task: str, amqp_url: str, stat
     """FedMask's worker, or with `strategy` the board of that weight-training strategy."""
     if strategy is not None and (variant != PRESET_VARIANT or coding != "raw"):
         raise ValueError("--strategy brings its own model and messages: drop --variant and --coding")
+    setup = None if strategy is not None else variant_setup(task, variant, width=width, seed=seed)
+    if setup is not None and coding == "delta" and setup.fedmask.takes_agreement:
+        # DeviceRuntime would quietly send raw bits: refused here so the operator knows.
+        raise ValueError(f"--coding delta codes a bit mask against the merged mask both sides hold; variant "
+                         f"{setup.variant} takes the agreement downlink (theta as q4 levels), so there is no such "
+                         "mask: drop --coding delta")
     p = preset(task)
     data = load_task(task, num_devices=p.devices, seed=seed, **p.data_options)  # type: ignore[arg-type]
     mine = {d.device_id: d for d in data.devices}.get(device_id)
@@ -37,7 +43,7 @@ def board_worker(device_id: str, *, profile: str, task: str, amqp_url: str, stat
         return StrategyBoard(device_id, strategy_setup(task, strategy, width=width, seed=seed),
                              (mine.train.x, mine.train.y), amqp=AmqpSettings.from_url(amqp_url),
                              state_dir=state_dir, seed=seed, profile=profile)
-    setup = variant_setup(task, variant, width=width, seed=seed)
+    assert setup is not None  # no strategy: a variant's
     return Worker(device_id, setup.spec, replace(setup.fedmask, coding=coding), (mine.train.x, mine.train.y),
                   amqp=AmqpSettings.from_url(amqp_url), state_dir=state_dir, seed=seed, profile=profile,
                   variant=setup.variant, val_xy=(mine.val.x, mine.val.y))

@@ -12,6 +12,10 @@ Three modes, all merging with the pipeline's own functions:
   update is stored; every K stored updates the buffer merges and sends each buffered board its mask.
 Rounds merge with shared.rounds.merge_round (what AggregatorCore.close runs via downlink_messages);
 async with AsyncBuffer.flush, which calls the same rule's merge when the staleness weight is constant.
+Under the agreement rule a merge sends theta (float32, all elements) instead of a mask, as the pipeline
+sends it as q4 levels: over the round's updates (AgreementRule.theta, as downlink_messages), or the
+flush's (Flush.theta). Only a learner whose devices take that downlink runs it (`downlink == "q4"`: the
+torch learner with an agreement variant's config); the vector learner adopts bits only.
 
 Time is simulated (shared/sim/clock.py); a board's durations come from shared/sim/rhythm_fleet.py.
 Training happens in the learner (shared/sim/vector_learner.py, or shared/sim/torch_learner.py for the
@@ -28,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.async_buffer import AsyncBuffer
-from shared.merge_rules import MergeContext, get_rule
+from shared.async_buffer import AsyncBuffer, check_weighting
+from shared.merge_rules import AgreementRule, MergeContext, get_rule
 from shared.rounds import DeviceRecord, RoundState, merge_round, quorum_count, sample_count, sample_devices
 from shared.sim.clock import Event, EventQueue
 from shared.sim.rhythm_fleet import Durations, FleetTiming, LazyFleet, Learner
@@ -88,7 +92,7 @@ class RhythmResult:
     merges: int
     trained: int
     arrivals: list[tuple[float, str, str, int, int]]  # (time, device, uid, base version, round)
-    masks: dict[str, np.ndarray]  # each board's newest merged mask (packed full), as sent
+    masks: dict[str, np.ndarray]  # each board's newest merged mask (packed full; agreement: theta), as sent
     still_parked: int = 0  # quorum: late updates parked when the run ended (no round left to carry them)
     update_bits: dict[str, np.ndarray] = field(default_factory=dict)  # uid -> the update (record only)
 
@@ -100,12 +104,17 @@ class _Sim:
             self.cfg = cfg = RhythmConfig(**{**cfg.__dict__, "quorum": 1.0, "late": "drop", "deadline_s": math.inf})
         self.q, self.fleet, self.dur = EventQueue(), LazyFleet(learner), Durations(timing)
         self.rule = get_rule(cfg.rule)
+        self.agreement = isinstance(self.rule, AgreementRule)
+        if self.agreement != (learner.downlink == "q4"):
+            raise ValueError(f"rule {cfg.rule!r} and a learner whose devices take {learner.downlink}: the agreement "
+                             "rule needs the torch learner with an agreement variant (fedmask-agree), a bit rule bits")
         self.ids = learner.device_ids()
         self.structures = learner.structures()
         self.records = {d: DeviceRecord(self.structures[d]) for d in self.ids}
         inside = {d: int(np.unpackbits(s).sum()) for d, s in self.structures.items()}
         self.up_bytes = {d: UPDATE_HEADER_BYTES + (n + 7) // 8 for d, n in inside.items()}
-        self.mask_bytes = {d: MASK_HEADER_BYTES + (n + 7) // 8 for d, n in inside.items()}
+        per_byte = 2 if self.agreement else 8  # q4: two levels a byte
+        self.mask_bytes = {d: MASK_HEADER_BYTES + (n + per_byte - 1) // per_byte for d, n in inside.items()}
         self.busy = dict.fromkeys(self.ids, False)
         self.done = dict.fromkeys(self.ids, 0)
         self.version = dict.fromkeys(self.ids, 0)
@@ -127,6 +136,8 @@ class _Sim:
         self.parked: dict[str, tuple[int, str]] = {}
         # async
         self.buffer = AsyncBuffer(cfg.k, cfg.max_staleness, cfg.staleness)
+        if cfg.mode == "async":
+            check_weighting(self.rule, cfg.staleness)
         self.uid_of: dict[str, str] = {}
         self.update_bits: dict[str, np.ndarray] = {}
 
@@ -283,7 +294,14 @@ class _Sim:
         self.fleet.run(list(rnd.members))
         state = RoundState(round_id=r, sampled=[], deadline=0.0, quorum=0, state="closing",
                            received={d: self.fleet.take(uid, d) for d, uid in rnd.members.items()})
-        for d, m in merge_round(self.rule, self.learner.ctx, state, self.records).items():
+        if isinstance(self.rule, AgreementRule):  # theta over the round's updates, as downlink_messages
+            got = sorted(state.received)
+            theta = self.rule.theta(np.stack([self.structures[d] for d in got]),
+                                    np.stack([state.received[d] for d in got]), self.learner.ctx)
+            downlinks = dict.fromkeys(got, theta)
+        else:
+            downlinks = merge_round(self.rule, self.learner.ctx, state, self.records)
+        for d, m in downlinks.items():
             self.stats[d]["merged"] += 1
             self._send_mask(d, r, m)
         if self.cfg.eval_after_merge:
@@ -346,9 +364,9 @@ class _Sim:
                 self.update_bits[self.uid_of[d]] = self.buffer.latest[d].mask
         f = self.buffer.flush(self.rule, self.learner.ctx, self.structures)
         self.counters["async:stale_excluded"] += f.stale_excluded
-        for d, m in f.masks.items():
+        for d in f.boards:
             self.stats[d]["merged"] += 1
-            self._send_mask(d, f.version, m)
+            self._send_mask(d, f.version, f.masks[d] if f.theta is None else f.theta)
         self.merges += 1
         if self.merges >= self.cfg.merges:
             self.stopping = True
@@ -371,7 +389,8 @@ def replay_async(res: RhythmResult, cfg: RhythmConfig, structures: dict[str, np.
     for _t, d, uid, base, _r in res.arrivals:
         buf.store(d, res.update_bits.get(uid, _PLACEHOLDER), base, uid)
         if buf.due or _t == res.arrivals[-1][0]:
-            newest.update(buf.flush(rule, ctx, structures).masks)
+            f = buf.flush(rule, ctx, structures)
+            newest.update(f.masks if f.theta is None else dict.fromkeys(f.boards, f.theta))
     return newest
 
 

@@ -32,6 +32,7 @@ JETSON_MEDIAN_S = 3.3  # `make demo`, median Jetson task turnaround (docs/result
 class Learner(Protocol):
     nbits: int
     ctx: MergeContext
+    downlink: str  # what its devices adopt: "bits" (packed full masks) or "q4" (theta, float32 per element)
 
     def device_ids(self) -> list[str]: ...
     def structures(self) -> dict[str, np.ndarray]: ...
@@ -87,7 +88,7 @@ class Durations:
 
 @dataclass
 class Pending:
-    kind: str  # "train" (produces update `uid`) | "apply" (adopts `mask` of `version`)
+    kind: str  # "train" (produces update `uid`) | "apply" (adopts `mask`, or theta, of `version`)
     uid: str = ""
     mask: np.ndarray | None = None
     tag: int = 0  # train: the task's round (its seed); apply: the mask's version

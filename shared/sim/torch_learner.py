@@ -1,6 +1,8 @@
 """The clock simulator's learner for small fleets: the project's own FedMask devices (DeviceRuntime,
 torch), every task, update and merged mask through the real codec, as shared/sim/fedmask.py does.
-Slow (one torch training per task), so for the 10- and 100-board cases."""
+Slow (one torch training per task), so for the 10- and 100-board cases. With an agreement variant's config
+(FedMaskConfig.takes_agreement: sampled uploads, fedmask-agree) its devices take theta as the pipeline
+sends it, q4 levels inside their structure (agreement_message), and blend it into their scores."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from shared.data import FederatedDataset
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.merge_rules import MergeContext
 from shared.models import ModelSpec, build_model
-from shared.rounds import DeviceRecord, mask_message, receive_hello, unpack_update
+from shared.rounds import DeviceRecord, agreement_message, mask_message, receive_hello, unpack_update
 from shared.structures import structure_rule
 from shared.transport import Envelope
 
@@ -21,6 +23,7 @@ class TorchFedMask:
     def __init__(self, data: FederatedDataset, spec: ModelSpec, cfg: FedMaskConfig, seed: int) -> None:
         net = build_model(spec)
         self.fp, self.layout, self.nbits = net.fingerprint(), net.layout_hash(), net.nbits
+        self.downlink = "q4" if cfg.takes_agreement else "bits"
         self.ctx = MergeContext(nbits=self.nbits, pruned_region=pack(net.region_of_last_layers(cfg.prune_last_k)))
         self.data = {d.device_id: d for d in data.devices}
         self.devices = {d.device_id: DeviceRuntime(d.device_id, spec, cfg, (d.train.x, d.train.y), seed)
@@ -50,9 +53,9 @@ class TorchFedMask:
         return out
 
     def apply(self, devices: list[str], masks: list[np.ndarray], versions: list[int]) -> None:
+        build = agreement_message if self.downlink == "q4" else mask_message  # theta, or a packed full mask
         for d, m, v in zip(devices, masks, versions, strict=True):
-            msg = mask_message(d, m, self.records[d], round_id=v, fingerprint=self.fp, layout=self.layout,
-                               nbits=self.nbits)
+            msg = build(d, m, self.records[d], round_id=v, fingerprint=self.fp, layout=self.layout, nbits=self.nbits)
             self.devices[d].handle_mask(codec.decode(codec.encode(msg), expect_type="mask"))
 
     def accuracy(self, split: str = "test", devices: list[str] | None = None) -> dict[str, float]:

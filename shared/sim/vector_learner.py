@@ -55,7 +55,10 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class VectorFedMask:
-    """N boards' FedMask state, trained and evaluated in batches (the simulator's Learner)."""
+    """N boards' FedMask state, trained and evaluated in batches (the simulator's Learner). Its boards
+    upload thresholded masks and adopt merged bits: no agreement downlink (the torch learner has it)."""
+
+    downlink = "bits"
 
     def __init__(self, n_devices: int, cfg: VectorConfig = VectorConfig()) -> None:
         self.cfg = cfg

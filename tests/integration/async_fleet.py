@@ -23,8 +23,15 @@ from shared.variant_setup import PRESET_VARIANT, variant_setup
 from tests.integration.pipeline_fleet import SEED, TASK, WIDTH
 
 K, MAX_STALENESS, STALENESS = 3, 4, "sqrt"
-AGGREGATOR_ARGS = ["--merge", "head", "--mode", "async", "--buffer", str(K), "--max-staleness", str(MAX_STALENESS),
-                   "--staleness", STALENESS]
+STREAM_ARGS = ["--mode", "async", "--buffer", str(K), "--max-staleness", str(MAX_STALENESS), "--staleness", STALENESS]
+AGGREGATOR_ARGS = ["--merge", "head", *STREAM_ARGS]
+
+
+def fleet_args(variant: str) -> tuple[list[str], list[str]]:
+    """(aggregator flags, worker flags) of an async stream of `variant` (preset: AGGREGATOR_ARGS, merge head)."""
+    if variant == PRESET_VARIANT:
+        return AGGREGATOR_ARGS, []
+    return ["--variant", variant, *STREAM_ARGS], ["--variant", variant]
 
 
 def stats(tmp: Path, device: str) -> list[dict[str, Any]]:
@@ -41,6 +48,10 @@ def mask_versions(tmp: Path, device: str) -> set[int]:
     return {int(r["version"]) for r in stats(tmp, device) if r["type"] == "mask"}
 
 
+def mask_encodings(tmp: Path, device: str) -> set[str]:
+    return {str(r["enc"]) for r in stats(tmp, device) if r["type"] == "mask"}
+
+
 def held(tmp: Path, device: str) -> tuple[int, bytes]:
     """(mask version, merged bits inside the structure) the board saved: its <device>.npz."""
     with np.load(tmp / "state" / f"{device}.npz", allow_pickle=False) as z:
@@ -52,23 +63,26 @@ class Replay:
     buf: AsyncBuffer
     nbits: int
     structures: dict[str, np.ndarray]
+    downlink: str  # "bits" (merged masks) or "q4" (the agreement rule's theta levels)
     flush_devices: list[list[str]] = field(default_factory=list)  # per replayed flush, its merged boards
     merged_in: dict[str, int] = field(default_factory=dict)  # update id -> version of the flush that merged it
     waiting: dict[str, list[str]] = field(default_factory=dict)  # device -> stored ids not merged yet
-    last: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # device -> last (version, full mask)
+    # device -> its last (version, what Redis keeps): the packed full merged mask, or the q4 payload as sent
+    last: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
 
-def replay(store: RoundStore, ids: list[str], order: list[tuple[str, bytes]]) -> Replay:
+def replay(store: RoundStore, ids: list[str], order: list[tuple[str, bytes]], variant: str = PRESET_VARIANT
+           ) -> Replay:
     """The stored order through a fresh AsyncBuffer, in-process, with the rule and context the
-    aggregator process built (the preset variant, merge head). A replaced update counts as merged by the
-    flush that merged its replacement: the board got one mask for both."""
-    setup = variant_setup(TASK, PRESET_VARIANT, width=WIDTH, seed=SEED, merge="head")
+    aggregator process built (`variant`; the preset's with merge head). A replaced update counts as merged
+    by the flush that merged its replacement: the board got one mask for both."""
+    setup = variant_setup(TASK, variant, width=WIDTH, seed=SEED, merge="head" if variant == PRESET_VARIANT else None)
     core = AsyncCore(store, InMemoryTransport(), setup.spec, merge=setup.merge,
                      prune_last_k=setup.fedmask.prune_last_k, prune_rho=setup.fedmask.prune_rho, buffer_k=K,
                      max_staleness=MAX_STALENESS, staleness=STALENESS)
     structures = {d: np.frombuffer(store.structure(d) or b"", np.uint8) for d in ids}
     r = Replay(AsyncBuffer(k=K, max_staleness=MAX_STALENESS, staleness=STALENESS), core.nbits, structures,
-               waiting={d: [] for d in ids})
+               core.rule_downlink, waiting={d: [] for d in ids})
     for uid, body in order:
         msg = codec.decode(body, expect_type="update")
         status = r.buf.store(msg.device, unpack_update(msg, core._record(msg.device), core.nbits),
@@ -77,19 +91,23 @@ def replay(store: RoundStore, ids: list[str], order: list[tuple[str, bytes]]) ->
         r.waiting[msg.device].append(uid)
         if r.buf.due:
             out = r.buf.flush(core.rule, core.ctx, structures)
-            r.flush_devices.append(sorted(out.masks))
-            for d, m in out.masks.items():
+            r.flush_devices.append(sorted(out.boards))
+            records = {d: rec for d in out.boards if (rec := core._record(d)) is not None}
+            sent = core.flush_messages(out, records)  # the service's own downlinks for this flush
+            for d in out.boards:
                 r.merged_in |= dict.fromkeys(r.waiting[d], out.version)
                 r.waiting[d] = []
-                r.last[d] = (out.version, m)
+                kept = np.frombuffer(sent[d].bits or b"", np.uint8) if out.theta is not None else out.masks[d]
+                r.last[d] = (out.version, kept)
     return r
 
 
-def check_stream(store: RoundStore, ids: list[str]) -> tuple[AsyncState, list[dict[str, Any]], Replay]:
+def check_stream(store: RoundStore, ids: list[str], variant: str = PRESET_VARIANT
+                 ) -> tuple[AsyncState, list[dict[str, Any]], Replay]:
     """On a stopped aggregator: the invariants of the stored stream, and the replay equal to what Redis
     keeps. None lost, none twice: merged + replaced + buffered = stored = distinct ids in the stored
     order; one flush record per version; every board's last merged mask (bytes and version) in Redis
-    is the replay's, bit for bit."""
+    is the replay's, bit for bit (under the agreement rule: its q4 payload)."""
     stream = AsyncStore(store)
     st = stream.state()
     flushes = cast(list[dict[str, Any]], stream.flushes())
@@ -100,7 +118,7 @@ def check_stream(store: RoundStore, ids: list[str]) -> tuple[AsyncState, list[di
     assert c["merged"] + c.get("replaced", 0) + len(st.buffer) == c["stored"]
     assert c["flushes"] == st.version == len(flushes) and c["pending"] < K
     assert c["merged"] == sum(len(f["devices"]) for f in flushes)
-    r = replay(store, ids, order)
+    r = replay(store, ids, order, variant)
     assert r.flush_devices == [sorted(f["devices"]) for f in flushes]
     assert r.buf.version == st.version and r.buf.buffer == st.buffer
     assert r.buf.counts["replaced"] == c.get("replaced", 0) and r.buf.counts["merged"] == c["merged"]

@@ -2,11 +2,12 @@
 as its downlink: a mixed fleet (two boards three times slower) trains on whatever task it holds; every
 stored update ends merged or replaced, redeliveries count nothing twice, each board gets one merged
 mask per flush it was buffered in, and the recorded arrival order replayed through AsyncBuffer gives
-the published masks bit for bit."""
+the published masks bit for bit; the same under the agreement rule (fedmask-agree: q4 downlinks)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ from shared import codec
 from shared.async_buffer import AsyncBuffer
 from shared.data import FederatedDataset, load_task
 from shared.device import DeviceRuntime, FedMaskConfig
+from shared.models import ModelSpec
 from shared.presets import model_spec, preset
-from shared.rounds import mask_message, unpack_update
+from shared.rounds import agreement_message, mask_message, unpack_update
 from shared.transport import InMemoryTransport
+from shared.variant_setup import variant_setup
 
 TASK, WIDTH, SEED, N, K = "digits", 32, 0, 4, 3
 SLOW = {1: 3, 3: 3}  # device index -> it acts every that many steps
@@ -33,10 +36,13 @@ def data() -> FederatedDataset:
     return FederatedDataset(full.task, full.devices[:N], full.num_classes, full.input_shape)
 
 
-def _run_fleet(core: AsyncCore, bus: InMemoryTransport, data: FederatedDataset, steps: int
+def _run_fleet(core: AsyncCore, bus: InMemoryTransport, data: FederatedDataset, steps: int,
+               spec: ModelSpec | None = None, cfg: FedMaskConfig | None = None,
                ) -> tuple[dict[str, DeviceRuntime], Counter[str], dict[tuple[str, int], bytes], int]:
-    spec = model_spec(TASK, width=WIDTH, seed=SEED)
-    cfg = FedMaskConfig(train=preset(TASK).mask_train, local_epochs=1)
+    """Steps of a mixed fleet of DeviceRuntimes (the preset's, or `spec`/`cfg`): every message through the
+    codec; returns the boards, updates sent per board, (board, version) -> downlink payload, redeliveries."""
+    spec = spec or model_spec(TASK, width=WIDTH, seed=SEED)
+    cfg = cfg or FedMaskConfig(train=preset(TASK).mask_train, local_epochs=1)
     devs = {d.device_id: DeviceRuntime(d.device_id, spec, cfg, (d.train.x, d.train.y), SEED) for d in data.devices}
     for d, dev in devs.items():
         assert core.handle(f"device.{d}.hello", d, codec.encode(dev.hello())).action == "ack"
@@ -53,6 +59,7 @@ def _run_fleet(core: AsyncCore, bus: InMemoryTransport, data: FederatedDataset, 
             while inbox[d]:
                 msg = codec.decode(inbox[d].pop(0))
                 if msg.type == "mask":
+                    assert (msg.enc == "q4") == (core.rule_downlink == "q4"), msg.enc
                     masks[(d, int(msg.version or 0))] = bytes(msg.bits or b"")
                     dev.handle_mask(msg)
                 elif msg.round > last_task[d]:  # the worker's outbox rule: a done task is not trained again
@@ -107,6 +114,57 @@ def test_async_fleet_every_update_merged_once_and_replay_matches(store: RoundSto
     assert set(replayed) == published
     assert all(replayed[key] == bits for key, bits in masks.items())
     assert buf.counts["stored"] == c["stored"] and buf.counts["replaced"] == c.get("replaced", 0)
+
+
+def test_async_agreement_fleet_gets_a_q4_agreement_per_update_and_replay_matches(store: RoundStore,
+                                                                                 data: FederatedDataset) -> None:
+    """fedmask-agree in async mode (sampled uploads, theta down as q4, sqrt staleness): every stored update
+    is merged (or replaced by its board's next), its board gets the q4 agreement of that flush, each
+    board's next update names the version it applied, and the stored order replayed through AsyncBuffer
+    gives every payload and what Redis keeps bit for bit."""
+    setup = variant_setup(TASK, "fedmask-agree", width=WIDTH, seed=SEED)
+    bus = InMemoryTransport()
+    core = AsyncCore(store, bus, setup.spec, merge=setup.merge, prune_last_k=setup.fedmask.prune_last_k,
+                     prune_rho=setup.fedmask.prune_rho, buffer_k=K, max_staleness=4, staleness="sqrt")
+    assert "agreement theta" in core.describe_stream() and "1/sqrt(1+tau)" in core.describe_stream()
+    devs, sent, q4, redelivered = _run_fleet(core, bus, data, 12, setup.spec, replace(setup.fedmask, local_epochs=1))
+    stream = AsyncStore(store)
+    st = stream.state()
+    c = st.counts
+    assert c["stored"] == sum(sent.values()) >= 12 and c.get("duplicate", 0) == redelivered > 0
+    assert c["merged"] + c.get("replaced", 0) + len(st.buffer) == c["stored"] and c["flushes"] == st.version >= 3
+
+    structures = {d: np.frombuffer(store.structure(d) or b"", np.uint8) for d in devs}
+    buf = AsyncBuffer(k=K, max_staleness=4, staleness="sqrt")
+    replayed: dict[tuple[str, int], bytes] = {}
+    merged_in: dict[str, int] = {}  # update id -> version of the flush that merged it (or its replacement)
+    waiting: dict[str, list[str]] = {d: [] for d in devs}
+    bases: list[tuple[str, int]] = []
+    for uid, body in stream.order():
+        msg = codec.decode(body, expect_type="update")
+        bases.append((msg.device, int(msg.version or 0)))
+        buf.store(msg.device, unpack_update(msg, core._record(msg.device), core.nbits), int(msg.version or 0), uid)
+        waiting[msg.device].append(uid)
+        if buf.due:
+            out = buf.flush(core.rule, core.ctx, structures)
+            assert out.theta is not None and out.masks == {}
+            for d in out.boards:
+                rec = core._record(d)
+                assert rec is not None
+                replayed[(d, out.version)] = bytes(agreement_message(
+                    d, out.theta, rec, round_id=out.version, fingerprint=core.fingerprint, layout=core.layout,
+                    nbits=core.nbits).bits or b"")
+                merged_in |= dict.fromkeys(waiting[d], out.version)
+                waiting[d] = []
+    assert replayed == q4  # every q4 agreement every board received, bit for bit, and no other
+    assert all(not ids or d in st.buffer for d, ids in waiting.items())  # unmerged: only the buffered ones
+    assert all((uid.rsplit(":", 1)[0], v) in q4 for uid, v in merged_in.items())  # each merged update: its q4 came
+    assert len(merged_in) + sum(len(ids) for ids in waiting.values()) == c["stored"]
+    # A board's update names the version it trained from: the q4 agreement it applied last, or 0.
+    assert all(base == 0 or (d, base) in q4 for d, base in bases) and max(b for _, b in bases) > 0
+    for d in devs:  # Redis keeps each board's last q4 payload as published (what a returning board is resent)
+        mine = [v for dd, v in q4 if dd == d]
+        assert store.mask(d) == ((q4[(d, max(mine))], max(mine)) if mine else None), d
 
 
 def test_async_refuses_rounds_and_a_future_base(store: RoundStore, data: FederatedDataset) -> None:

@@ -1,5 +1,6 @@
 """The real pipeline in async mode: one aggregator process (`--mode async --buffer 3`) and six worker
-processes (two emulating a Pi 4, five times slower) over RabbitMQ and Redis, no rounds.
+processes (two emulating a Pi 4, five times slower) over RabbitMQ and Redis, no rounds; with the preset
+(merge head: merged bits down) and with fedmask-agree (sampled uploads, the agreement theta down as q4).
 
 The stream runs until it has flushed a few times with the slow boards in it; then the aggregator is
 stopped (SIGTERM drains: the delivery in hand is settled) and the workers are let finish what their
@@ -24,19 +25,21 @@ import pytest
 from aggregator.store import RoundStore
 from aggregator.store_async import AsyncStore
 from shared.bits import select
-from tests.integration.async_fleet import AGGREGATOR_ARGS, K, check_stream, held, mask_versions, sent_ids
+from tests.integration.async_fleet import K, check_stream, fleet_args, held, mask_encodings, mask_versions, sent_ids
 from tests.integration.pipeline_fleet import N, cli, start_pipeline, wait
 
 pytestmark = pytest.mark.services
 FLUSHES, SLOW = 6, 2
 
 
-@pytest.fixture()
-def pipeline(amqp_service_url: str, redis_service_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
+@pytest.fixture(params=["preset", "fedmask-agree"])
+def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
+             tmp_path: Path) -> Iterator[dict[str, object]]:
     # Devices 12..17: test_pipeline.py takes 0..5 and test_pipeline_delta.py 6..11 (broker users are global).
+    aggregator_args, worker_args = fleet_args(request.param)
     with start_pipeline(amqp_service_url, redis_service_url, tmp_path, first=2 * N, slow=SLOW,
-                        aggregator_args=AGGREGATOR_ARGS, worker_args=[]) as p:
-        yield p
+                        aggregator_args=aggregator_args, worker_args=worker_args) as p:
+        yield {**p, "variant": request.param}
 
 
 def test_async_pipeline(pipeline: dict[str, object], redis_service_url: str) -> None:
@@ -44,6 +47,7 @@ def test_async_pipeline(pipeline: dict[str, object], redis_service_url: str) -> 
     ids: list[str] = pipeline["ids"]  # type: ignore[assignment]
     tmp: Path = pipeline["tmp"]  # type: ignore[assignment]
     procs: list[subprocess.Popen[bytes]] = pipeline["procs"]  # type: ignore[assignment]
+    variant = str(pipeline["variant"])
     slow = ids[-SLOW:]
     stream = AsyncStore(store)
     wait(lambda: sorted(store.device_ids()) == sorted(ids), 60, "every worker's hello")
@@ -59,7 +63,7 @@ def test_async_pipeline(pipeline: dict[str, object], redis_service_url: str) -> 
     aggregator = procs[0]
     aggregator.terminate()
     assert aggregator.wait(timeout=30) == 0
-    st, flushes, r = check_stream(store, ids)
+    st, flushes, r = check_stream(store, ids, variant)
     sent_to = {d: {int(f["version"]) for f in flushes if d in f["devices"]} for d in ids}
     wait(lambda: all(sent_to[d] <= mask_versions(tmp, d) for d in ids), 30, "every board's merged masks applied")
     wait(lambda: all(held(tmp, d)[0] == max(sent_to[d], default=0) for d in ids), 30, "every board's state saved")
@@ -76,7 +80,11 @@ def test_async_pipeline(pipeline: dict[str, object], redis_service_url: str) -> 
         assert len(mine) >= 2 and r.waiting[d] == [u for u in mine if u not in r.merged_in], d
         assert not r.waiting[d] or d in st.buffer, d  # only a buffered update (and those it replaced) waits
         assert {r.merged_in[u] for u in mine if u in r.merged_in} <= sent_to[d], d
-    # Bit for bit: each board holds the replay's last mask (check_stream compared Redis's).
     assert set(r.last) == set(ids)
+    if r.downlink == "q4":  # every downlink a board applied was an agreement; it holds the last one's version
+        assert all(mask_encodings(tmp, d) == {"q4"} for d in ids)
+        assert all(held(tmp, d) == (version, b"") for d, (version, _) in r.last.items())  # no bit mask held
+        return
+    # Bit for bit: each board holds the replay's last mask (check_stream compared Redis's).
     for d, (version, full) in r.last.items():
         assert held(tmp, d) == (version, select(full, r.structures[d], r.nbits).tobytes()), d

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from ops.bench.rhythm import RhythmBench, first_time, format_table, plot, run_rhythm_bench, value_at
 
 
@@ -28,3 +30,10 @@ def test_a_tiny_grid_reports_every_mode(tmp_path: Path) -> None:
     assert text.count("\n") == 1 + len(b.modes)
     plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_a_variant_brings_its_rule_and_needs_the_torch_learner() -> None:
+    assert RhythmBench(learner="torch", variant="fedmask-agree").merge_rule == "agreement"
+    assert RhythmBench(rule="head").merge_rule == "head"
+    with pytest.raises(ValueError, match="torch learner"):
+        RhythmBench(variant="fedmask-agree")

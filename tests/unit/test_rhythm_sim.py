@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,11 @@ import pytest
 
 from shared.async_buffer import AsyncBuffer, staleness_weight, weighted_merge
 from shared.bits import pack
+from shared.data import FederatedDataset, load_task
+from shared.device import FedMaskConfig
 from shared.merge_rules import MergeContext, get_rule
+from shared.models import ModelSpec
+from shared.presets import model_spec, tuned_config
 from shared.sim.clock import EventQueue
 from shared.sim.rhythm import RhythmConfig, run_rhythm
 from shared.sim.rhythm_fleet import FleetTiming
@@ -194,3 +199,61 @@ def test_replaying_the_recorded_arrival_order_gives_the_same_masks(learner_cfg: 
     again = replay_async(res, cfg, learner.structures(), learner.ctx)
     assert sorted(again) == sorted(res.masks)
     assert all(np.array_equal(again[d], res.masks[d]) for d in res.masks)
+
+
+def _agree_fleet(tmp_path: Path, n: int = 4) -> tuple[FederatedDataset, ModelSpec, FedMaskConfig]:
+    """fedmask-agree's model and device config on a few digits devices, one local epoch a task."""
+    cfg = tuned_config("digits", "fedmask-agree").config
+    data = load_task("digits", num_devices=n, seed=0, cache_dir=tmp_path / "data")
+    spec = model_spec("digits", width=16, seed=0).with_(personal_head=cfg.personal_head)
+    return data, spec, replace(cfg.fedmask_config(), local_epochs=1)
+
+
+def test_sync_all_under_agreement_gives_the_synchronous_simulators_scores(tmp_path: Path) -> None:
+    """fedmask-agree's devices (sampled uploads, theta down as q4, blended into the scores): sync-all in
+    the clock simulator is run_fedmask's rounds, every score bit for bit."""
+    from shared.device import DeviceRuntime
+    from shared.sim.fedmask import run_fedmask
+    from shared.sim.torch_learner import TorchFedMask
+
+    data, spec, cfg = _agree_fleet(tmp_path)
+    run_fedmask(data, spec, cfg, rounds=2, sample_rate=1.0, seed=0, merge="agreement", save_dir=tmp_path / "dev")
+    learner = TorchFedMask(data, spec, cfg, seed=0)
+    assert learner.downlink == "q4"
+    res = run_rhythm(learner, FleetTiming.mixed(learner.device_ids(), 0.5, 5.0),
+                     RhythmConfig(mode="sync", merges=2, rule="agreement"))
+    assert res.merges == 2
+    for d in learner.device_ids():
+        ref = DeviceRuntime(d, spec, cfg, (np.zeros((0, 64), np.float32), np.zeros(0, np.int64)), 0)
+        ref.load(tmp_path / "dev" / f"{d}.npz")
+        assert ref.mask_version == learner.devices[d].mask_version == 2
+        assert ref.model.scores_flat().tobytes() == learner.devices[d].model.scores_flat().tobytes()
+
+
+def test_async_under_agreement_replays_to_the_same_theta(tmp_path: Path) -> None:
+    from shared.sim.rhythm import replay_async
+    from shared.sim.torch_learner import TorchFedMask
+
+    data, spec, cfg = _agree_fleet(tmp_path)
+    learner = TorchFedMask(data, spec, cfg, seed=0)
+    rc = RhythmConfig(mode="async", rule="agreement", k=2, max_staleness=3, staleness="sqrt", merges=4, record=True)
+    res = run_rhythm(learner, FleetTiming.mixed(learner.device_ids(), 0.5, 5.0, seed=1), rc)
+    assert res.merges >= 4 and res.masks and all(m.dtype == np.float32 for m in res.masks.values())
+    again = replay_async(res, rc, learner.structures(), learner.ctx)
+    assert sorted(again) == sorted(res.masks)
+    assert all(again[d].tobytes() == res.masks[d].tobytes() for d in res.masks)
+    # Every merged board applied its newest theta (as q4) before the run ended: the version moved.
+    assert all(learner.devices[d].mask_version > 0 for d in res.masks)
+
+
+def test_a_learner_must_take_what_the_rule_sends(learner_cfg: VectorConfig, tmp_path: Path) -> None:
+    from shared.sim.torch_learner import TorchFedMask
+
+    vector = VectorFedMask(6, learner_cfg)
+    timing = FleetTiming.mixed(vector.device_ids(), 0.5, 5.0)
+    with pytest.raises(ValueError, match="agreement"):
+        run_rhythm(vector, timing, RhythmConfig(mode="async", rule="agreement"))
+    data, spec, cfg = _agree_fleet(tmp_path)
+    agree = TorchFedMask(data, spec, cfg, seed=0)
+    with pytest.raises(ValueError, match="agreement"):
+        run_rhythm(agree, FleetTiming.mixed(agree.device_ids(), 0.5, 5.0), RhythmConfig(mode="async", rule="paper"))

@@ -51,6 +51,17 @@ def test_refused_combinations() -> None:
         variant_setup("digits", "fedavg")
 
 
+@pytest.mark.parametrize("variant", ["fedmask-agree", "fedmask-adapt-local"])
+def test_a_worker_of_an_agreement_variant_refuses_delta_coding(tmp_path: Path, variant: str) -> None:
+    """Delta coding needs a bit mask both sides hold; the agreement downlink is theta levels. The device
+    would quietly send raw bits, so the worker says so at start (before loading any data)."""
+    from ops.fleet.board import board_worker
+
+    with pytest.raises(ValueError, match="drop --coding delta"):
+        board_worker("d0", profile="jetson", task="digits", amqp_url="amqp://127.0.0.1/", state_dir=tmp_path,
+                     width=32, seed=0, variant=variant, coding="delta")
+
+
 @pytest.mark.parametrize(("variant", "enc"), [("preset", "q4"), ("fedpm", "structure")])
 def test_a_worker_stops_on_a_downlink_of_another_variant(tmp_path: Path, variant: str, enc: str) -> None:
     """fedpm and the preset share one model, so only the downlink's encoding shows the mismatch:
