@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -28,6 +29,9 @@ METHODS = ("fedmask", *BASELINES)
               help="with --variant (the FedMask family and the dense baselines): run it through the strategy "
                    "interface (shared/strategies/) instead of its own path: the same results, bytes of "
                    "strategy messages")
+@click.option("--set", "overrides", multiple=True, metavar="KNOB=VALUE",
+              help="with --variant: change one knob of its tuned config for this run (repeatable; VALUE is "
+                   "read as JSON, else as text), e.g. --set local_epochs=15 --set batch_size=4")
 @click.option("--merge", type=click.Choice(sorted(RULES)), default=None, help="merge rule (default: the task preset's)")
 @click.option("--arch", type=click.Choice(["mlp", "cnn", "char_lstm"]), default=None)
 @click.option("--width", type=int, default=None, help="hidden width (default: the task preset's)")
@@ -53,7 +57,8 @@ METHODS = ("fedmask", *BASELINES)
               help="write each FedMask device's state here (input to `fedmask export`)")
 @click.option("--json", "as_json", is_flag=True, help="print the result JSON on stdout")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def simulate(task: str, method: str, variant: str | None, via_strategy: bool, merge: str | None, arch: str | None,
+def simulate(task: str, method: str, variant: str | None, via_strategy: bool, overrides: tuple[str, ...],
+             merge: str | None, arch: str | None,
              width: int | None,
              devices: int | None, rounds: int | None, sample_rate: float | None, local_epochs: int | None,
              final_local_epochs: int | None, partition: str, alpha: float, holdout: str | None, lam: float | None,
@@ -61,6 +66,9 @@ def simulate(task: str, method: str, variant: str | None, via_strategy: bool, me
              eval_every: int,
              json_out: Path | None, save_devices: Path | None, as_json: bool, quiet: bool) -> None:
     """Simulate federated training of METHOD on TASK over the in-memory transport."""
+    if overrides and variant is None:
+        raise click.UsageError("--set changes a named variant's tuned config: give --variant too")
+    knobs = parse_overrides(overrides)
     setup = build_run(task, devices, width, seed, arch, partition, alpha, holdout)
     p = setup.preset
     rounds = rounds or p.rounds
@@ -74,7 +82,7 @@ def simulate(task: str, method: str, variant: str | None, via_strategy: bool, me
             result = run_tuned_variant(task, variant, setup.data, setup.spec, p, partition, alpha, holdout,
                                        rounds=rounds, sample_rate=sample_rate, seed=seed, eval_every=eval_every,
                                        progress=bar, save_devices=save_devices, via_strategy=via_strategy,
-                                       say=lambda line: click.echo(line, err=True))
+                                       say=lambda line: click.echo(line, err=True), overrides=knobs)
         else:
             result = run_method(
                 method, setup.data, setup.spec, p, rounds=rounds,
@@ -84,6 +92,8 @@ def simulate(task: str, method: str, variant: str | None, via_strategy: bool, me
                 eval_every=eval_every, progress=bar, save_devices=save_devices,
                 fedmask_cfg=FedMaskConfig(train=p.mask_train if lam is None else p.mask_train.with_(lam=lam),
                                           local_epochs=local_epochs or p.local_epochs, coding=coding))
+    except ValueError as exc:  # an unknown knob of --set, or a value the knob refuses
+        raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
     payload = result.to_json()
@@ -102,3 +112,17 @@ def simulate(task: str, method: str, variant: str | None, via_strategy: bool, me
                f", device training {result.train_seconds:.1f} s, wall {result.wall_seconds:.1f} s")
     if json_out:
         click.echo(f"  wrote {json_out}")
+
+
+def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
+    """`KNOB=VALUE` pairs; VALUE as JSON (numbers, true/false, lists), else the text itself."""
+    out: dict[str, Any] = {}
+    for item in items:
+        knob, sep, raw = item.partition("=")
+        if not sep or not knob.strip():
+            raise click.UsageError(f"--set takes KNOB=VALUE, got {item!r}")
+        try:
+            out[knob.strip()] = json.loads(raw)
+        except ValueError:
+            out[knob.strip()] = raw
+    return out

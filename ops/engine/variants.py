@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ops.engine.experiment import ProgressBar
 from ops.engine.report import write_spread_report
@@ -33,11 +34,17 @@ def tuned_configs(task: str, names: Sequence[str], partition_key: str | None,
 def run_tuned_variant(task: str, variant: str, data: FederatedDataset, spec: ModelSpec, p: TaskPreset,
                       partition: str, alpha: float, holdout: str | None, *, rounds: int, sample_rate: float | None,
                       seed: int, eval_every: int, progress: Progress | None, save_devices: Path | None,
-                      say: Callable[[str], None], via_strategy: bool = False) -> SimResult:
+                      say: Callable[[str], None], via_strategy: bool = False,
+                      overrides: Mapping[str, Any] | None = None) -> SimResult:
     """One run of a variant with the presets `fedmask tune` chose for this split (`fedmask simulate
-    --variant`); `say` reports which presets file was used."""
+    --variant`); `say` reports which presets file was used. `overrides` (`--set KNOB=VALUE`) change
+    named knobs of that config for this run (VariantConfig.with_: ValueError for an unknown knob);
+    the result's config records them, and nothing is written to the presets."""
     key = data_split(task, p, partition, alpha, holdout)["key"]
     cfg, _ = tuned_configs(task, [variant], key, say)[variant]
+    if overrides:
+        cfg = cfg.with_(**overrides)
+        say(f"{variant}: this run changes {', '.join(f'{k}={v!r}' for k, v in sorted(overrides.items()))}")
     return run_variant(cfg, data, spec, rounds=rounds, sample_rate=p.sample_rate if sample_rate is None
                        else sample_rate, seed=seed, eval_every=eval_every, progress=progress,
                        save_devices=save_devices, via_strategy=via_strategy)

@@ -108,3 +108,26 @@ def test_cli_simulate_json(tmp_path: Path) -> None:
 def test_cli_rejects_bad_task_cleanly() -> None:
     res = CliRunner().invoke(main, ["simulate", "--task", "nope"])
     assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_set_changes_a_variants_knobs_for_one_run_and_the_result_records_them() -> None:
+    base = ["simulate", "--task", "digits", "--devices", "6", "--rounds", "1", "--width", "16", "--quiet", "--json",
+            "--variant", "fedavg"]
+    plain = CliRunner().invoke(main, base)
+    changed = CliRunner().invoke(main, [*base, "--set", "local_epochs=1", "--set", "weight_optimizer=sgd"])
+    assert plain.exit_code == 0 and changed.exit_code == 0, plain.output + changed.output
+    a, b = json.loads(plain.stdout)["extra"]["config"], json.loads(changed.stdout)["extra"]["config"]
+    assert (b["local_epochs"], b["train"]["weight_optimizer"]) == (1, "sgd")  # JSON 1, text "sgd"
+    assert a["local_epochs"] != 1 or a["train"]["weight_optimizer"] != "sgd"
+    assert {k: v for k, v in b.items() if k not in ("local_epochs", "train")} == \
+        {k: v for k, v in a.items() if k not in ("local_epochs", "train")}  # nothing else moved
+    assert json.loads(plain.stdout)["personalized_accuracy"] != json.loads(changed.stdout)["personalized_accuracy"]
+
+
+def test_set_refuses_unknown_knobs_and_runs_without_a_variant() -> None:
+    unknown = CliRunner().invoke(main, ["simulate", "--task", "digits", "--variant", "fedavg", "--set", "bogus=1"])
+    assert unknown.exit_code != 0 and "unknown knobs ['bogus']" in unknown.output
+    bare = CliRunner().invoke(main, ["simulate", "--task", "digits", "--set", "lr=1"])
+    assert bare.exit_code == 2 and "give --variant too" in bare.output
+    malformed = CliRunner().invoke(main, ["simulate", "--task", "digits", "--variant", "fedavg", "--set", "lr"])
+    assert malformed.exit_code == 2 and "KNOB=VALUE" in malformed.output
