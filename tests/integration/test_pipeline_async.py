@@ -32,7 +32,10 @@ pytestmark = pytest.mark.services
 FLUSHES, SLOW = 6, 2
 
 
-@pytest.fixture(params=["preset", "fedmask-agree"])
+# The agreement case (~55 s) is exhaustive: make test keeps the preset's, and the agreement stream's logic
+# on real Redis (tests/integration/test_aggregator_async.py) and the workers' q4 path in rounds
+# (tests/integration/test_pipeline_agreement.py).
+@pytest.fixture(params=["preset", pytest.param("fedmask-agree", marks=pytest.mark.exhaustive)])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
              tmp_path: Path) -> Iterator[dict[str, object]]:
     # Devices 12..17: test_pipeline.py takes 0..5 and test_pipeline_delta.py 6..11 (broker users are global).
