@@ -17,7 +17,7 @@ from shared.data import FederatedDataset, load_task
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.presets import model_spec, preset
 from shared.transport import InMemoryTransport
-from tests.integration.async_fleet import K, MAX_STALENESS, SEED, STALENESS, TASK, WIDTH, check_stream
+from tests.integration.async_fleet import MAX_STALENESS, SEED, STALENESS, TASK, WIDTH, K, check_stream
 
 N = 4
 pytestmark = pytest.mark.services
@@ -83,7 +83,7 @@ def test_a_removed_boards_buffered_update_is_dropped_at_the_next_flush(store: Ro
     fleet.answer(d0, d1)  # flush v2: d0, d1 merged; d3 dropped
     for d in fleet.devs:
         fleet.read(d)
-    st, flushes, r = check_stream(store, list(fleet.devs), structures=structures)
+    st, flushes, _ = check_stream(store, list(fleet.devs), structures=structures)
     assert st.counts["dropped_removed"] == 1 and store.counters()["updates:dropped_removed"] == 1
     assert sorted(flushes[-1]["devices"]) == sorted([d0, d1]) and flushes[-1]["removed"] == [d3]
     assert flushes[-1]["voters"] == 3  # d0, d1 buffered; d2's latest (fresh); not d3's
