@@ -12,6 +12,7 @@ import pytest
 
 from aggregator.core_async import AsyncCore
 from aggregator.store import RoundStore
+from ops.control.async_status import async_summary, render_async
 from shared import codec
 from shared.data import FederatedDataset, load_task
 from shared.device import DeviceRuntime, FedMaskConfig
@@ -90,6 +91,7 @@ def test_a_removed_boards_buffered_update_is_dropped_at_the_next_flush(store: Ro
     assert fleet.masks[d3] == [] and store.mask(d3) is None  # nothing sent to it, nothing kept for it
     assert d3 not in st.latest and d3 not in st.buffer
     assert fleet.masks[d0] == [1, 2] and fleet.masks[d2] == [1]
+    assert "dropped (board removed) 1" in render_async(async_summary(store))  # what `round status` shows
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
