@@ -425,6 +425,9 @@ class AggregatorCore:
         for device, body in self.store.updates(round_id).items():
             msg = codec.decode(body, expect_type="update")
             rec = self._record(device)
+            if rec is None:  # removed while closing, and this process (resuming the close) never cached it
+                log.warning("round %d: %s was removed while closing: its update is not merged", round_id, device)
+                continue
             rnd.received[device] = unpack_update(msg, rec, self.nbits)
             if msg.downlink == "delta":
                 rnd.delta_downlink[device] = msg.round

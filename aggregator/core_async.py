@@ -104,13 +104,15 @@ class AsyncCore(AggregatorCore):
 
     # -- flush ----------------------------------------------------------------------------
     def flush(self) -> Flush | None:
-        """Merge the buffer from Redis's state, publish each buffered board's mask, then commit."""
+        """Merge the buffer from Redis's state, publish each buffered board's mask, then commit. A board
+        removed since (`fedmask devices remove`) is dropped: its buffered update is not merged, nothing is
+        sent to it, and its latest update is forgotten at the commit (it votes for nobody again)."""
         st = self.stream.state()
         if st.counts.get("pending", 0) < self.k or not st.buffer:
             return None
-        latest, structures, records = self.held_state(st.latest, st.base)
+        latest, structures, records, removed = self.held_state(st.latest, st.base)
         out = merge_buffered(self.rule, self.ctx, st.version, latest, st.buffer, structures,
-                             self.max_staleness, self.staleness)
+                             self.max_staleness, self.staleness, removed)
         self._fault("merging")
         kept = {}
         for device, msg in self.flush_messages(out, records).items():
@@ -118,9 +120,16 @@ class AsyncCore(AggregatorCore):
             kept[device] = (msg.bits or b"") if out.theta is not None else out.masks[device].tobytes()
         self.store.set_masks(kept, out.version)  # idempotent
         self._fault("published_all")
-        if self.stream.commit_flush(st.version, st.buffer, out.voters):
+        if self.stream.commit_flush(st.version, out.boards, out.voters, removed, out.dropped):
+            if out.dropped:  # the service's count beside updates:stored (a crash before it loses it, as those)
+                self.store.incr("updates:dropped_removed", len(out.dropped))
+            for device in out.dropped:
+                log.info("async flush v%d: %s's buffered update dropped, not merged: the device was removed",
+                         out.version, device)
             log.info("async flush v%d: %d buffered merged, %d voters, %d too stale", out.version, len(out.boards),
                      out.voters, out.stale_excluded)
+        for device in removed:
+            self._records.pop(device, None)  # a re-enrolled id says hello with a structure of its own
         return out
 
     def flush_messages(self, out: Flush, records: dict[str, DeviceRecord]) -> dict[str, codec.Message]:
@@ -133,17 +142,22 @@ class AsyncCore(AggregatorCore):
         return {d: mask_message(d, out.masks[d], records[d], round_id=v, fingerprint=fp, layout=lay, nbits=n)
                 for d in out.boards}
 
-    def held_state(self, bodies: dict[str, bytes], bases: dict[str, int]
-                   ) -> tuple[dict[str, Held], dict[str, np.ndarray], dict[str, DeviceRecord]]:
-        latest, structures, records = {}, {}, {}
+    def held_state(self, bodies: dict[str, bytes], bases: dict[str, int]) -> tuple[
+            dict[str, Held], dict[str, np.ndarray], dict[str, DeviceRecord], list[str]]:
+        """The latest updates that vote, their structures and records, and the boards removed since they
+        were stored (in Redis's removed set, or with no structure left), which neither vote nor merge.
+        The removed set is read here, not the record cache: `devices remove` runs in another process."""
+        removed_ids = self.store.removed()
+        latest, structures, records, removed = {}, {}, {}, []
         for device, body in bodies.items():
-            msg = codec.decode(body, expect_type="update")
-            rec = self._record(device)
+            rec = None if device in removed_ids else self._record(device)
             if rec is None:
-                continue  # removed since: its update no longer votes
+                removed.append(device)
+                continue
+            msg = codec.decode(body, expect_type="update")
             latest[device] = Held(unpack_update(msg, rec, self.nbits), bases[device], update_id(device, msg.round))
             structures[device], records[device] = rec.structure, rec
-        return latest, structures, records
+        return latest, structures, records, sorted(removed)
 
     def tick(self) -> None:
         self.flush()  # a flush a crash cut short (or due at restart) runs at the next tick

@@ -2,7 +2,7 @@
 
 Key layout (under the RoundStore's prefix <p>; hash tag {async} keeps them in one cluster slot):
   <p>{async}:state     hash    version (merged-mask counter), pending (stored since the last flush),
-                               stored, replaced, duplicate, merged, flushes (counters)
+                               stored, replaced, duplicate, merged, dropped_removed, flushes (counters)
   <p>{async}:done      hash    device -> the highest task number stored: a redelivery (task <= it) is
                                a no-op (votes are not idempotent, so the id is checked, not the payload)
   <p>{async}:latest    hash    device -> its latest raw encoded update
@@ -10,7 +10,9 @@ Key layout (under the RoundStore's prefix <p>; hash tag {async} keeps them in on
   <p>{async}:buffer    list    devices with a buffered update, in arrival order
   <p>{async}:order     list    the last `replay_keep` update ids, in the order they were stored
   <p>{async}:log       hash    update id -> raw update, for those ids (the replay's input)
-  <p>{async}:flushes   list    json per committed flush (the last `flush_keep`): version, devices, voters
+  <p>{async}:flushes   list    json per committed flush (the last `flush_keep`): version, devices (merged),
+                               voters, removed (boards forgotten: `fedmask devices remove`), dropped
+                               (those of them whose buffered update was not merged)
 Every key is bounded, so a stream can run for months: by the fleet (done, latest, base, buffer) or by a
 setting (order and log: `--replay-keep` updates, default REPLAY_KEEP; flushes: FLUSH_KEEP records). A
 replay from the stream's start (tests/integration/test_pipeline_async.py) needs the whole order, so
@@ -22,6 +24,7 @@ before its ack; a flush is committed by another (async_flush.lua) after its mask
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Final, cast
@@ -92,12 +95,17 @@ class AsyncStore:
                           {_s(a): bytes(b) for a, b in latest.items()}, {_s(a): int(b) for a, b in base.items()},
                           counts)
 
-    def commit_flush(self, version: int, devices: list[str], voters: int) -> bool:
-        record = json.dumps({"version": version + 1, "devices": devices, "voters": voters})
+    def commit_flush(self, version: int, devices: Sequence[str], voters: int, removed: Sequence[str] = (),
+                     dropped: Sequence[str] = ()) -> bool:
+        """Commit the flush from `version` that merged `devices`; the `removed` boards' latest updates
+        are forgotten, and `dropped` (those of them still buffered) counted dropped_removed."""
+        record = json.dumps({"version": version + 1, "devices": list(devices), "voters": voters,
+                             "removed": list(removed), "dropped": list(dropped)})
         k = self.k
         with self.store._guard("async_flush"):
-            done = self._scripts["async_flush"](keys=[k["state"], k["buffer"], k["flushes"]],
-                                                args=[version, len(devices), record, self.flush_keep])
+            done = self._scripts["async_flush"](keys=[k["state"], k["buffer"], k["flushes"], k["latest"], k["base"]],
+                                                args=[version, len(devices), record, self.flush_keep, len(dropped),
+                                                      *removed])
         return bool(done)
 
     def order(self) -> list[tuple[str, bytes]]:

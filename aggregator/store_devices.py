@@ -9,7 +9,10 @@ Keys (prefix <p>, beside those in store_keys.py):
 A board removed mid-round loses the update it stored in that round if the round is still open (the
 round then closes on the updates of the others); a round already closing merges it, and its merged
 mask then goes nowhere (the board's queue is gone), which the close survives as for any unreachable
-board.
+board. A close resumed by a process that never cached the board's structure (a restart, a take-over)
+cannot merge it and leaves it out (aggregator/core.py close). In async mode the stream's keys are
+left to the aggregator: its next flush reads the removed set, drops the board's buffered update and
+forgets its latest (aggregator/core_async.py).
 """
 
 from __future__ import annotations

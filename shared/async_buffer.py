@@ -25,15 +25,19 @@ theta inside its own structure (shared.rounds.agreement_message: enc "q4"), so a
 and no bit masks.
 
 A board appears in the buffer once: an update stored while its previous one is still buffered
-replaces it (counted `replaced`); the board then gets one merged mask for both. Every stored update
-therefore ends merged (or replaced by a newer one of the same board), never lost nor counted twice;
-a redelivery of an update already stored (same board, same update id) is a `duplicate` no-op.
+replaces it (counted `replaced`); the board then gets one merged mask for both. A board removed by an
+operator (`fedmask devices remove`) is named to the next flush (`removed`): its buffered update is
+dropped there (counted `dropped_removed`, not merged, nothing sent to it) and its latest update is
+forgotten, so it votes for nobody from then on. Every stored update therefore ends merged, replaced by
+a newer one of the same board, or dropped because its board was removed, never lost nor counted
+twice; a redelivery of an update already stored (same board, same update id) is a `duplicate` no-op.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,6 +140,7 @@ class Flush:
     # The agreement rule: theta per element (float32, all nbits); every buffered board gets it inside its
     # own structure as q4 levels (shared.rounds.agreement_message). None under a bit rule.
     theta: np.ndarray | None = None
+    dropped: list[str] = field(default_factory=list)  # buffered boards removed: their update is not merged
 
     @property
     def boards(self) -> list[str]:
@@ -181,27 +186,41 @@ class AsyncBuffer:
     def due(self) -> bool:
         return self.pending >= self.k
 
-    def flush(self, rule: MergeRule, ctx: MergeContext, structures: dict[str, np.ndarray]) -> Flush:
-        """Merge the buffered updates (see the module docstring); empties the buffer, bumps the version."""
+    def flush(self, rule: MergeRule, ctx: MergeContext, structures: dict[str, np.ndarray],
+              removed: Collection[str] = ()) -> Flush:
+        """Merge the buffered updates (see the module docstring); empties the buffer, bumps the version.
+        The boards in `removed` are dropped from the buffer and forgotten (their latest votes no more)."""
         out = merge_buffered(rule, ctx, self.version, self.latest, list(self.buffer), structures,
-                             self.max_staleness, self.staleness)
+                             self.max_staleness, self.staleness, removed)
+        for d in removed:
+            self.latest.pop(d, None)
         self.version += 1
         self.buffer, self.pending = [], 0
         self.counts["flushes"] += 1
         self.counts["merged"] += len(out.boards)
+        self.counts["dropped_removed"] += len(out.dropped)
         return out
 
 
 def merge_buffered(rule: MergeRule, ctx: MergeContext, version: int, latest: dict[str, Held], buffered: list[str],
-                   structures: dict[str, np.ndarray], max_staleness: int, staleness: str) -> Flush:
+                   structures: dict[str, np.ndarray], max_staleness: int, staleness: str,
+                   removed: Collection[str] = ()) -> Flush:
     """One flush over given state, pure: AsyncBuffer's own flush and the pipeline's async aggregator
-    (aggregator/core_async.py, state read from Redis) both call it, so both merge bit for bit alike."""
+    (aggregator/core_async.py, state read from Redis) both call it, so both merge bit for bit alike.
+    A board in `removed` neither votes nor is merged; if buffered it is listed in Flush.dropped. The
+    service holds no update (nor structure) of a removed board, so `latest` may lack it."""
+    gone = set(removed)
+    dropped = [d for d in buffered if d in gone]
+    buffered = [d for d in buffered if d not in gone]
+    latest = {d: held for d, held in latest.items() if d not in gone}
+    if missing := [d for d in buffered if d not in latest]:
+        raise ValueError(f"buffered boards {missing} hold no update and are not named removed")
     others = sorted(d for d in latest if d not in set(buffered))
     fresh = [d for d in others if version - latest[d].base <= max_staleness]
     voters, stale = buffered + fresh, len(others) - len(fresh)
     taus = {d: version - latest[d].base for d in voters}
-    if not buffered:
-        return Flush(version + 1, {}, 0, stale, {})
+    if not buffered:  # every buffered board was removed: the flush still counts its drops
+        return Flush(version + 1, {}, 0, stale, {}, dropped=dropped)
     s = np.stack([structures[d] for d in voters])
     m = np.stack([latest[d].mask for d in voters])
     mine = {d: taus[d] for d in buffered}
@@ -209,9 +228,9 @@ def merge_buffered(rule: MergeRule, ctx: MergeContext, version: int, latest: dic
     if isinstance(rule, AgreementRule):  # the downlink is theta, not bits (module docstring)
         # "constant": the pipeline's rule, unchanged (its float32 arithmetic, not weighted_theta's)
         theta = rule.theta(s, m, ctx) if staleness == "constant" else weighted_theta(s, m, w, ctx.nbits)
-        return Flush(version + 1, {}, len(voters), stale, mine, theta=theta)
+        return Flush(version + 1, {}, len(voters), stale, mine, theta=theta, dropped=dropped)
     if staleness == "constant":
         merged = rule.merge(s, m, ctx)[: len(buffered)]  # the pipeline's rule, unchanged
     else:
         merged = weighted_merge(rule, ctx, s, m, w, len(buffered))
-    return Flush(version + 1, dict(zip(buffered, merged, strict=True)), len(voters), stale, mine)
+    return Flush(version + 1, dict(zip(buffered, merged, strict=True)), len(voters), stale, mine, dropped=dropped)

@@ -26,6 +26,7 @@ def async_summary(store: RoundStore) -> dict[str, Any]:
             "buffered": len(st.buffer),
             "pending": c.get("pending", 0), "stored": c.get("stored", 0), "replaced": c.get("replaced", 0),
             "duplicate": c.get("duplicate", 0), "merged": c.get("merged", 0), "flushes": c.get("flushes", 0),
+            "dropped_removed": c.get("dropped_removed", 0),
             "boards": len(st.latest)}
 
 
@@ -34,4 +35,4 @@ def render_async(s: dict[str, Any]) -> str:
     return (f"async stream (K={s['buffer_k']}, max staleness {s['max_staleness']}, {s['staleness']}) of {sends}: "
             f"version {s['version']}, {s['buffered']} buffered ({s['pending']} pending of {s['buffer_k']}), "
             f"{s['boards']} boards\nupdates stored {s['stored']}, merged {s['merged']}, replaced {s['replaced']}, "
-            f"duplicate {s['duplicate']}; flushes {s['flushes']}")
+            f"duplicate {s['duplicate']}, dropped (board removed) {s['dropped_removed']}; flushes {s['flushes']}")

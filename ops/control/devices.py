@@ -39,7 +39,8 @@ def remove_device(device_id: str, *, mgmt: Management, store: RoundStore, vhost:
     store.incr("devices:removed")
     notes = []
     if info is not None and info.state == "closing" and device_id in info.received:
-        notes.append(f"round {current} was already closing: its update there is merged; its mask goes nowhere")
+        notes.append(f"round {current} was already closing: its update there is merged (unless that close is "
+                     "resumed after a restart: then it is left out); its mask goes nowhere")
     log.info("device %s removed (parked %d, stored %d)", device_id, resolved["parked"], resolved["stored"])
     return Removal(device_id, was_enrolled, resolved["parked"], resolved["stored"], notes)
 
