@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,7 +22,8 @@ from aggregator.store import RoundInfo, RoundStore, StoreError
 from aggregator.store_closer import closer_is_dead_here, default_closer_id
 from shared import codec
 from shared.bits import pack
-from shared.errors import CodecError, ConfigError
+from shared.errors import CodecError
+from shared.fault_points import FaultPoints, parse_fault
 from shared.log_safety import RejectionLog, printable
 from shared.merge_rules import MergeContext, get_rule
 from shared.models import ModelSpec, build_model
@@ -72,14 +72,7 @@ FAULT_POINTS = (
 
 def fault_plan(spec: str | None) -> tuple[str, int] | None:
     """Parse FEDMASK_FAULT: None when unset or empty, else (point, n)."""
-    if not spec:
-        return None
-    point, _, count = spec.partition(":")
-    count = count or "1"
-    if point not in FAULT_POINTS or not count.isdigit() or int(count) < 1:
-        raise ConfigError(f"{FAULT_ENV} must be <point>[:<n>] with n >= 1 and point one of "
-                          f"{', '.join(FAULT_POINTS)}; got {spec!r}")
-    return point, int(count)
+    return parse_fault(FAULT_ENV, FAULT_POINTS, spec)
 
 
 class AggregatorCore:
@@ -98,11 +91,10 @@ class AggregatorCore:
         self._initial = pack(net.mask_bits())  # mask version 0: what a device's first delta is coded against
         self.structures = structure_rule(net, last_k=prune_last_k, rho=prune_rho)  # what a hello may claim
         self._records: dict[str, DeviceRecord] = {}
-        self._fault_plan = fault_plan(os.environ.get(FAULT_ENV))  # read once: see FAULT_ENV
-        self._fault_signal = signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL
+        self.faults = FaultPoints(FAULT_ENV, FAULT_POINTS, who="aggregator", log=log,  # read once: see FAULT_ENV
+                                  sig=signal.SIGSTOP if os.environ.get(FAULT_ACTION_ENV) == "stop" else signal.SIGKILL)
         # One line per reason per window, not per message: a board flooding rejects cannot flood the log.
         self.rejections = RejectionLog(log)
-        self._fault_hits = 0
 
     # -- uplink -------------------------------------------------------------------------
     def handle(self, routing_key: str, user_id: str | None, body: bytes) -> Decision:
@@ -282,15 +274,7 @@ class AggregatorCore:
 
     def _fault(self, point: str) -> None:
         """SIGKILL (or SIGSTOP) this process if FEDMASK_FAULT names `point` and this is its n-th hit."""
-        if self._fault_plan is None or self._fault_plan[0] != point:
-            return
-        self._fault_hits += 1
-        if self._fault_hits == self._fault_plan[1]:
-            log.warning("%s=%s:%d reached: %s to the aggregator", FAULT_ENV, point, self._fault_hits,
-                        self._fault_signal.name)
-            # To this thread: a process-directed SIGSTOP stops the process only once another thread
-            # (the main one) takes it, and a loaded machine lets this one run on meanwhile.
-            signal.pthread_kill(threading.get_ident(), self._fault_signal)
+        self.faults.hit(point)
 
     # -- rounds -------------------------------------------------------------------------
     def start_round(self, *, rate: float | None = None, devices: int | None = None, quorum: float = 1.0,

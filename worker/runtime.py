@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import replace
@@ -33,6 +32,7 @@ from shared import codec
 from shared.amqp import AmqpSettings, Delivery, Outcome, Publisher
 from shared.device import DeviceRuntime, FedMaskConfig
 from shared.errors import CodecError, FedMaskError, LayoutMismatch
+from shared.fault_points import FaultPoints, parse_fault
 from shared.models import ModelSpec
 from worker.board_loop import PROFILES as PROFILES  # re-exported: profiles are shared by every board
 from worker.board_loop import BoardLoop
@@ -49,14 +49,7 @@ WORKER_FAULT_POINTS = ("trained", "outboxed", "saved", "published", "cleared")
 
 def worker_fault_plan(spec: str | None) -> tuple[str, int] | None:
     """Parse FEDMASK_WORKER_FAULT: None when unset or empty, else (point, n)."""
-    if not spec:
-        return None
-    point, _, count = spec.partition(":")
-    count = count or "1"
-    if point not in WORKER_FAULT_POINTS or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"{WORKER_FAULT_ENV} must be <point>[:<n>] with n >= 1 and point one of "
-                         f"{', '.join(WORKER_FAULT_POINTS)}; got {spec!r}")
-    return point, int(count)
+    return parse_fault(WORKER_FAULT_ENV, WORKER_FAULT_POINTS, spec)
 
 
 class WrongVariant(FedMaskError):
@@ -85,8 +78,7 @@ class Worker(BoardLoop):
         self._publisher: Publisher | None = None
         self.stop_event = threading.Event()
         self.rounds_done = 0
-        self._fault_plan = worker_fault_plan(os.environ.get(WORKER_FAULT_ENV))  # read once
-        self._fault_hits = 0
+        self.faults = FaultPoints(WORKER_FAULT_ENV, WORKER_FAULT_POINTS, who="worker", log=log)  # read once
 
     @property
     def device_id(self) -> str:
@@ -191,9 +183,4 @@ class Worker(BoardLoop):
 
     def _fault(self, point: str) -> None:
         """SIGKILL this process if FEDMASK_WORKER_FAULT names `point` and this is its n-th hit."""
-        if self._fault_plan is None or self._fault_plan[0] != point:
-            return
-        self._fault_hits += 1
-        if self._fault_hits == self._fault_plan[1]:
-            log.warning("%s=%s:%d reached: killing the worker (SIGKILL)", WORKER_FAULT_ENV, point, self._fault_hits)
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.faults.hit(point)

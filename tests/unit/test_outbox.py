@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import ConfigError
 from worker.outbox import Outbox, OutboxError
 from worker.runtime import worker_fault_plan
 
@@ -38,5 +39,5 @@ def test_worker_fault_plan_parses_point_and_count() -> None:
     assert worker_fault_plan(None) is None and worker_fault_plan("") is None
     assert worker_fault_plan("saved") == ("saved", 1) and worker_fault_plan("published:2") == ("published", 2)
     for bad in ("nowhere", "saved:0", "saved:x"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             worker_fault_plan(bad)
