@@ -10,20 +10,13 @@ import pytest
 from shared import codec
 from shared.agreement import dequantize, quantize, unpack_levels
 from shared.async_buffer import AsyncBuffer, Held, check_weighting, merge_buffered, staleness_weight, weighted_theta
-from shared.bits import pack
 from shared.merge_rules import AgreementRule, MergeContext, get_rule
 from shared.rounds import DeviceRecord, agreement_message
+from tests.random_fleet import random_fleet
 
 RULE = AgreementRule()
 
 
-def _fleet(n: int, nbits: int, seed: int) -> tuple[np.ndarray, np.ndarray, MergeContext]:
-    rng = np.random.default_rng(seed)
-    s = rng.random((n, nbits)) < 0.7
-    m = s & (rng.random((n, nbits)) < 0.4)
-    region = np.zeros(nbits, dtype=bool)
-    region[nbits // 2:] = True
-    return np.packbits(s, axis=1), np.packbits(m, axis=1), MergeContext(nbits, pack(region))
 
 
 def _dense_theta(s: np.ndarray, m: np.ndarray, w: np.ndarray, nbits: int) -> np.ndarray:
@@ -35,14 +28,14 @@ def _dense_theta(s: np.ndarray, m: np.ndarray, w: np.ndarray, nbits: int) -> np.
 
 @pytest.mark.parametrize(("n", "nbits", "seed"), [(1, 9, 0), (5, 203, 1), (40, 1001, 2)])
 def test_unit_weights_are_agreement_theta_bit_for_bit(n: int, nbits: int, seed: int) -> None:
-    s, m, ctx = _fleet(n, nbits, seed)
+    s, m, ctx = random_fleet(n, nbits, seed, ones=0.4)
     got = weighted_theta(s, m, np.ones(n), nbits)
     want = RULE.theta(s, m, ctx)
     assert got.dtype == want.dtype == np.float32 and got.tobytes() == want.tobytes()
 
 
 def test_weighted_theta_is_the_formula_and_a_stale_vote_counts_less() -> None:
-    s, m, _ = _fleet(6, 120, seed=3)
+    s, m, _ = random_fleet(6, 120, seed=3, ones=0.4)
     w = np.array([staleness_weight("sqrt", tau) for tau in (0, 1, 3, 8, 0, 24)])
     got = weighted_theta(s, m, w, 120)
     assert np.allclose(got, _dense_theta(s, m, w, 120), rtol=0, atol=1e-7)
@@ -53,7 +46,7 @@ def test_weighted_theta_is_the_formula_and_a_stale_vote_counts_less() -> None:
 
 
 def test_elements_nobody_holds_keep_the_prior_and_bad_input_is_refused() -> None:
-    s, m, _ = _fleet(3, 64, seed=4)
+    s, m, _ = random_fleet(3, 64, seed=4, ones=0.4)
     s[:, :2] = 0  # the first 16 elements: no holder
     m &= s
     theta = weighted_theta(s, m, np.array([1.0, 0.5, 0.25]), 64)
@@ -68,7 +61,7 @@ def test_elements_nobody_holds_keep_the_prior_and_bad_input_is_refused() -> None
 
 def _state(n: int, nbits: int, bases: list[int], seed: int) -> tuple[dict[str, Held], dict[str, np.ndarray],
                                                                       MergeContext]:
-    s, m, ctx = _fleet(n, nbits, seed)
+    s, m, ctx = random_fleet(n, nbits, seed, ones=0.4)
     latest = {f"d{i}": Held(m[i], bases[i], f"u{i}") for i in range(n)}
     return latest, {f"d{i}": s[i] for i in range(n)}, ctx
 
@@ -102,7 +95,7 @@ def test_a_sqrt_flush_weights_each_voter_by_its_staleness() -> None:
 
 
 def test_the_buffer_counts_agreement_flushes_like_mask_flushes() -> None:
-    s, m, ctx = _fleet(4, 80, seed=7)
+    s, m, ctx = random_fleet(4, 80, seed=7, ones=0.4)
     structures = {f"d{i}": s[i] for i in range(4)}
     buf = AsyncBuffer(k=3, max_staleness=10, staleness="sqrt")
     assert buf.store("d0", m[0], 0, "a") == "stored"

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from shared.async_buffer import AsyncBuffer, staleness_weight, weighted_merge
-from shared.bits import pack
 from shared.data import FederatedDataset, load_task
 from shared.device import FedMaskConfig
 from shared.merge_rules import MergeContext, get_rule
@@ -20,6 +19,7 @@ from shared.sim.clock import EventQueue
 from shared.sim.rhythm import RhythmConfig, run_rhythm
 from shared.sim.rhythm_fleet import FleetTiming
 from shared.sim.vector_learner import VectorConfig, VectorFedMask
+from tests.random_fleet import random_fleet
 
 
 def test_events_run_in_time_order_and_ties_in_scheduling_order() -> None:
@@ -33,32 +33,25 @@ def test_events_run_in_time_order_and_ties_in_scheduling_order() -> None:
         q.at(1.5, "past")
 
 
-def _random_fleet(n: int, nbits: int, seed: int) -> tuple[np.ndarray, np.ndarray, MergeContext]:
-    rng = np.random.default_rng(seed)
-    s = rng.random((n, nbits)) < 0.7
-    m = s & (rng.random((n, nbits)) < 0.5)
-    region = np.zeros(nbits, dtype=bool)
-    region[nbits // 2:] = True
-    return np.packbits(s, axis=1), np.packbits(m, axis=1), MergeContext(nbits, pack(region))
 
 
 @pytest.mark.parametrize("rule", ["paper", "head", "body"])
 def test_equal_weights_are_the_pipeline_rule_bit_for_bit(rule: str) -> None:
-    s, m, ctx = _random_fleet(9, 203, seed=1)
+    s, m, ctx = random_fleet(9, 203, seed=1)
     for w in (1.0, 0.5 ** 0.5):
         got = weighted_merge(get_rule(rule), ctx, s, m, np.full(9, w), rows=9)
         assert np.array_equal(got, get_rule(rule).merge(s, m, ctx))
 
 
 def test_a_heavier_vote_wins_and_nothing_leaves_the_structure() -> None:
-    s, m, ctx = _random_fleet(3, 64, seed=2)
+    s, m, ctx = random_fleet(3, 64, seed=2)
     s[:] = 0xFF
     m[0], m[1], m[2] = 0xFF, 0x00, 0x00
     out = weighted_merge(get_rule("paper"), ctx, s, m, np.array([3.0, 1.0, 1.0]), rows=3)
     assert (out == 0xFF).all()  # 3 > 1 + 1
     out = weighted_merge(get_rule("paper"), ctx, s, m, np.array([1.0, 1.0, 1.0]), rows=3)
     assert (out == 0).all()
-    s2, m2, _ = _random_fleet(5, 64, seed=3)
+    s2, m2, _ = random_fleet(5, 64, seed=3)
     out = weighted_merge(get_rule("paper"), ctx, s2, m2, np.arange(1.0, 6.0), rows=5)
     assert not (out & ~s2).any()
 
@@ -71,7 +64,7 @@ def test_staleness_weights() -> None:
 
 
 def _buffer_fleet(n: int = 4) -> tuple[dict[str, np.ndarray], list[np.ndarray], MergeContext]:
-    s, m, ctx = _random_fleet(n, 40, seed=4)
+    s, m, ctx = random_fleet(n, 40, seed=4)
     return {f"d{i}": s[i] for i in range(n)}, list(m), ctx
 
 
