@@ -196,6 +196,12 @@ def table(runs: list[dict[str, Any]], modes: tuple[str, ...]) -> list[dict[str, 
     return rows
 
 
+def _num(x: float | None, spec: str) -> str:
+    """A figure, or n/a where there is none: e.g. sync-all's accuracy at a horizon before its first round
+    closed (a horizon factor < 1 when one round reaches the target), which the JSON output holds as null."""
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = ("| boards | slow | x | mode | speedup to target (min-max) | acc at horizon | slow acc (sync same time / "
             "sync end) | slow merged / masks per board | slow boards w/o mask | kB up / down per board |")
@@ -206,8 +212,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         sp = f"{s['mean']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" + (f", {miss:g} unreached" if miss else "")
         lines.append(
             f"| {r['devices']} | {r['slow_share']:.0%} | {r['slowdown']:g} | {r['mode']} | {sp} | "
-            f"{r['accuracy_at_horizon']['mean']:.3f} | {r['slow_at_horizon']['mean']:.3f} "
-            f"({r['sync_slow_at_horizon']['mean']:.3f} / {r['sync_slow_final']['mean']:.3f}) | "
+            f"{_num(r['accuracy_at_horizon']['mean'], '.3f')} | {_num(r['slow_at_horizon']['mean'], '.3f')} "
+            f"({_num(r['sync_slow_at_horizon']['mean'], '.3f')} / {_num(r['sync_slow_final']['mean'], '.3f')}) | "
             f"{r['slow_updates_merged']['mean']:.1f} / {r['slow_masks']['mean']:.1f} | "
             f"{r['slow_without_mask']['mean']:.1f} | {r['bytes_up_per_board']['mean'] / 1e3:.1f} / "
             f"{r['bytes_down_per_board']['mean'] / 1e3:.1f} |")

@@ -37,3 +37,13 @@ def test_a_variant_brings_its_rule_and_needs_the_torch_learner() -> None:
     assert RhythmBench(rule="head").merge_rule == "head"
     with pytest.raises(ValueError, match="torch learner"):
         RhythmBench(variant="fedmask-agree")
+
+
+def test_a_figure_missing_at_the_horizon_prints_as_na() -> None:
+    # sync-all reaching the target in its first round with a horizon factor < 1: no sync point by then
+    rows = run_rhythm_bench(RhythmBench(sizes=(8,), slow_shares=(0.5,), slowdowns=(5.0,), seeds=(0,), rounds=2,
+                                        modes=("sync",), horizon_factor=1.0), say=lambda _s: None)["table"]
+    rows[0]["accuracy_at_horizon"]["mean"] = None
+    rows[0]["sync_slow_at_horizon"]["mean"] = math.nan
+    line = format_table(rows).splitlines()[-1]
+    assert line.count("n/a") == 2 and "| sync |" in line
