@@ -14,12 +14,15 @@ import pytest
 
 from aggregator.core_strategy_rounds import StrategyRoundsCore
 from aggregator.store import RoundStore
+from shared.amqp import AmqpSettings
 from shared.data import FederatedDataset, load_task
 from shared.payloads import Part
 from shared.strategies import get_strategy
+from shared.strategies.fedmask import FedMaskDevice
 from shared.strategy_codec import StrategyMessage, decode_strategy, encode_strategy
 from shared.strategy_setup import config_fields, strategy_setup
 from shared.transport import InMemoryTransport
+from worker.strategy_board import StrategyBoard
 from worker.strategy_runtime import StrategyWorker
 
 NAME, TASK, SEED = "fedmask", "digits", 0
@@ -69,6 +72,7 @@ def test_a_structure_hello_is_checked_and_kept_per_device(store: RoundStore, fle
     assert _send(core, _with_structure(hello_a, nothing)) == "bad_structure"
     short = replace(hello_a, parts=(Part(name="structure", enc="bits", n=8, values=b"\xff"),))
     assert _send(core, short) == "bad_length"
+    assert _send(core, replace(hello_a, parts=())) == "missing_field"  # a fedmask hello must carry its structure
     assert store.device_ids() == []
     assert _send(core, hello_a) == "ack"
     assert _send(core, hello_a) == "ack"  # a restarted board's re-hello: the same structure
@@ -82,15 +86,28 @@ def test_a_structure_hello_is_checked_and_kept_per_device(store: RoundStore, fle
 
 
 def test_a_restarted_board_says_the_same_hello(store: RoundStore, fleet: FederatedDataset, tmp_path: Path) -> None:
+    """StrategyBoard.hello (what `fedmask worker --strategy fedmask` sends) saves the pruned state at
+    once; a board restarted from that state file repeats the hello byte for byte without pruning again."""
     core, _ = _core(store)
-    first = _worker(core, fleet, 0)
-    hello = _board_hello(core, first)
-    first.save(tmp_path / "state.npz")
-    again = _worker(core, fleet, 0)
-    again.load(tmp_path / "state.npz")
-    assert _board_hello(core, again) == hello  # loaded, not pruned again (pruning trains an epoch)
-    mine, theirs = again.half.model.state_dict(), first.half.model.state_dict()
+    d = fleet.devices[0]
+
+    def board() -> StrategyBoard:
+        return StrategyBoard(d.device_id, core.setup, (d.train.x, d.train.y), amqp=AmqpSettings(),
+                             state_dir=tmp_path, seed=SEED)
+    first = board()
+    body = first.hello()
+    msg = decode_strategy(body)
+    assert msg.model == core.fingerprint and msg.part("structure").n == first.worker.half.model.nbits
+    assert _send(core, msg) == "ack"
+    again = board()
+    half = again.worker.half
+    assert isinstance(half, FedMaskDevice) and half.runtime.structure is None  # not pruned yet
+    again.worker.load(again.state_path)  # what enrol() does on a restart: the structure comes back
+    assert half.runtime.structure is not None and half.runtime.structure.tobytes() == msg.part("structure").values
+    assert again.hello() == body
+    mine, theirs = again.worker.half.model.state_dict(), first.worker.half.model.state_dict()
     assert all(np.array_equal(mine[k].numpy(), theirs[k].numpy()) for k in mine)
+    assert _send(core, decode_strategy(again.hello())) == "ack"
 
 
 def test_a_round_folds_as_the_simulators_server(store: RoundStore, fleet: FederatedDataset) -> None:
