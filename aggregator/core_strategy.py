@@ -19,8 +19,8 @@ same state), so any replica may serve any step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from aggregator.store import RoundStore, StoreError
 from aggregator.store_strategy import StrategyStateStore
@@ -75,6 +75,25 @@ class StrategyCore:
             self._cached = (loaded, copy.deepcopy(half))
         return half
 
+    def adopt(self, half: ServerHalf, devices: Iterable[str]) -> None:
+        """Hand a half that needs them (ServerHalf.enrolled_structures) the enrolled structures of
+        `devices`, as RoundStore keeps them (one key per device, written once at its hello)."""
+        if not half.enrolled_structures:
+            return
+        for d in devices:
+            structure = self.store.structure(d)
+            if structure:
+                half.adopt(d, structure)
+
+    def enrol(self, hello: StrategyMessage) -> bytes:
+        """Check an enrolling strategy's hello with the half's enrol() against the structure already
+        stored for the device (a re-hello must repeat it: structure_changed); returns the structure
+        to register. The caller checked the hello's settings digest: the half sees its own model name."""
+        half = self.server()
+        self.adopt(half, [hello.device])
+        half.enrol(replace(hello, model=half.hello_model()))
+        return hello.part("structure").values
+
     def open_round(self, round_id: int, sampled: list[str], *, now: float, deadline: float,
                    quorum: int) -> dict[str, bytes]:
         half = self.server()
@@ -98,6 +117,7 @@ class StrategyCore:
         if msg.strategy != self.strategy.name:
             return _with(base, "wrong_strategy", f"{msg.strategy} update for a {self.strategy.name} aggregator")
         half = self.server()
+        self.adopt(half, [msg.device])
         if half.held.get(msg.device) != msg.model:
             return _with(base, "stale_base", f"base {msg.model[:16]} is not the version {msg.device} was sent")
         try:
@@ -133,6 +153,7 @@ class StrategyCore:
                 updates[device] = decode_strategy(body, max_bytes=self.max_update_bytes, expect_type="supdate")
             except CodecError as exc:
                 raise StoreError(f"round {round_id}: the stored update of {device} does not decode: {exc}") from None
+        self.adopt(half, self.store.device_ids())  # every enrolled device: FedPM's final broadcast reaches all
         downlinks = {d: encode_strategy(m) for d, m in half.fold(round_id, updates).items()}
         if publish is not None:
             publish(downlinks)

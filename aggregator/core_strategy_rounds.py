@@ -64,13 +64,22 @@ class StrategyRoundsCore(AggregatorCore):
         if msg.strategy != self.setup.name:
             raise CodecError("wrong_strategy", f"{msg.device} runs {msg.strategy}; this aggregator runs "
                              f"{self.setup.name} (start the worker with --strategy {self.setup.name})")
-        if msg.parts:  # only an enrolling strategy's hello has a payload, and none runs here yet
+        enrols = self.strategy.strategy.device.enrols
+        if msg.parts and not enrols:  # only an enrolling strategy's hello (FedMask's structure) has a payload
             raise CodecError("forbidden_field", f"{msg.device}'s shello carries parts; {self.setup.name} takes none")
         if msg.model != self.fingerprint:
             raise CodecError("wrong_model", f"{msg.device}'s settings digest {msg.model} != {self.fingerprint} "
                              "(task, width, seed or tuned settings differ from the aggregator's)")
-        # No structure: a weight-training board has none. register_device keeps the enrolled set.
-        self.store.register_device(msg.device, profile="", fingerprint=msg.model, structure=b"", now=self.clock())
+        # A weight-training board has no structure; an enrolling one's is checked by its server half
+        # (FedMask: one pruning can make, the same as its first hello's). register_device keeps both.
+        structure = self.strategy.enrol(msg) if enrols else b""
+        try:
+            self.store.register_device(msg.device, profile="", fingerprint=msg.model, structure=structure,
+                                       now=self.clock())
+        except StoreError as exc:  # two replicas took two different first hellos at once: the first stands
+            if exc.retryable or not structure:
+                raise
+            raise CodecError("structure_changed", str(exc)) from None
         self.store.touch(msg.device, self.clock())
         self.store.clear_unreachable(msg.device)
         log.info("device %s enrolled (%s)", msg.device, self.setup.name)

@@ -10,7 +10,10 @@ Key layout (prefix <p>, default "fm:"):
 A half's fields are classified by type, so every strategy of shared/strategies/ persists without code
 of its own: an ndarray, a list of ndarrays (per-layer weights, FedDST's masks) or a map of such lists
 (FedDST's masks per version) become tensor keys; everything else must be JSON. The constructor's
-fields (spec, cfg, seed, rounds) are not stored: the half is rebuilt from fm:config and then loaded.
+fields (spec, cfg, seed, rounds) and those it derives from them (ServerHalf.derived: FedMask's rule,
+structure rule and device records) are not stored: the half is rebuilt from fm:config and then loaded.
+FedMask's per-device structures live with each device (RoundStore.register_device), not here: every
+enrol would otherwise rewrite them all, and replicas enrolling at once would race.
 Updates themselves are not kept here: they go through RoundStore.ingest_update (SET NX per update).
 """
 
@@ -69,7 +72,7 @@ class StrategyStateStore:
             return key
 
         for name, value in sorted(vars(server).items()):
-            if name in _CONSTRUCTOR_FIELDS:
+            if name in _CONSTRUCTOR_FIELDS or name in server.derived:
                 continue
             if isinstance(value, np.ndarray):
                 fields[name] = {"array": put(name, value)}

@@ -23,7 +23,8 @@ from shared.strategies.base import StrategyConfig
 
 # fedavg and topk are dense baseline variants in the simulator's tables and strategies here (each equal
 # to its baseline, device for device: tests/unit/test_strategies.py, tests/unit/test_baseline_strategies.py).
-PIPELINE_STRATEGIES = ("fedavg", "topk", *STRATEGY_VARIANTS)
+# fedmask runs the tuned fedmask variant's settings (VariantConfig.fedmask_strategy_config).
+PIPELINE_STRATEGIES = ("fedavg", "topk", *STRATEGY_VARIANTS, "fedmask")
 # Strategies with no pipeline, and why (`fedmask aggregator run --strategy S` and `fedmask worker` say it).
 NO_PIPELINE = {
     "standalone": "standalone devices train on their own data only and send nothing, so there is nothing to "
@@ -54,8 +55,9 @@ def strategy_setup(task: str, name: str, *, width: int | None = None, seed: int 
     """The model and settings of strategy `name` on `task`; ValueError naming the choices otherwise."""
     check_pipeline(name)
     tuned = tuned_config(task, name)
-    return StrategySetup(name, model_spec(task, width=width, seed=seed), tuned.config.strategy_config(),
-                         tuned.origin, rounds if rounds is not None else preset(task).rounds)
+    cfg = tuned.config.fedmask_strategy_config() if name == "fedmask" else tuned.config.strategy_config()
+    planned = rounds if rounds is not None else preset(task).rounds
+    return StrategySetup(name, model_spec(task, width=width, seed=seed), cfg, tuned.origin, planned)
 
 
 def check_pipeline(name: str) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ class StrategyBoard(BoardLoop):
         self.profile = PROFILES[profile]
         self.setup, self.amqp, self._device_id = setup, amqp, device_id
         cfg = setup.cfg.with_(train=setup.cfg.train.with_(threads=self.profile.threads))
+        if cfg.fedmask is not None:  # FedMask's device trains with its own nested config
+            cfg = cfg.with_(fedmask=replace(cfg.fedmask, train=cfg.fedmask.train.with_(threads=self.profile.threads)))
         # The settings digest is of the aggregator's settings: thread count changes speed, not results.
         self.worker = StrategyWorker(device_id, dict(config_fields(setup.name, cfg)), setup.spec, train_xy, seed)
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -59,8 +62,17 @@ class StrategyBoard(BoardLoop):
         return self._device_id
 
     def hello(self) -> bytes:
-        return encode_strategy(StrategyMessage(type="shello", strategy=self.setup.name, device=self.device_id,
-                                               round=0, model=self.setup.fingerprint))
+        """The board's shello with the settings digest as its `model`. An enrolling half's own hello
+        (FedMask: it prunes once, after its first local epoch, and announces the structure) gives the
+        payload; its state is saved at once, so a restarted board repeats the same structure."""
+        half = self.worker.half
+        if not half.enrols:
+            return encode_strategy(StrategyMessage(type="shello", strategy=self.setup.name, device=self.device_id,
+                                                   round=0, model=self.setup.fingerprint))
+        own = half.hello()
+        assert own is not None  # an enrolling half always has a hello
+        self.worker.save(self.state_path)
+        return encode_strategy(replace(own, model=self.setup.fingerprint))
 
     def enrol(self) -> None:
         """Resume from disk (the outbox's state if an update was on its way), say hello (idempotent at

@@ -5,7 +5,8 @@ aggregator: aggregator/core_strategy.config_fields), so a board runs whatever it
 handle() takes one downlink body (`stask` -> the encoded `supdate` to send; `smodel` -> applied, None),
 decoding it with the strategy codec's checks: the aggregator is trusted less than nothing on the wire.
 
-State (the model's tensors, the half's own arrays such as FedDST's masks, and its version) is saved
+State (the model's tensors, the half's own arrays such as FedDST's masks, its version, and what its
+derived fields hold through DeviceHalf.state_arrays: FedMask's structure, so a re-hello is the same) is saved
 with np.savez and read back with allow_pickle=False, so a restarted board continues where it was.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
+from shared.device import FedMaskConfig
 from shared.errors import ConfigError
 from shared.models import ModelSpec
 from shared.strategies import get_strategy
@@ -39,9 +41,20 @@ def strategy_config_from(config: dict[str, str]) -> tuple[str, StrategyConfig]:
         if unknown := sorted(set(raw) - known):
             raise ConfigError(f"strategy_config: unknown settings {unknown}")
         train = TrainConfig(**raw.pop("train", {}))
-        return name, StrategyConfig(train=train, **raw)
+        fm = raw.pop("fedmask", None)
+        fedmask = None if fm is None else _fedmask_config(fm)
+        return name, StrategyConfig(train=train, fedmask=fedmask, **raw)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"strategy_config in fm:config is not valid: {exc}") from None
+
+
+def _fedmask_config(raw: dict[str, Any]) -> FedMaskConfig:
+    """The nested FedMask device config as asdict() wrote it (share_grid a JSON list, train a map)."""
+    known = {f.name for f in fields(FedMaskConfig)}
+    if unknown := sorted(set(raw) - known):
+        raise ConfigError(f"strategy_config.fedmask: unknown settings {unknown}")
+    grid = tuple(float(v) for v in raw.pop("share_grid", ()))
+    return FedMaskConfig(train=TrainConfig(**raw.pop("train", {})), share_grid=grid, **raw)
 
 
 class StrategyWorker:
@@ -72,7 +85,7 @@ class StrategyWorker:
                                          for k, v in self.half.model.state_dict().items()}
         meta: dict[str, Any] = {"strategy": self.name, "json": {}, "lists": {}}
         for name, value in vars(self.half).items():
-            if name in _CONSTRUCTOR_FIELDS or _modules(value):
+            if name in _CONSTRUCTOR_FIELDS or name in self.half.derived or _modules(value):
                 continue  # layers prepare() rebuilt (ZeroFL's SWAT wrappers): their weights are the model's
             if isinstance(value, np.ndarray):
                 arrays[f"field/{name}"] = value
@@ -81,6 +94,7 @@ class StrategyWorker:
                 arrays.update({f"field/{name}/{i}": v for i, v in enumerate(value)})
             else:
                 meta["json"][name] = value  # a field that is neither arrays nor JSON fails json.dumps
+        arrays.update({f"half/{k}": v for k, v in self.half.state_arrays().items()})  # FedMask's structure
         arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)  # type: ignore[arg-type]
@@ -98,6 +112,7 @@ class StrategyWorker:
                     setattr(self.half, name[len("field/"):], z[name].copy())
             for name, n in meta["lists"].items():
                 setattr(self.half, name, [z[f"field/{name}/{i}"].copy() for i in range(n)])
+            self.half.load_state_arrays({k[len("half/"):]: z[k].copy() for k in z.files if k.startswith("half/")})
         for name, value in meta["json"].items():
             setattr(self.half, name, value)
 

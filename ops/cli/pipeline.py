@@ -24,10 +24,10 @@ VARIANTS = click.Choice(["preset", "fedmask", "fedmask-local", "fedmask-agree", 
 # shared.strategy_setup.PIPELINE_STRATEGIES, spelled out for the same reason, and its NO_PIPELINE, so that
 # asking for one of those is refused with the reason (before any connection), not just as an unknown choice.
 STRATEGIES = click.Choice(["fedavg", "topk", "feddst", "zerofl", "lg-fedavg", "per-fedavg", "bnn-fedavg",
-                           "standalone"])
+                           "standalone", "fedmask"])
 strategy_opt = click.option("--strategy", type=STRATEGIES, default=None,
-                            help="a weight-training strategy instead of FedMask (docs/design.md, \"Strategies\"); "
-                                 "aggregator and workers must agree")
+                            help="a strategy of shared/strategies/ (docs/design.md, \"Strategies\"; fedmask: FedMask "
+                                 "itself behind the strategy interface); aggregator and workers must agree")
 variant_opt = click.option("--variant", type=VARIANTS, default="preset", show_default=True,
                            help="preset: FedMask with the task preset and --merge; else a named variant's "
                                 "config (tuned if shared/tuned/ has one); aggregator and workers must agree")

@@ -91,6 +91,9 @@ class DeviceHalf(ABC):
     # False: the device never talks to a server (standalone): the runner runs no rounds, builds every
     # device and lets finish() do all of its training.
     federated: ClassVar[bool] = True
+    # Fields prepare() builds, which the worker's state file (worker/strategy_runtime.py) skips; a half
+    # keeps what they hold beyond the model's tensors through state_arrays() / load_state_arrays().
+    derived: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, device_id: str, spec: ModelSpec, cfg: StrategyConfig,
                  train_xy: tuple[np.ndarray, np.ndarray], seed: int,
@@ -126,6 +129,13 @@ class DeviceHalf(ABC):
     def finish(self) -> None:  # noqa: B027 - an optional hook: most strategies have nothing to do here
         """After the last round, before evaluation (FedMask: its local adaptation epochs)."""
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """What the derived fields hold beyond the model's tensors, for the worker's state file."""
+        return {}
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Restore what state_arrays() gave, after the model's tensors are loaded."""
+
     def save(self, path: Path) -> None:
         raise NotImplementedError(f"{self.name} keeps no device state file")
 
@@ -145,6 +155,13 @@ class DeviceHalf(ABC):
 class ServerHalf(ABC):
     name: ClassVar[str]
     global_model: ClassVar[bool] = True  # one model for all devices: evaluate it on every device
+    # Fields the constructor derives from (spec, cfg, seed, rounds): the aggregator's state store
+    # (aggregator/store_strategy.py) does not keep them.
+    derived: ClassVar[frozenset[str]] = frozenset()
+    # Whether the half needs each enrolled device's structure (FedMask's S_i): the aggregator keeps
+    # them per device (RoundStore.register_device), not in the half's state, and hands the half the
+    # ones a step touches with adopt() (aggregator/core_strategy.py).
+    enrolled_structures: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, cfg: StrategyConfig, *, seed: int, rounds: int) -> None:
         self.spec, self.cfg, self.seed, self.rounds = spec, cfg, seed, rounds
@@ -169,6 +186,15 @@ class ServerHalf(ABC):
         self.held[device] = self.version
         return StrategyMessage(type="stask", strategy=self.name, device=device, round=round_id, model=self.version,
                                parts=tuple(self._parts()) if stale else (), params=self.task_params())
+
+    def hello_model(self) -> str:
+        """What a hello's `model` must name for enrol() (the pipeline's hello carries its settings
+        digest instead, checked before: the aggregator puts this in its place)."""
+        return self.version
+
+    def adopt(self, device: str, structure: bytes) -> None:
+        """Take an enrolled device's structure as the aggregator stored it (enrolled_structures)."""
+        raise NotImplementedError(f"{self.name} keeps no per-device structures")
 
     def enrol(self, hello: StrategyMessage) -> None:
         """Take a device's "shello" (an enrolling strategy records its payload, e.g. a structure)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -58,6 +59,7 @@ def _bits(name: str, data: bytes, n: int) -> Part:
 class FedMaskDevice(DeviceHalf):
     name = NAME
     enrols = True
+    derived: ClassVar[frozenset[str]] = frozenset({"runtime"})  # kept by state_arrays()
     runtime: DeviceRuntime  # set by prepare(): FedMask's own device, which does all the work
 
     def prepare(self) -> None:
@@ -114,10 +116,29 @@ class FedMaskDevice(DeviceHalf):
     def save(self, path: Path) -> None:
         self.runtime.save(path)
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The runtime's state beyond the model (raw coding: no delta bases): the structure, so a
+        restarted board's hello is the same, the mask version and the shares it chose."""
+        rt = self.runtime
+        out = {"mask_version": np.array([rt.mask_version], np.int64),
+               "chosen_shares": np.array(rt.chosen_shares, np.float64)}
+        if rt.structure is not None:
+            out["structure"] = rt.structure
+        return out
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        rt = self.runtime
+        rt.structure = arrays["structure"].copy() if "structure" in arrays else None
+        rt.mask_version = int(arrays["mask_version"][0])
+        rt.chosen_shares = [float(v) for v in arrays["chosen_shares"]]
+
 
 class FedMaskServer(ServerHalf):
     name = NAME
     global_model = False  # every device keeps its own mask: each is evaluated with its own state
+    derived: ClassVar[frozenset[str]] = frozenset({"fingerprint", "layout", "nbits", "rule", "ctx", "structures",
+                                                   "records"})
+    enrolled_structures = True  # records come from the aggregator's per-device structures (adopt)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -134,6 +155,15 @@ class FedMaskServer(ServerHalf):
 
     def _parts(self) -> list[Part]:
         return []  # nothing global: a task carries no model, and evaluation uses each device's own mask
+
+    def hello_model(self) -> str:
+        return self.fingerprint
+
+    def adopt(self, device: str, structure: bytes) -> None:
+        """An enrolled device's structure (checked by enrol() when it said hello). Its record's version
+        only serves delta coding, which this strategy refuses, so a fresh record folds the same."""
+        if device not in self.records:
+            self.records[device] = DeviceRecord(structure=np.frombuffer(structure, np.uint8).copy())
 
     def enrol(self, hello: StrategyMessage) -> None:
         """check_hello's checks (all the model's bits, one structure per device, one pruning can make)."""

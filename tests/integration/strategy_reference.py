@@ -62,6 +62,10 @@ def assert_pipeline_equals_simulator(pipeline: dict[str, Any], redis_service_url
     for d in ids:
         halves[d] = get_strategy(name).device(d, setup.spec, setup.cfg, (by_id[d].train.x, by_id[d].train.y), SEED)
         halves[d].prepare()
+        if get_strategy(name).device.enrols:  # as run_strategy: FedMask prunes and announces the structure
+            hello = halves[d].hello()
+            assert hello is not None
+            reference.enrol(_wire(hello))
     for r in range(1, ROUNDS + 1):
         received = {d: _wire(halves[d].train(_wire(reference.task(r, d)))) for d in ids}
         for d, msg in reference.fold(r, received).items():  # {} for a strategy whose tasks carry the model
@@ -75,6 +79,8 @@ def assert_pipeline_equals_simulator(pipeline: dict[str, Any], redis_service_url
 
     sim = run_strategy(name, setup.cfg, data, setup.spec, rounds=ROUNDS, sample_rate=1.0, seed=SEED)
     up = sum(r["bytes_up"] for d in ids for r in _records(state, d) if r["type"] == "update")
+    if get_strategy(name).device.enrols:  # the simulator counts each device's one hello (the structure)
+        up += sum(next(r["bytes_up"] for r in _records(state, d) if r["type"] == "hello") for d in ids)
     down = sum(r["bytes_down"] for d in ids for r in _records(state, d) if r["type"] in ("task", "model"))
     if bytes_equal:
         assert (up, down) == (sim.uplink_bytes, sim.downlink_bytes)

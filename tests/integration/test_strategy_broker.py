@@ -4,7 +4,8 @@ user) and Redis, three rounds driven by `fedmask round run`. The outcome must eq
 (`run_strategy` on the same three devices, all sampled every round) bit for bit: every device's
 final model, the per-device test accuracies, and the uplink and downlink bytes, counted here from
 what the workers logged of the encoded messages they sent and received (tests/integration/
-strategy_reference.py)."""
+strategy_reference.py). fedmask (FedMask itself as a strategy: each board's hello carries its pruned
+structure, counted in the uplink bytes as the simulator counts it) runs in make test too (32 s here)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.services
 FIRST = 12  # device ids no other pipeline test enrols (broker users are global)
 
 
-@pytest.fixture(params=[pytest.param(s, marks=[] if s in ("fedavg", "feddst") else pytest.mark.exhaustive)
+@pytest.fixture(params=[pytest.param(s, marks=[] if s in ("fedavg", "feddst", "fedmask") else pytest.mark.exhaustive)
                         for s in PIPELINE_STRATEGIES])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
              tmp_path: Path) -> Iterator[dict[str, Any]]:
