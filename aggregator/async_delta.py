@@ -8,9 +8,7 @@ Uplink: a delta-coded update is decoded at ingest against the merged mask of the
 delta. Downlink: unlike a round's close (shared.rounds.delta_downlink codes against the update the
 device sent), a flush's mask is coded against the board's previous merged mask. In the stream a board
 has trained and sent its next update before the flush of the last one reaches it (its next task is sent
-at once), so its last update is no longer the one it holds; the merged mask it trained from is, and the
-board names it in its update (its base): when that is the newest mask Redis holds for it, both sides hold
-the same base.
+at once), so its last update is no longer the one it holds; its newest merged mask is (downlink_base).
 """
 
 from __future__ import annotations
@@ -33,13 +31,18 @@ DELTA_REFUSALS = ("stale_base", "bad_base", "bad_delta")
 
 def downlink_base(update: codec.Message, held: dict[int, bytes], version: int) -> int | None:
     """The version a flush's mask `version` for this board may be coded against, or None (raw): the
-    board's update asked for a delta downlink and trained from the newest mask Redis holds for it older
-    than `version` (older: a repeated flush, after set_masks stored `version` itself, codes the same)."""
+    newest mask Redis holds for it older than `version` (older: a repeated flush, after set_masks stored
+    `version` itself, codes against the same one), if the board's update asked for a delta downlink and
+    trained from that mask or the one before it (version 0, the initial mask, counts as held).
+
+    The one before counts because a board has usually trained its next update before its last flush's
+    mask arrived, and then applied that mask in order: every mask sent is raw or coded against one the
+    board held, so it holds the newest. A board that lost a mask (its queue gone) refuses the next one
+    (stale_base) and its update's base falls two behind: its next mask goes raw and resynchronises it."""
     if update.downlink != "delta" or update.version is None:
         return None
-    older = [v for v in held if v < version]
-    newest = max(older) if older else 0
-    return newest if update.version == newest else None
+    older = sorted({0, *(v for v in held if v < version)})
+    return older[-1] if update.version in older[-2:] else None
 
 
 def code_downlink(msg: codec.Message, base_full: np.ndarray, base_version: int, rec: DeviceRecord, *,

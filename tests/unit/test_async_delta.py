@@ -26,10 +26,12 @@ def _update(version: int, downlink: str | None) -> codec.Message:
 
 
 @pytest.mark.parametrize(("held", "version", "flush", "expected"), [
-    ({}, 0, 1, 0),                  # no mask published yet: the initial mask, version 0
-    ({2: b"", 5: b""}, 5, 6, 5),    # trained from the newest held mask
-    ({2: b"", 5: b""}, 2, 6, None),  # trained from an older one: it may hold 5 or not (raw)
-    ({5: b"", 6: b""}, 5, 6, 5),    # a repeated flush 6 after set_masks stored it: coded the same
+    ({}, 0, 1, 0),                   # no mask published yet: the initial mask, version 0
+    ({2: b"", 5: b""}, 5, 6, 5),     # trained from the newest held mask
+    ({2: b"", 5: b""}, 2, 6, 5),     # from the one before: the newest reached it since (masks arrive in order)
+    ({5: b""}, 0, 6, 5),             # the initial mask is the one before the first
+    ({2: b"", 5: b""}, 1, 6, None),  # two behind: it may have lost a mask, raw resynchronises it
+    ({5: b"", 6: b""}, 5, 6, 5),     # a repeated flush 6 after set_masks stored it: coded the same
 ])
 def test_a_flush_codes_against_the_newest_older_mask_the_board_trained_from(
         held: dict[int, bytes], version: int, flush: int, expected: int | None) -> None:
