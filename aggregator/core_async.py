@@ -10,7 +10,9 @@ function the simulator's AsyncBuffer calls, so a replay of the stored order matc
 Under the agreement rule (`--variant fedmask-agree`, fedmask-adapt, fedmask-adapt-local, fedpm) a flush
 sends each buffered board theta over the same voters as 4-bit levels (enc "q4", shared.rounds.
 agreement_message), Redis keeping that payload as published, as a round's close does; the board blends
-it into its scores and names its version in its next update. Delta coding stays with the bit rules.
+it into its scores and names its version in its next update. Delta coding stays with the bit rules:
+a `--coding delta` board's update is decoded at ingest against its held mask, and its flush mask coded
+against the newest it holds (aggregator/async_delta.py).
 
 Hellos, sender checks and downlinks reuse AggregatorCore (a subclass: only the update path and the
 absence of rounds differ). One aggregator owns the stream: a flush is published before it is committed
