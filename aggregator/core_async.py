@@ -10,7 +10,9 @@ function the simulator's AsyncBuffer calls, so a replay of the stored order matc
 Under the agreement rule (`--variant fedmask-agree`, fedmask-adapt, fedmask-adapt-local, fedpm) a flush
 sends each buffered board theta over the same voters as 4-bit levels (enc "q4", shared.rounds.
 agreement_message), Redis keeping that payload as published, as a round's close does; the board blends
-it into its scores and names its version in its next update. Delta coding stays with the bit rules.
+it into its scores and names its version in its next update. Delta coding stays with the bit rules:
+a `--coding delta` board's update is decoded at ingest against its held mask, and its flush mask coded
+against the newest it holds (aggregator/async_delta.py).
 
 Hellos, sender checks and downlinks reuse AggregatorCore (a subclass: only the update path and the
 absence of rounds differ). One aggregator owns the stream: a flush is published before it is committed
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.async_delta import DELTA_REFUSALS, code_downlink, downlink_base
 from aggregator.core import AggregatorCore
 from aggregator.core_batch import ACK, Decision
 from aggregator.store_async import REPLAY_KEEP, AsyncStore, update_id
@@ -72,11 +75,14 @@ class AsyncCore(AggregatorCore):
 
     def _update(self, msg: codec.Message, body: bytes) -> Decision:
         self._refuse_removed(msg.device)
-        rec = check_update(msg, self._record(msg.device), ("structure",))  # delta: open in async mode
+        rec = check_update(msg, self._record(msg.device))
         if msg.version is None:
             raise CodecError("bad_version", f"{msg.device}'s update names no base version")
+        base = msg.version
+        if msg.enc == "delta":
+            msg, body = self._undelta_async(msg, rec, body)
         self._fault("consumed")
-        status, pending = self.stream.put(msg.device, msg.round, body, msg.version)
+        status, pending = self.stream.put(msg.device, msg.round, body, base)
         self._fault("stored")
         if status == "future_base":
             raise CodecError("future_base", f"{msg.device}'s update names v {msg.version}, newer than the stream's")
@@ -93,11 +99,31 @@ class AsyncCore(AggregatorCore):
         del rec
         return ACK
 
+    def _undelta_async(self, msg: codec.Message, rec: DeviceRecord, body: bytes) -> tuple[codec.Message, bytes]:
+        """A delta-coded update decoded against the merged mask it names, before it is stored (Redis keeps
+        the raw update: the flush and the replay never see a delta). A redelivery of a stored task is left
+        as it is (the store calls it a duplicate, even if its base is no longer held). A refused delta
+        still sends the board its next task: in the stream no other message would, and the worker then
+        codes raw bits (it never codes twice against one base), so the board resynchronises."""
+        if msg.round <= self.stream.done_task(msg.device):
+            return msg, body
+        try:
+            msg = self.undelta(msg, rec)
+        except CodecError as err:
+            if err.reason in DELTA_REFUSALS:
+                self.stream.incr("refused_delta")
+                self.send_task(msg.device, msg.round + 1)
+            raise
+        return msg, codec.encode(msg)
+
     def handle_batch(self, items: Any) -> Any:
         raise NotImplementedError("async mode handles one delivery at a time (service.on_delivery)")
 
     def send_task(self, device: str, task: int) -> None:
-        version = self.stream.state().version
+        """The task names the newest merged mask Redis holds for this board (0: the initial mask), not
+        the stream's version: a delta-coding worker codes against its mask only when the versions agree."""
+        held = self.store.held_masks(device)
+        version = max(held) if held else 0
         msg = codec.make_task(device=device, round=task, model=self.fingerprint, layout=self.layout, bits=b"",
                               nbits=0, version=version, deadline=self.clock() + TASK_DEADLINE_S)
         self._send(device, codec.encode(msg))
@@ -115,7 +141,8 @@ class AsyncCore(AggregatorCore):
                              self.max_staleness, self.staleness, removed)
         self._fault("merging")
         kept = {}
-        for device, msg in self.flush_messages(out, records).items():
+        coded_against = self.downlink_bases(out, st.latest, records)
+        for device, msg in self.flush_messages(out, records, coded_against).items():
             self._send(device, codec.encode(msg))
             kept[device] = (msg.bits or b"") if out.theta is not None else out.masks[device].tobytes()
         self.store.set_masks(kept, out.version)  # idempotent
@@ -132,15 +159,35 @@ class AsyncCore(AggregatorCore):
             self._records.pop(device, None)  # a re-enrolled id says hello with a structure of its own
         return out
 
-    def flush_messages(self, out: Flush, records: dict[str, DeviceRecord]) -> dict[str, codec.Message]:
-        """Each buffered board's downlink: its merged bits, or under the agreement rule theta inside its
-        structure as q4 levels (what Redis keeps then: the payload as published, as after a round)."""
+    def flush_messages(self, out: Flush, records: dict[str, DeviceRecord],
+                       coded_against: dict[str, tuple[int, np.ndarray]] | None = None) -> dict[str, codec.Message]:
+        """Each buffered board's downlink: its merged bits (delta-coded against the (version, packed full
+        mask) of `coded_against`, for the boards it names, when that pays), or under the agreement rule
+        theta inside its structure as q4 levels (what Redis keeps then: the payload as published)."""
         v, fp, lay, n, theta = out.version, self.fingerprint, self.layout, self.nbits, out.theta
         if theta is not None:
             return {d: agreement_message(d, theta, records[d], round_id=v, fingerprint=fp, layout=lay, nbits=n)
                     for d in out.boards}
-        return {d: mask_message(d, out.masks[d], records[d], round_id=v, fingerprint=fp, layout=lay, nbits=n)
+        bases = coded_against or {}
+        msgs = {d: mask_message(d, out.masks[d], records[d], round_id=v, fingerprint=fp, layout=lay, nbits=n)
                 for d in out.boards}
+        return {d: code_downlink(m, bases[d][1], bases[d][0], records[d], nbits=n, layer_sizes=self.layer_sizes)
+                if d in bases else m for d, m in msgs.items()}
+
+    def downlink_bases(self, out: Flush, latest: dict[str, bytes],
+                       records: dict[str, DeviceRecord]) -> dict[str, tuple[int, np.ndarray]]:
+        """The buffered boards whose flush mask may go delta-coded: (version, packed full mask) of the
+        merged mask each holds (aggregator/async_delta.py downlink_base). Bit rules only."""
+        if out.theta is not None:
+            return {}
+        bases = {}
+        for d in out.boards:
+            base = downlink_base(codec.decode(latest[d], expect_type="update"), self.store.held_masks(d),
+                                 out.version)
+            full = self._held(d)(base) if base is not None else None
+            if base is not None and full is not None and d in records:
+                bases[d] = (base, full)
+        return bases
 
     def held_state(self, bodies: dict[str, bytes], bases: dict[str, int]) -> tuple[
             dict[str, Held], dict[str, np.ndarray], dict[str, DeviceRecord], list[str]]:

@@ -2,7 +2,8 @@
 
 Key layout (under the RoundStore's prefix <p>; hash tag {async} keeps them in one cluster slot):
   <p>{async}:state     hash    version (merged-mask counter), pending (stored since the last flush),
-                               stored, replaced, duplicate, merged, dropped_removed, flushes (counters)
+                               stored, replaced, duplicate, merged, dropped_removed, flushes, refused_delta
+                               (counters)
   <p>{async}:done      hash    device -> the highest task number stored: a redelivery (task <= it) is
                                a no-op (votes are not idempotent, so the id is checked, not the payload)
   <p>{async}:latest    hash    device -> its latest raw encoded update
@@ -76,6 +77,12 @@ class AsyncStore:
                 keys=[k["done"], k["latest"], k["base"], k["buffer"], k["state"], k["order"], k["log"]],
                 args=[device, update_id(device, task), body, base, task, self.replay_keep])
         return _s(status), int(pending)
+
+    def done_task(self, device: str) -> int:
+        """The highest task number stored for `device` (0: none)."""
+        with self.store._guard("async_done"):
+            top = self.client.hget(self.k["done"], device)
+        return int(top) if top is not None else 0
 
     def incr(self, name: str) -> None:
         with self.store._guard("async_incr"):

@@ -33,6 +33,8 @@ Fields (a msgpack map with string keys)
   base      int    enc "delta" only: what the change is against. update: the merged mask version the
                    device holds (0: the model's initial mask, which every party derives from the model
                    seed); mask: the round of the device's own update that this merged mask is coded against
+                   (base = the mask's version), or in the async stream the merged mask version the board
+                   holds (base < the mask's version)
   mask_crc32 int   enc "delta" only: zlib.crc32 of the decoded packed bits (a wrong base is detected)
   downlink  str    update, optional: "delta" when the device takes its merged mask delta-coded against
                    this update, "structure" (the default) when it takes the raw bits

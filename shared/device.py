@@ -171,16 +171,24 @@ class DeviceRuntime:
         self.mask_version = msg.version
 
     def _undelta(self, msg: codec.Message) -> bytes:
-        """A merged mask coded against the update this device sent for round `msg.base`. Unknown base:
-        stale_base, and the mask is not applied; the next update then goes raw (the task's version
-        differs from the device's), so its merged mask is coded against a base the device holds."""
+        """A merged mask coded against the update this device sent for round `msg.base` (a round's close:
+        base = the mask's own version), or against the merged mask of version `msg.base` it holds (an async
+        flush: base older than the mask). Unknown base: stale_base, and the mask is not applied; the next
+        update then goes raw (the task's version differs from the device's), so its merged mask is coded
+        against a base the device holds."""
         assert msg.bits is not None and msg.nbits is not None and msg.mask_crc32 is not None
+        assert self.structure is not None and msg.version is not None and msg.base is not None
+        if msg.nbits != popcount(self.structure):
+            raise CodecError("bad_length", f"mask of {msg.nbits} bits for a structure of {popcount(self.structure)}")
+        if msg.base < msg.version:
+            held = self._held_bits() if msg.base == self.mask_version else None
+            if held is None:
+                raise CodecError("stale_base", f"mask v{msg.version} is coded against mask v{msg.base}; "
+                                 f"this device holds v{self.mask_version}")
+            return decode_change(msg.bits, held, msg.nbits, msg.mask_crc32)
         if self.sent is None or self.sent[0] != msg.base:
             raise CodecError("stale_base", f"mask v{msg.version} is coded against round {msg.base}'s update; "
                              f"this device holds {'none' if self.sent is None else self.sent[0]}'s")
-        assert self.structure is not None
-        if msg.nbits != popcount(self.structure):
-            raise CodecError("bad_length", f"mask of {msg.nbits} bits for a structure of {popcount(self.structure)}")
         return decode_change(msg.bits, self.sent[1], msg.nbits, msg.mask_crc32)
 
     def _upload_bits(self, round_id: int) -> np.ndarray:

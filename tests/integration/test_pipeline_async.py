@@ -24,6 +24,7 @@ import pytest
 
 from aggregator.store import RoundStore
 from aggregator.store_async import AsyncStore
+from shared import codec
 from shared.bits import select
 from tests.integration.async_fleet import K, check_stream, fleet_args, held, mask_encodings, mask_versions, sent_ids
 from tests.integration.pipeline_fleet import N, cli, start_pipeline, wait
@@ -35,14 +36,18 @@ FLUSHES, SLOW = 6, 2
 # The agreement case (~55 s) is exhaustive: make test keeps the preset's, and the agreement stream's logic
 # on real Redis (tests/integration/test_aggregator_async.py) and the workers' q4 path in rounds
 # (tests/integration/test_pipeline_agreement.py).
-@pytest.fixture(params=["preset", pytest.param("fedmask-agree", marks=pytest.mark.exhaustive)])
+# The delta-coded case (the preset's workers with --coding delta) is exhaustive too: its ingest and flush
+# coding run on real Redis in make test (tests/integration/test_aggregator_async_delta.py).
+@pytest.fixture(params=["preset", pytest.param("fedmask-agree", marks=pytest.mark.exhaustive),
+                        pytest.param("preset-delta", marks=pytest.mark.exhaustive)])
 def pipeline(request: pytest.FixtureRequest, amqp_service_url: str, redis_service_url: str,
              tmp_path: Path) -> Iterator[dict[str, object]]:
     # Devices 12..17: test_pipeline.py takes 0..5 and test_pipeline_delta.py 6..11 (broker users are global).
-    aggregator_args, worker_args = fleet_args(request.param)
+    coding = ["--coding", "delta"] if request.param.endswith("-delta") else []
+    aggregator_args, worker_args = fleet_args(request.param.removesuffix("-delta"))
     with start_pipeline(amqp_service_url, redis_service_url, tmp_path, first=2 * N, slow=SLOW,
-                        aggregator_args=aggregator_args, worker_args=worker_args) as p:
-        yield {**p, "variant": request.param}
+                        aggregator_args=aggregator_args, worker_args=[*worker_args, *coding]) as p:
+        yield {**p, "variant": request.param.removesuffix("-delta"), "coding": "delta" if coding else "raw"}
 
 
 def test_async_pipeline(pipeline: dict[str, object], redis_service_url: str) -> None:
@@ -88,6 +93,9 @@ def test_async_pipeline(pipeline: dict[str, object], redis_service_url: str) -> 
         assert all(mask_encodings(tmp, d) == {"q4"} for d in ids)
         assert all(held(tmp, d) == (version, b"") for d, (version, _) in r.last.items())  # no bit mask held
         return
+    if pipeline["coding"] == "delta":  # Redis keeps raw updates (decoded at ingest); some masks went delta-coded
+        assert all(codec.decode(body).enc == "structure" for _, body in stream.order())
+        assert any("delta" in mask_encodings(tmp, d) for d in ids)
     # Bit for bit: each board holds the replay's last mask (check_stream compared Redis's).
     for d, (version, full) in r.last.items():
         assert held(tmp, d) == (version, select(full, r.structures[d], r.nbits).tobytes()), d
