@@ -122,8 +122,7 @@ class AsyncCore(AggregatorCore):
     def send_task(self, device: str, task: int) -> None:
         """The task names the newest merged mask Redis holds for this board (0: the initial mask), not
         the stream's version: a delta-coding worker codes against its mask only when the versions agree."""
-        held = self.store.held_masks(device)
-        version = max(held) if held else 0
+        version = self.store.mask_version(device)  # the newest stored mask's version, without its bytes
         msg = codec.make_task(device=device, round=task, model=self.fingerprint, layout=self.layout, bits=b"",
                               nbits=0, version=version, deadline=self.clock() + TASK_DEADLINE_S)
         self._send(device, codec.encode(msg))
