@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -72,8 +72,9 @@ def _sentinel_client(url: str) -> redis.Redis:
     if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ConfigError(f"bad Redis URL {redact_url(url)}: expected "
                           f"{SENTINEL_SCHEME}://host:port[,host:port...]/<master-name>[/<db>]")
-    sentinel = Sentinel(sentinels, socket_connect_timeout=5.0, socket_timeout=5.0)  # type: ignore[no-untyped-call]
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    # redis-py types Sentinel from 8.2 on and not before: through Any, both type-check the same.
+    sentinel: Any = cast(Any, Sentinel)(sentinels, socket_connect_timeout=5.0, socket_timeout=5.0)
+    master: redis.Redis = sentinel.master_for(
         path[0], db=int(path[1]) if len(path) == 2 else 0, decode_responses=False, socket_connect_timeout=5.0,
         socket_timeout=30.0, username=parts.username or None, password=parts.password or None)
     return master
